@@ -1,0 +1,110 @@
+"""Fit curvature factors over a sample of training batches.
+
+Two passes at most, each one forward and one backward per batch:
+
+1. *Covariances* (kfac, ekfac): ``A = Σ_tokens a aᵀ / n_tokens`` and
+   ``S = Σ_m Σ_t δ δᵀ / n_sequences``, so ``S ⊗ A`` approximates the Fisher of
+   a whole sequence's gradient, then a float64 eigendecomposition of each.
+2. *Diagonal* (diagonal, ekfac): ``D = E_m[(Q_Sᵀ G_m Q_A)²]`` over per-sequence
+   pseudo-gradients, the eigenvalue correction of EK-FAC.
+
+Labels are sampled from the model for the true Fisher, with a generator seeded
+from the config so a fit is reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from attribdb.factors import Factors, FactorConfig, ModuleFactors, damping_for
+from attribdb.gradients import GradientRunner
+from attribdb.tasks import Task
+from attribdb.tracking import TrackedModule
+
+Progress = Callable[[int], None]  # called with the number of sequences just processed
+
+
+@dataclass
+class _Covariances:
+    acts: torch.Tensor  # Σ a aᵀ (d_in, d_in), float64
+    grads: torch.Tensor  # Σ δ δᵀ (d_out, d_out), float64
+
+
+def fit_factors(model: nn.Module, task: Task, batches: Iterable, config: FactorConfig,
+                modules: list[TrackedModule], *, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, progress: Progress | None = None) -> Factors:
+    """Fit ``config.strategy`` factors on ``batches`` (re-iterable: it may be read twice)."""
+    strategy = config.kind
+    runner = GradientRunner(model, task, modules, device=device, dtype=dtype)
+    sample = config.fisher == "true"
+    eigvecs: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {m.name: (None, None) for m in modules}
+    diagonals: dict[str, torch.Tensor | None] = {m.name: None for m in modules}
+    info = {}
+
+    if strategy.uses_eigenbasis:
+        covariances, n_sequences, n_tokens = _covariance_pass(runner, batches, sample, config.seed, progress)
+        info.update(n_sequences=n_sequences, n_tokens=n_tokens)
+        for m in modules:
+            vals_in, vecs_in = torch.linalg.eigh(covariances[m.name].acts / n_tokens)
+            vals_out, vecs_out = torch.linalg.eigh(covariances[m.name].grads / n_sequences)
+            eigvecs[m.name] = (vecs_out, vecs_in)
+            # eigenvalues are >= 0 in exact arithmetic; clip round-off
+            diagonals[m.name] = torch.outer(vals_out.clamp_min(0), vals_in.clamp_min(0))
+
+    if strategy.measures_diagonal:
+        bases = {name: ModuleFactors(out, inp, None, 0.0) for name, (out, inp) in eigvecs.items()}
+        diagonals, n_sequences = _diagonal_pass(runner, batches, bases, sample, config.seed + 1, progress)
+        info["n_sequences"] = n_sequences
+
+    per_module = {
+        m.name: ModuleFactors(eigvecs[m.name][0], eigvecs[m.name][1], diagonals[m.name],
+                              damping_for(diagonals[m.name], config))
+        for m in modules
+    }
+    return Factors(config, list(modules), per_module, info)
+
+
+def _generator(runner: GradientRunner, seed: int) -> torch.Generator:
+    return torch.Generator(device=runner.device).manual_seed(seed)
+
+
+def _covariance_pass(runner, batches, sample, seed, progress):
+    generator = _generator(runner, seed)
+    covariances = {m.name: _Covariances(torch.zeros(m.d_in, m.d_in, dtype=torch.float64),
+                                        torch.zeros(m.d_out, m.d_out, dtype=torch.float64))
+                   for m in runner.modules}
+    n_sequences = n_tokens = 0
+    for batch in batches:
+        captures, mask = runner.train_captures(batch, sample=sample, generator=generator)
+        for name, capture in captures.items():
+            acts = capture.acts.flatten(0, 1).double()
+            grads = capture.grads_out.flatten(0, 1).double()
+            covariances[name].acts += (acts.T @ acts).cpu()
+            covariances[name].grads += (grads.T @ grads).cpu()
+        size = next(iter(captures.values())).acts.shape[0]
+        n_sequences += size
+        n_tokens += int(mask.sum()) if mask is not None else size
+        if progress:
+            progress(size)
+    return covariances, n_sequences, n_tokens
+
+
+def _diagonal_pass(runner, batches, bases, sample, seed, progress):
+    generator = _generator(runner, seed)
+    sums: dict[str, torch.Tensor] = {}
+    n_sequences = 0
+    for batch in batches:
+        captures, _ = runner.train_captures(batch, sample=sample, generator=generator)
+        for name, capture in captures.items():
+            basis = bases[name].to(device=runner.device, dtype=runner.dtype)
+            squares = (basis.rotated_gradients(capture) ** 2).sum(0).double().cpu()
+            sums[name] = sums[name] + squares if name in sums else squares
+        size = next(iter(captures.values())).acts.shape[0]
+        n_sequences += size
+        if progress:
+            progress(size)
+    return {name: total / n_sequences for name, total in sums.items()}, n_sequences
