@@ -1,0 +1,128 @@
+"""The Python API: ``db = attribdb.open(path)``, then ``db.query(prompt, completion)``.
+
+The CLI calls only this module.  Heavy parts (model, FAISS indexes) load on
+first use, so ``info`` and ``verify`` stay fast and need no model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import cached_property
+from pathlib import Path
+
+from attribdb.errors import QueryError
+from attribdb.inspection import VerifyReport, database_info, verify_database
+from attribdb.manifest import Manifest, exists
+
+
+def _as_query(item):
+    from query.engine import Query
+
+    if isinstance(item, Query):
+        return item
+    if isinstance(item, dict):
+        try:
+            return Query(str(item["prompt"]), str(item["completion"]))
+        except KeyError as exc:
+            raise QueryError(f"a query needs 'prompt' and 'completion', this one has {sorted(item)}") from exc
+    prompt, completion = item
+    return Query(prompt, completion)
+
+
+class Database:
+    """An attribution database on disk."""
+
+    def __init__(self, path: str | Path, device: str | None = None):
+        self.path = Path(path)
+        self.manifest = Manifest.load(self.path)  # fails early, with a clear message, on a wrong path
+        self.device = device
+
+    @cached_property
+    def engine(self):
+        from attribdb.runtime import Runtime
+        from query.engine import QueryEngine
+
+        return QueryEngine(Runtime.load(self.path, device=self.device))
+
+    def query(self, prompt: str, completion: str, k: int = 10, candidates: int | None = None,
+              opponents: bool = True):
+        """The k training sequences that most increased (and, as opponents, decreased) the completion's likelihood."""
+        return self.query_batch([(prompt, completion)], k=k, candidates=candidates, opponents=opponents)[0]
+
+    def query_batch(self, queries: Iterable, k: int = 10, candidates: int | None = None, opponents: bool = True):
+        """Many queries sharing one forward/backward pass; items are (prompt, completion) or dicts."""
+        return self.engine.query([_as_query(q) for q in queries], k=k, candidates=self._candidates(k, candidates),
+                                 opponents=opponents)
+
+    def exact(self, prompt: str, completion: str, k: int = 10, candidates: int | None = None):
+        """Index answer with the top rows recomputed in full, plus per-token contributions."""
+        return self.exact_batch([(prompt, completion)], k=k, candidates=candidates)[0]
+
+    def exact_batch(self, queries: Iterable, k: int = 10, candidates: int | None = None):
+        return self.engine.exact([_as_query(q) for q in queries], k=k, candidates=self._candidates(k, candidates))
+
+    def exhaustive(self, queries: Iterable, k: int = 10, quiet: bool = True):
+        """Every row recomputed on the fly: slow, exact, the ground truth."""
+        return self.engine.exhaustive([_as_query(q) for q in queries], k=k, quiet=quiet)
+
+    def self_influence(self, top: int = 10):
+        """The rows with the largest self-influence (outliers)."""
+        return self.engine.top_self_influence(top)
+
+    def info(self) -> dict:
+        return database_info(self.path)
+
+    def verify(self) -> VerifyReport:
+        return verify_database(self.path)
+
+    @staticmethod
+    def _candidates(k: int, candidates: int | None) -> int:
+        from query.engine import DEFAULT_CANDIDATES
+
+        return candidates if candidates is not None else max(DEFAULT_CANDIDATES, 4 * k)
+
+    def close(self) -> None:
+        if "engine" in self.__dict__:
+            self.engine.close()
+            del self.__dict__["engine"]
+
+    def __enter__(self) -> "Database":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open(path: str | Path, device: str | None = None) -> Database:  # noqa: A001 - the API's name
+    """Open the database at ``path`` (device: 'auto', 'cpu', 'cuda', ...)."""
+    return Database(path, device=device)
+
+
+def build(path: str | Path, corpus: str, model: str | None = None, *, append: bool = False,
+          device: str | None = None, quiet: bool = False, corpus_options: dict | None = None, **settings):
+    """Build (or resume, or with ``append`` extend) a database from a corpus and a local model folder."""
+    from attribdb.settings import DatabaseSettings
+    from indexer.build import build_database
+    from indexer.corpus import CorpusSpec
+
+    spec = CorpusSpec(path=str(corpus), **(corpus_options or {}))
+    given = {key: value for key, value in settings.items() if value is not None}
+    new_settings = DatabaseSettings(model_path=str(Path(model).resolve()), **given) if model else None
+    return build_database(path, spec, new_settings, overrides=given, append=append,
+                          model_path=str(Path(model).resolve()) if model else None, device=device, quiet=quiet)
+
+
+def fit(path: str | Path, corpus: str, model: str, *, device: str | None = None, quiet: bool = False,
+        refit: bool = False, corpus_options: dict | None = None, **settings):
+    """Create a database and fit its factors (``build`` does this itself when needed)."""
+    from attribdb.settings import DatabaseSettings
+    from indexer.corpus import CorpusSpec
+    from indexer.fit import fit_database, open_or_create
+
+    given = {key: value for key, value in settings.items() if value is not None}
+    if exists(path):
+        new_settings = open_or_create(Path(path), None, given).settings
+    else:
+        new_settings = DatabaseSettings(model_path=str(Path(model).resolve()), **given)
+    spec = CorpusSpec(path=str(corpus), **(corpus_options or {}))
+    return fit_database(path, spec, new_settings, device=device, quiet=quiet, refit=refit)

@@ -1,0 +1,260 @@
+"""The `attribdb` command: a thin click layer over :mod:`attribdb.api`.
+
+Errors a user can cause arrive as :class:`~attribdb.errors.AttribdbError` and
+leave as one ``Error: ...`` line with exit code 1; heavy imports happen inside
+the commands so ``--help`` and shell completion stay instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from attribdb.errors import AttribdbError
+
+
+class FriendlyGroup(click.Group):
+    """Turns domain errors into one clear line instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AttribdbError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted: committed rows are kept; run the same command to resume", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=FriendlyGroup)
+@click.version_option(package_name="attribdb")
+def main():
+    """attribdb: which training sequences made this model produce this completion?"""
+
+
+def settings_options(func):
+    """One option per DatabaseSettings field (but the model), with its help string."""
+    from attribdb.settings import DatabaseSettings
+
+    types = {int: int, float: float, str: str}
+    for field in reversed(dataclasses.fields(DatabaseSettings)):
+        if field.name == "model_path":
+            continue
+        help_text = field.metadata.get("help", "")
+        if field.default is not None:
+            help_text += f"  [new databases: {field.default}]"
+        name = "--" + field.name.replace("_", "-")
+        if field.name == "module_patterns":
+            func = click.option("--modules", "module_patterns", multiple=True, help=help_text)(func)
+            continue
+        base = next((t for t in types if t.__name__ in str(field.type)), str)
+        func = click.option(name, field.name, type=types[base], default=None, help=help_text)(func)
+    return func
+
+
+def corpus_options(func):
+    func = click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+                        help="what to do with a malformed corpus record (either way they are counted)")(func)
+    func = click.option("--id-field", default="id", show_default=True, help="field or column with document ids")(func)
+    func = click.option("--text-field", default="text", show_default=True, help="field or column with the text")(func)
+    func = click.option("--corpus-format", default="auto", show_default=True,
+                        type=click.Choice(["auto", "jsonl", "text-files", "text-lines", "parquet", "arrow"]),
+                        help="how to read the corpus")(func)
+    func = click.option("--corpus", required=True, type=click.Path(exists=True),
+                        help="corpus: JSONL, text files, Parquet or a saved datasets folder")(func)
+    return func
+
+
+def _corpus(kwargs) -> tuple[str, dict]:
+    options = {"format": kwargs.pop("corpus_format"), "text_field": kwargs.pop("text_field"),
+               "id_field": kwargs.pop("id_field"), "on_error": kwargs.pop("on_error")}
+    return kwargs.pop("corpus"), options
+
+
+def _settings(kwargs) -> dict:
+    patterns = kwargs.pop("module_patterns", ())
+    kwargs["module_patterns"] = tuple(patterns) if patterns else None
+    return kwargs
+
+
+device_option = click.option("--device", default=None, help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+quiet_option = click.option("--quiet", is_flag=True, help="no progress bars")
+db_argument = click.argument("db", type=click.Path(file_okay=False))
+
+
+@main.command()
+@db_argument
+@corpus_options
+@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False), help="local model folder")
+@settings_options
+@click.option("--refit", is_flag=True, help="fit again although factors exist (only before any build)")
+@device_option
+@quiet_option
+def fit(db, model, refit, device, quiet, **kwargs):
+    """Create DB and fit its EK-FAC factors on a sample of the corpus."""
+    from attribdb import api
+
+    corpus, options = _corpus(kwargs)
+    factors = api.fit(db, corpus, model, device=device, quiet=quiet, refit=refit, corpus_options=options,
+                      **_settings(kwargs))
+    click.echo(f"fitted {factors.config.strategy} factors for {len(factors.modules)} modules on "
+               f"{factors.info.get('n_sequences', 0)} sequences into {db}")
+
+
+@main.command()
+@db_argument
+@corpus_options
+@click.option("--model", type=click.Path(exists=True, file_okay=False),
+              help="local model folder (required for a new database)")
+@settings_options
+@device_option
+@quiet_option
+def build(db, model, device, quiet, **kwargs):
+    """Build DB from a corpus (fits factors first if needed; re-run to resume)."""
+    from attribdb import api
+
+    corpus, options = _corpus(kwargs)
+    result = api.build(db, corpus, model, device=device, quiet=quiet, corpus_options=options, **_settings(kwargs))
+    click.echo(f"built {db}: {result.summary()}")
+
+
+@main.command()
+@db_argument
+@corpus_options
+@click.option("--model", type=click.Path(exists=True, file_okay=False),
+              help="model folder (default: the database's); must be the same weights")
+@device_option
+@quiet_option
+def append(db, model, device, quiet, **kwargs):
+    """Add the documents of another corpus to DB as new shards."""
+    from attribdb import api
+
+    corpus, options = _corpus(kwargs)
+    result = api.build(db, corpus, model, append=True, device=device, quiet=quiet, corpus_options=options)
+    click.echo(f"appended to {db}: {result.summary()}")
+
+
+@main.command()
+@db_argument
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def info(db, as_json):
+    """Counts, sizes on disk, settings and the energy kept by the rank."""
+    from attribdb import api
+
+    data = api.open(db).info()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    mib = 1 << 20
+    b = data["bytes"]
+    click.echo(f"{data['path']}: {data['sequences']} sequences, {data['documents']} documents, {data['shards']} shards")
+    click.echo(f"model      {data['model']['path']} ({data['model']['fingerprint'][:12]})")
+    click.echo(f"on disk    {b['total'] / mib:.1f} MiB (zarr {b['zarr'] / mib:.1f}, lmdb {b['lmdb'] / mib:.1f}, "
+               f"faiss {b['faiss'] / mib:.1f}, factors {b['factors'] / mib:.1f})")
+    if data["bytes_per_sequence"]:
+        ratio = data["bytes_per_sequence"] / data["dense_float32_bytes_per_sequence"]
+        click.echo(f"per row    {data['bytes_per_sequence'] / 1024:.1f} KiB of gradients "
+                   f"({ratio:.4f} of dense float32 Ĝ, {data['dense_float32_bytes_per_sequence'] / 1024:.0f} KiB)")
+    energies = [v for v in data["energy_kept"].values() if v is not None]
+    if energies:
+        click.echo(f"energy     rank {data['settings']['rank']} keeps {min(energies):.3f}–{max(energies):.3f} "
+                   f"of ‖Ĝ‖² per module (mean {sum(energies) / len(energies):.3f})")
+    for g in data["generations"]:
+        click.echo(f"corpus     {g['corpus']}: {g['sequences']} sequences, {g['malformed']} malformed, {g['state']}")
+    settings = data["settings"]
+    click.echo("settings   " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "model_path"))
+
+
+@main.command()
+@db_argument
+def verify(db):
+    """Check that manifest, Zarr, LMDB and FAISS agree and every checksum holds."""
+    from attribdb import api
+
+    report = api.open(db).verify()
+    click.echo(f"ok: {report.rows} rows in {report.shards} shards verified")
+
+
+def _load_queries(prompt, completion, queries_file) -> list[dict]:
+    if queries_file:
+        from attribdb.errors import QueryError
+
+        items = []
+        for number, line in enumerate(Path(queries_file).read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise QueryError(f"{queries_file}:{number}: invalid JSON ({exc.msg})") from None
+            if not isinstance(item, dict) or "prompt" not in item or "completion" not in item:
+                raise QueryError(f"{queries_file}:{number}: each line needs a 'prompt' and a 'completion'")
+            items.append(item)
+        return items
+    if prompt is None or completion is None:
+        raise click.UsageError("give --prompt and --completion, or --queries FILE.jsonl")
+    return [{"prompt": prompt, "completion": completion}]
+
+
+@main.command()
+@db_argument
+@click.option("--prompt", help="the prompt the model saw")
+@click.option("--completion", help="the completion to explain (keep its leading space)")
+@click.option("--queries", "queries_file", type=click.Path(exists=True, dir_okay=False),
+              help="JSONL file of {\"prompt\", \"completion\"} objects")
+@click.option("-k", "--top", "k", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--candidates", type=click.IntRange(min=1), default=None,
+              help="rows FAISS hands to exact rescoring [default: max(256, 4k)]")
+@click.option("--mode", type=click.Choice(["index", "exact", "exhaustive"]), default="index", show_default=True,
+              help="index: FAISS + low-rank rescoring; exact: also recompute the top rows in full with per-token "
+                   "contributions; exhaustive: every row on the fly (slow ground truth)")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "html"]), default="table", show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False), help="write to this file instead of stdout")
+@device_option
+def query(db, prompt, completion, queries_file, k, candidates, mode, fmt, output, device):
+    """Which training sequences most influenced COMPLETION after PROMPT?"""
+    from attribdb import api
+    from query.formats import render
+
+    items = _load_queries(prompt, completion, queries_file)
+    with api.open(db, device=device) as database:
+        if mode == "exhaustive":
+            results = database.exhaustive(items, k=k, quiet=False)
+        elif mode == "exact":
+            results = database.exact_batch(items, k=k, candidates=candidates)
+        else:
+            results = database.query_batch(items, k=k, candidates=candidates)
+        text = render(results, fmt)
+    if output:
+        Path(output).write_text(text + "\n")
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text)
+
+
+@main.command()
+@db_argument
+@device_option
+def shell(db, device):
+    """Keep DB loaded and answer queries interactively (PROMPT || COMPLETION per line)."""
+    from attribdb import api
+    from query.shell import run_shell
+
+    with api.open(db, device=device) as database:
+        sys.exit(run_shell(database))
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False), default="attribdb-demo", show_default=True,
+              help="where the corpus, model and database go (reused on the next run)")
+@click.option("--quick", is_flag=True, help="a reduced run (small corpus and model) for CI")
+@quiet_option
+def demo(workdir, quick, quiet):
+    """Generate a corpus, train a tiny model, build a database and trace facts back to their documents."""
+    from attribdb.demo.run import run_demo
+
+    run_demo(Path(workdir), quick=quick, quiet=quiet)

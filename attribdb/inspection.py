@@ -1,0 +1,152 @@
+"""`attribdb info` and `attribdb verify`: what a database holds, and whether it is whole.
+
+``verify`` reads everything: every Zarr chunk (their CRC32C codec fails on a
+flipped byte), every LMDB row, the journal and the FAISS index, and checks
+that manifest, Zarr, LMDB and FAISS agree; it stops at the first problem.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from attribdb import layout
+from attribdb.errors import StoreError
+from attribdb.factors import Factors
+from attribdb.manifest import Manifest
+from attribdb.shard import ShardReader
+
+ARRAYS = (layout.LOWRANK, layout.SIGMA, layout.ENERGY, layout.SKETCH, layout.SELF_INFLUENCE)
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def existing_shards(root: Path, manifest: Manifest) -> list[tuple[int, Path]]:
+    return [(s, layout.shard_dir(root, s)) for s in manifest.shard_ids
+            if (layout.shard_dir(root, s) / layout.META_LMDB).is_dir()]
+
+
+def database_info(root: str | Path) -> dict:
+    """Counts, sizes on disk, settings and the energy the rank kept, as a JSON-able dict."""
+    root = Path(root)
+    manifest = Manifest.load(root)
+    sizes = {"factors": _size(root / layout.FACTORS_DIR), "zarr": 0, "lmdb": 0, "faiss": 0}
+    rows, energy_sums = 0, np.zeros(len(manifest.modules))
+    for _, path in existing_shards(root, manifest):
+        sizes["zarr"] += _size(path / layout.GRADS_ZARR)
+        sizes["lmdb"] += _size(path / layout.META_LMDB)
+        sizes["faiss"] += _size(path / layout.FAISS_FILE)
+        reader = ShardReader(path, manifest.row_layout())
+        try:
+            rows += reader.rows
+            if reader.rows:
+                energy_sums += reader.read(layout.ENERGY).astype(np.float64).sum(0)
+        finally:
+            reader.close()
+    dense_bytes = 4 * sum(m.d_in * m.d_out for m in manifest.modules)
+    return {
+        "path": str(root),
+        "model": {"path": manifest.settings.model_path, "fingerprint": manifest.model_fingerprint},
+        "sequences": rows,
+        "documents": sum(g.documents or 0 for g in manifest.generations),
+        "shards": len(manifest.shard_ids),
+        "generations": [{"corpus": g.corpus["path"], "state": g.state, "sequences": g.sequences,
+                         "malformed": g.malformed} for g in manifest.generations],
+        "bytes": sizes | {"total": _size(root)},
+        "bytes_per_sequence": (sizes["zarr"] / rows) if rows else None,
+        "dense_float32_bytes_per_sequence": dense_bytes,
+        "energy_kept": {m.name: float(energy_sums[i] / rows) if rows else None
+                        for i, m in enumerate(manifest.modules)},
+        "settings": manifest.settings.to_dict(),
+    }
+
+
+@dataclass
+class VerifyReport:
+    shards: int
+    rows: int
+
+
+def verify_database(root: str | Path) -> VerifyReport:
+    """Raise :class:`StoreError` naming the first problem; return counts when all agree."""
+    root = Path(root)
+    manifest = Manifest.load(root)
+    factors = Factors.load(layout.factors_path(root))
+    if [m.name for m in factors.modules] != [m.name for m in manifest.modules]:
+        raise StoreError("factors and manifest track different modules")
+    if not layout.sketch_path(root).is_file():
+        raise StoreError(f"{layout.sketch_path(root)} is missing")
+    total_rows = 0
+    for generation in manifest.generations:
+        rows = sum(_verify_shard(root, manifest, s, generation.state == "complete") for s in generation.shard_ids)
+        if generation.state == "complete" and rows != generation.sequences:
+            raise StoreError(f"generation {generation.corpus['path']}: manifest says {generation.sequences} "
+                             f"sequences, shards hold {rows}")
+        total_rows += rows
+    return VerifyReport(len(manifest.shard_ids), total_rows)
+
+
+def _verify_shard(root: Path, manifest: Manifest, shard_id: int, complete: bool) -> int:
+    path = layout.shard_dir(root, shard_id)
+    if not (path / layout.META_LMDB).is_dir():
+        if complete:
+            raise StoreError(f"shard {shard_id:05d} is missing")
+        return 0
+    reader = ShardReader(path, manifest.row_layout())
+    try:
+        name = f"shard {shard_id:05d}"
+        if complete and not reader.sealed:
+            raise StoreError(f"{name} is not sealed although its build completed")
+        for array_name in ARRAYS:
+            try:
+                data = reader.read(array_name)
+            except Exception as exc:  # the checksum codec and zarr raise several types
+                raise StoreError(f"{name}: {array_name} cannot be read (corrupted chunk?): {exc}") from exc
+            if len(data) != reader.rows:
+                raise StoreError(f"{name}: {array_name} has {len(data)} rows, LMDB committed {reader.rows}")
+            if not np.isfinite(data.astype(np.float64)).all():
+                raise StoreError(f"{name}: {array_name} holds non-finite values")
+        _verify_metadata(reader, name)
+        if reader.sealed:
+            _verify_index(reader, name)
+        return reader.rows
+    finally:
+        reader.close()
+
+
+def _verify_metadata(reader: ShardReader, name: str) -> None:
+    for row in range(reader.rows):
+        meta = reader.metadata([row])[0]
+        for key in ("doc_id", "source", "token_span", "text", "token_ids"):
+            if key not in meta:
+                raise StoreError(f"{name}: row {row} metadata has no {key}")
+        if row not in reader.document_rows(meta["doc_id"]):
+            raise StoreError(f"{name}: document {meta['doc_id']!r} does not list its row {row}")
+    journal = reader.journal()
+    ends = [entry["rows_end"] for entry in journal]
+    starts = [entry["rows_start"] for entry in journal]
+    if (ends[-1:] or [0])[0] != reader.rows or starts != [0] + ends[:-1]:
+        raise StoreError(f"{name}: the commit journal does not cover rows 0..{reader.rows} contiguously: "
+                         f"{json.dumps(journal[-3:])}")
+
+
+def _verify_index(reader: ShardReader, name: str) -> None:
+    path = reader.path / layout.FAISS_FILE
+    if not path.is_file():
+        raise StoreError(f"{name}: {layout.FAISS_FILE} is missing")
+    try:
+        index = reader.index()
+    except RuntimeError as exc:
+        raise StoreError(f"{name}: {layout.FAISS_FILE} cannot be read: {exc}") from exc
+    if index.ntotal != reader.rows:
+        raise StoreError(f"{name}: FAISS holds {index.ntotal} vectors, LMDB committed {reader.rows}")
+    if reader.rows and hasattr(index, "reconstruct_n") and type(index).__name__ == "IndexFlatIP":
+        if not np.array_equal(index.reconstruct_n(0, reader.rows), reader.read(layout.SKETCH)):
+            raise StoreError(f"{name}: FAISS vectors differ from the Zarr sketches")

@@ -1,0 +1,72 @@
+"""Load a causal LM and its tokenizer from a local folder, and fingerprint its weights.
+
+Nothing is fetched from a hub: a path that is not a local model folder is an
+error.  The fingerprint (a hash of every weight) is what ties a database to
+the exact model that produced its gradients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from attribdb.errors import ConfigError
+
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64,
+                "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return TORCH_DTYPES[name]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'auto' (or None) picks CUDA when present; anything else is taken as given."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {device!r}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    return resolved
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: str = "float32"):
+    """(model, tokenizer) from a local Hugging Face folder, in eval mode, offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{path} is not a local model folder (no config.json); "
+                          "attribdb never downloads models: give the folder written by save_pretrained")
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch_dtype(dtype))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the model in {path}: {str(exc).splitlines()[0]}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return model.to(device).eval(), tokenizer
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """Gradients of a half-precision model are preconditioned in float32."""
+    dtype = torch_dtype(name)
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -1,0 +1,76 @@
+"""A database's model, tokenizer, factors and sketch, loaded once and checked.
+
+The build, the query engine and the exhaustive scorer all need the same
+objects; loading them in one place means the model is always checked against
+the manifest's fingerprint before a single gradient is computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from attribdb import layout
+from attribdb.compression import Sketcher
+from attribdb.encoder import RowEncoder
+from attribdb.errors import StoreError
+from attribdb.factors import Factors
+from attribdb.influence import InfluenceComputer
+from attribdb.manifest import Manifest
+from attribdb.models import compute_dtype, fingerprint, load_model, resolve_device
+from attribdb.shard import RowLayout
+from attribdb.tasks import CausalLMTask
+
+
+def save_sketcher(sketcher: Sketcher, root: Path) -> None:
+    tensors = {}
+    for name, (p_out, p_in) in sketcher.projections.items():
+        tensors[f"{name}/out"], tensors[f"{name}/in"] = p_out.contiguous(), p_in.contiguous()
+    path = layout.sketch_path(root)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"side": str(sketcher.side)})
+    tmp.replace(path)
+
+
+def load_sketcher(root: Path, manifest: Manifest) -> Sketcher:
+    """The stored projections (regenerating from the seed would tie us to torch's RNG forever)."""
+    path = layout.sketch_path(root)
+    if not path.is_file():
+        raise StoreError(f"{path} is missing: run `attribdb fit` again")
+    tensors = load_file(str(path))
+    sketcher = Sketcher([], manifest.settings.sketch_side, manifest.settings.sketch_seed)
+    sketcher.projections = {m.name: (tensors[f"{m.name}/out"], tensors[f"{m.name}/in"]) for m in manifest.modules}
+    return sketcher
+
+
+@dataclass
+class Runtime:
+    root: Path
+    manifest: Manifest
+    model: torch.nn.Module
+    tokenizer: object
+    task: CausalLMTask
+    factors: Factors
+    computer: InfluenceComputer
+    sketcher: Sketcher
+    row_layout: RowLayout
+    device: torch.device
+
+    @classmethod
+    def load(cls, root: str | Path, device: str | None = None, model_path: str | None = None) -> "Runtime":
+        root = Path(root)
+        manifest = Manifest.load(root)
+        resolved = resolve_device(device)
+        model, tokenizer = load_model(model_path or manifest.settings.model_path, resolved, manifest.settings.dtype)
+        manifest.require_model(fingerprint(model))
+        factors = Factors.load(layout.factors_path(root))
+        computer = InfluenceComputer(model, CausalLMTask(manifest.settings.module_patterns), factors,
+                                     device=resolved, dtype=compute_dtype(manifest.settings.dtype))
+        return cls(root, manifest, model, tokenizer, computer.runner.task, factors, computer,
+                   load_sketcher(root, manifest), manifest.row_layout(), resolved)
+
+    def encoder(self) -> RowEncoder:
+        return RowEncoder(self.computer, self.sketcher, self.row_layout, self.tokenizer.pad_token_id)

@@ -1,0 +1,90 @@
+"""Database settings: everything that decides what a database's rows mean.
+
+They are fixed when a database is created and stored in its manifest; later
+commands read them back, and an option that contradicts them is refused
+rather than silently producing rows that cannot be compared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from attribdb.errors import ConfigError
+from attribdb.factors import FactorConfig
+
+INDEX_KINDS = ("flat", "hnsw", "ivf")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+def setting(default, help_text: str):
+    """A settings field whose help string the CLI shows (options are generated from these)."""
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """Settings of one attribution database (each field is recorded in manifest.json)."""
+
+    model_path: str = field(metadata={"help": "local folder of a Hugging Face causal LM (and its tokenizer)"})
+    module_patterns: tuple[str, ...] | None = setting(None, "fnmatch patterns of the layers to track (default: every linear layer in the transformer blocks)")
+    max_length: int = setting(128, "tokens per training sequence (longer documents are split)")
+    stride: int | None = setting(None, "step between windows of a long document; None = max_length")
+    strategy: str = setting("ekfac", "identity | diagonal | kfac | ekfac")
+    fisher: str = setting("true", "true (sampled labels) | empirical")
+    damping_factor: float = setting(0.1, "λ = damping_factor × mean eigenvalue, per module")
+    damping: float | None = setting(None, "absolute λ, overrides damping_factor")
+    fit_sample_size: int = setting(512, "sequences sampled from the corpus to fit the factors")
+    fit_seed: int = setting(0, "seeds the fitting sample and the label sampling")
+    rank: int = setting(8, "low-rank factors kept per module and sequence")
+    sketch_side: int = setting(8, "the sketch keeps side × side numbers per module")
+    sketch_seed: int = setting(0, "seeds the sketch projections")
+    index_kind: str = setting("flat", "flat (exact) | hnsw | ivf")
+    shard_size: int = setting(4096, "rows per shard: the unit of writing and of parallel build")
+    commit_rows: int = setting(64, "rows written and committed together (a kill loses at most these)")
+    batch_size: int = setting(8, "sequences per forward/backward pass")
+    dtype: str = setting("float32", "dtype the model runs in (float32 | float64 | bfloat16 | float16)")
+
+    def __post_init__(self):
+        positive = ("max_length", "fit_sample_size", "rank", "sketch_side", "shard_size", "commit_rows", "batch_size")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
+        if self.stride is not None and not 0 < self.stride <= self.max_length:
+            raise ConfigError(f"stride must be between 1 and max-length ({self.max_length}), not {self.stride}")
+        if self.index_kind not in INDEX_KINDS:
+            raise ConfigError(f"unknown index kind {self.index_kind!r}; choose one of {', '.join(INDEX_KINDS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.shard_size % self.commit_rows:
+            raise ConfigError(f"shard-size ({self.shard_size}) must be a multiple of commit-rows ({self.commit_rows})")
+        self.factor_config  # validates strategy, fisher and damping
+
+    @property
+    def factor_config(self) -> FactorConfig:
+        return FactorConfig(strategy=self.strategy, fisher=self.fisher, damping_factor=self.damping_factor,
+                            damping=self.damping, seed=self.fit_seed)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["module_patterns"] = list(self.module_patterns) if self.module_patterns else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DatabaseSettings":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if values.get("module_patterns"):
+            values["module_patterns"] = tuple(values["module_patterns"])
+        return cls(**values)
+
+    def check_unchanged(self, overrides: dict) -> None:
+        """Refuse explicitly given options (None = not given) that differ from these settings."""
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            stored = getattr(self, key)
+            if isinstance(stored, tuple):
+                value = tuple(value)
+            if value != stored:
+                raise ConfigError(f"this database was created with {key.replace('_', '-')}={stored!r}; "
+                                  f"it cannot be changed to {value!r} (build a new database instead)")

@@ -1,0 +1,232 @@
+"""One shard: Zarr arrays of compressed gradients, LMDB metadata, a FAISS index.
+
+A shard is written by exactly one process, in commit units of
+``commit_rows`` rows: the unit's Zarr chunks are written first, then one LMDB
+transaction records the rows' metadata, a journal entry and the new committed
+count.  Every Zarr chunk is aligned to commit units (the low-rank array has
+one row per chunk, for random reads), so a chunk is written once and a kill
+can only leave garbage in rows that were never committed, which a resumed
+build overwrites.  Sealing builds the FAISS index once all rows are in.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from attribdb import layout
+from attribdb.errors import StoreError
+from attribdb.tracking import TrackedModule
+
+LMDB_MAP_SIZE = 1 << 38  # address space only (64-bit); the file grows as needed
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where each module's U and V live in a packed low-rank row."""
+
+    modules: tuple[TrackedModule, ...]
+    rank: int
+    sketch_dim: int
+
+    @cached_property
+    def offsets(self) -> dict[str, tuple[int, int, int]]:
+        """module -> (start of U, start of V, end of V) in the packed row."""
+        out, start = {}, 0
+        for m in self.modules:
+            v_start = start + self.rank * m.d_out
+            end = v_start + self.rank * m.d_in
+            out[m.name] = (start, v_start, end)
+            start = end
+        return out
+
+    @property
+    def width(self) -> int:
+        return sum(self.rank * (m.d_out + m.d_in) for m in self.modules)
+
+    def unpack(self, packed: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(N, r, d_out) U and (N, r, d_in) V of one module from packed rows (N, width)."""
+        m = next(x for x in self.modules if x.name == name)
+        u_start, v_start, end = self.offsets[name]
+        n = packed.shape[0]
+        return (packed[:, u_start:v_start].reshape(n, self.rank, m.d_out),
+                packed[:, v_start:end].reshape(n, self.rank, m.d_in))
+
+
+@dataclass
+class RowBlock:
+    """A commit unit's computed rows, ready to write (numpy arrays, N rows each)."""
+
+    lowrank: np.ndarray  # (N, width) float16
+    sigma: np.ndarray  # (N, modules, r) float32
+    energy: np.ndarray  # (N, modules) float32
+    sketch: np.ndarray  # (N, sketch_dim) float32
+    self_influence: np.ndarray  # (N,) float32
+    metadata: list[dict]  # per row: doc_id, source, token_span, char_span, text, token_ids
+
+    def __len__(self) -> int:
+        return len(self.metadata)
+
+
+def _codecs():
+    import zarr
+
+    # zstd, then a CRC32C over the compressed bytes: a flipped byte fails the read
+    return [zarr.codecs.ZstdCodec(level=1), zarr.codecs.Crc32cCodec()]
+
+
+def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
+    return lmdb.open(str(path), map_size=LMDB_MAP_SIZE, max_dbs=4, readonly=readonly,
+                     subdir=True, create=not readonly)
+
+
+class ShardWriter:
+    """Append-only writer of one shard (one process, one thread)."""
+
+    def __init__(self, path: Path, row_layout: RowLayout, capacity: int, commit_rows: int):
+        import zarr
+
+        self.path, self.layout, self.capacity, self.commit_rows = Path(path), row_layout, capacity, commit_rows
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.env = _open_env(self.path / layout.META_LMDB, readonly=False)
+        self.dbs = {name: self.env.open_db(name) for name in
+                    (layout.ROWS_DB, layout.DOCS_DB, layout.JOURNAL_DB, layout.INFO_DB)}
+        zarr_path = self.path / layout.GRADS_ZARR
+        if self.committed == 0:  # nothing to keep: (re)create the arrays from scratch
+            shutil.rmtree(zarr_path, ignore_errors=True)
+            self._create_arrays(zarr_path)
+        self.group = zarr.open_group(str(zarr_path), mode="r+")
+
+    def _create_arrays(self, zarr_path: Path) -> None:
+        import zarr
+
+        group = zarr.open_group(str(zarr_path), mode="w")
+        cap, unit, n_modules = self.capacity, self.commit_rows, len(self.layout.modules)
+        specs = {
+            layout.LOWRANK: ((cap, self.layout.width), (1, self.layout.width), "float16"),
+            layout.SIGMA: ((cap, n_modules, self.layout.rank), (unit, n_modules, self.layout.rank), "float32"),
+            layout.ENERGY: ((cap, n_modules), (unit, n_modules), "float32"),
+            layout.SKETCH: ((cap, self.layout.sketch_dim), (unit, self.layout.sketch_dim), "float32"),
+            layout.SELF_INFLUENCE: ((cap,), (unit,), "float32"),
+        }
+        for name, (shape, chunks, dtype) in specs.items():
+            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=_codecs(), fill_value=0)
+
+    def _info(self, key: bytes) -> bytes | None:
+        with self.env.begin(db=self.dbs[layout.INFO_DB]) as txn:
+            return txn.get(key)
+
+    @property
+    def committed(self) -> int:
+        value = self._info(b"committed")
+        return int(value) if value else 0
+
+    @property
+    def sealed(self) -> bool:
+        return self._info(b"sealed") is not None
+
+    def append(self, block: RowBlock) -> None:
+        """Write a block at the committed end, then commit it (the only way rows appear)."""
+        start, n = self.committed, len(block)
+        if start + n > self.capacity:
+            raise StoreError(f"shard {self.path} is full ({self.capacity} rows)")
+        rows = slice(start, start + n)
+        for name in (layout.LOWRANK, layout.SIGMA, layout.ENERGY, layout.SKETCH, layout.SELF_INFLUENCE):
+            self.group[name][rows] = getattr(block, name)
+        with self.env.begin(write=True) as txn:
+            docs = {}
+            for offset, meta in enumerate(block.metadata):
+                row = start + offset
+                txn.put(layout.row_key(row), json.dumps(meta).encode(), db=self.dbs[layout.ROWS_DB])
+                docs.setdefault(meta["doc_id"], []).append(row)
+            for doc_id, doc_rows in docs.items():
+                key = doc_id.encode()
+                previous = txn.get(key, db=self.dbs[layout.DOCS_DB])
+                merged = (json.loads(previous) if previous else []) + doc_rows
+                txn.put(key, json.dumps(merged).encode(), db=self.dbs[layout.DOCS_DB])
+            journal = {"rows_start": start, "rows_end": start + n, "time": time.time()}
+            commit_no = txn.stat(self.dbs[layout.JOURNAL_DB])["entries"]
+            txn.put(layout.row_key(commit_no), json.dumps(journal).encode(), db=self.dbs[layout.JOURNAL_DB])
+            txn.put(b"committed", str(start + n).encode(), db=self.dbs[layout.INFO_DB])
+
+    def seal(self, index_kind: str) -> None:
+        """Trim the arrays to the committed rows, write the FAISS index, mark sealed."""
+        from attribdb.faiss_index import build_index, write_index
+
+        rows = self.committed
+        for name in self.group.array_keys():
+            array = self.group[name]
+            array.resize((rows,) + array.shape[1:])
+        sketches = self.group[layout.SKETCH][:] if rows else np.zeros((0, self.layout.sketch_dim), np.float32)
+        write_index(build_index(sketches, index_kind), self.path / layout.FAISS_FILE)
+        with self.env.begin(write=True) as txn:
+            txn.put(b"sealed", str(rows).encode(), db=self.dbs[layout.INFO_DB])
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class ShardReader:
+    """Read-only view of a shard: only committed rows are visible."""
+
+    def __init__(self, path: Path, row_layout: RowLayout):
+        import zarr
+
+        self.path, self.layout = Path(path), row_layout
+        meta_path = self.path / layout.META_LMDB
+        if not meta_path.is_dir():
+            raise StoreError(f"shard {self.path} has no {layout.META_LMDB}")
+        self.env = _open_env(meta_path, readonly=True)
+        self.dbs = {name: self.env.open_db(name, create=False) for name in
+                    (layout.ROWS_DB, layout.DOCS_DB, layout.JOURNAL_DB, layout.INFO_DB)}
+        with self.env.begin(db=self.dbs[layout.INFO_DB]) as txn:
+            self.rows = int(txn.get(b"committed") or 0)
+            self.sealed = txn.get(b"sealed") is not None
+        try:
+            self.group = zarr.open_group(str(self.path / layout.GRADS_ZARR), mode="r")
+        except Exception as exc:
+            raise StoreError(f"shard {self.path}: cannot open {layout.GRADS_ZARR}: {exc}") from exc
+
+    def read(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """Committed rows of one array (all of them when ``rows`` is None)."""
+        array = self.group[name]
+        if rows is None:
+            return array[: self.rows]
+        return array.get_orthogonal_selection((np.asarray(rows, dtype=np.int64),) + (slice(None),) * (array.ndim - 1))
+
+    def metadata(self, rows) -> list[dict]:
+        with self.env.begin(db=self.dbs[layout.ROWS_DB]) as txn:
+            out = []
+            for row in rows:
+                value = txn.get(layout.row_key(int(row)))
+                if value is None:
+                    raise StoreError(f"shard {self.path}: row {row} has no metadata in {layout.META_LMDB}")
+                out.append(json.loads(value))
+            return out
+
+    def document_rows(self, doc_id: str) -> list[int]:
+        with self.env.begin(db=self.dbs[layout.DOCS_DB]) as txn:
+            value = txn.get(doc_id.encode())
+        return [r for r in json.loads(value) if r < self.rows] if value else []
+
+    def journal(self) -> list[dict]:
+        with self.env.begin(db=self.dbs[layout.JOURNAL_DB]) as txn:
+            return [json.loads(v) for _, v in txn.cursor()]
+
+    def index(self):
+        """The shard's FAISS index; for an unsealed shard, a flat one over its committed sketches."""
+        from attribdb.faiss_index import build_index, read_index
+
+        if self.sealed:
+            return read_index(self.path / layout.FAISS_FILE)
+        return build_index(self.read(layout.SKETCH), "flat")
+
+    def close(self) -> None:
+        self.env.close()

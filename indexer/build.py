@@ -1,0 +1,159 @@
+"""`attribdb build` and `attribdb append`: corpus → sharded, resumable rows.
+
+The corpus is read as a numbered stream; shard ``k`` of a generation holds
+sequences ``[k·S, (k+1)·S)`` and is written by one process in commit units.
+Re-running the same command after a crash (even ``kill -9``) finds the
+unfinished generation in the manifest, skips sealed shards, and continues each
+open shard from its last commit, so the result equals an uninterrupted build.
+Under torchrun, rank r writes the shards with ``k mod world == r``; the rows
+are the same as a single process writes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from attribdb import layout
+from attribdb.errors import ConfigError
+from attribdb.manifest import Generation, Manifest, exists
+from attribdb.progress import progress_bar, say
+from attribdb.runtime import Runtime
+from attribdb.settings import DatabaseSettings
+from attribdb.shard import ShardWriter
+from indexer import sequences
+from indexer.corpus import CorpusSpec
+from indexer.distributed import World, join, leave
+from indexer.fit import fit_database, open_or_create
+
+
+@dataclass
+class BuildResult:
+    generation: Generation
+    seconds: float
+    sequences_computed: int  # by this process, this run (0 when everything was already built)
+
+    def summary(self) -> str:
+        g = self.generation
+        return (f"{g.sequences} sequences from {g.documents} documents in {g.shards} shards "
+                f"({self.sequences_computed} computed in {self.seconds:.1f}s)")
+
+
+def build_database(root: str | Path, spec: CorpusSpec, settings: DatabaseSettings | None = None, *,
+                   overrides: dict | None = None, append: bool = False, model_path: str | None = None,
+                   device: str | None = None, quiet: bool = False) -> BuildResult:
+    """Build (or resume building) ``spec`` into ``root``; ``append`` adds it to a built database.
+
+    ``settings`` are used when the database does not exist yet; ``overrides``
+    (options the user gave explicitly) must agree with a stored database.
+    """
+    root = Path(root)
+    world = join()
+    try:
+        return _build(root, spec, settings, overrides or {}, append, model_path, world.device(device), quiet, world)
+    finally:
+        leave(world)
+
+
+def _build(root, spec, settings, overrides, append, model_path, device, quiet, world: World) -> BuildResult:
+    started = time.time()
+    if world.is_leader:
+        manifest = open_or_create(root, settings, overrides)
+        if append and manifest is None:
+            raise ConfigError(f"{root} is not a database: build it before appending")
+        if manifest is None or not layout.factors_path(root).is_file():
+            fit_database(root, spec, settings or manifest.settings, device=device, quiet=quiet)
+    world.barrier()
+    runtime = Runtime.load(root, device=device, model_path=model_path)
+    settings = runtime.manifest.settings
+    say(f"reading {spec.path} ...", quiet or not world.is_leader)
+    plan = sequences.plan(spec, runtime.tokenizer, settings)
+    say(plan.summary, quiet or not world.is_leader)
+    if world.is_leader:
+        _register_generation(root, spec, plan, append)
+    world.barrier()
+    spec_dict = sequences.corpus_spec_dict(spec)
+    generation = _generation_of(Manifest.load(root), spec_dict)
+    computed = _write_shards(runtime, spec, generation, world, quiet)
+    world.barrier()
+    if world.is_leader and generation.state == "building":
+        manifest = Manifest.load(root)
+        _generation_of(manifest, spec_dict).state = "complete"
+        manifest.save(root)
+    generation.state = "complete"
+    return BuildResult(generation, time.time() - started, computed)
+
+
+def _generation_of(manifest: Manifest, spec_dict: dict) -> Generation:
+    return next(g for g in reversed(manifest.generations) if g.corpus == spec_dict)
+
+
+def _register_generation(root: Path, spec: CorpusSpec, plan: sequences.CorpusPlan, append: bool) -> None:
+    """Record the generation to build, or find the unfinished one to resume."""
+    manifest = Manifest.load(root)
+    spec_dict = sequences.corpus_spec_dict(spec)
+    pending = manifest.building()
+    if pending is not None:
+        if pending.corpus != spec_dict:
+            raise ConfigError(f"an interrupted build of {pending.corpus['path']} is unfinished in {root}; "
+                              "run that command again to resume it first")
+        if pending.sequences != plan.sequences:
+            raise ConfigError(f"{spec.path} changed since the interrupted build ({pending.sequences} sequences "
+                              f"then, {plan.sequences} now); restore it or build a new database")
+        return
+    if any(g.corpus == spec_dict for g in manifest.generations):
+        if append:
+            raise ConfigError(f"{spec.path} is already in {root}; appending it again would duplicate its rows")
+        return  # a finished build run again: every shard is sealed, nothing to compute
+    if manifest.generations and not append:
+        raise ConfigError(f"{root} already holds a corpus; use `attribdb append` to add {spec.path}")
+    shard_size = manifest.settings.shard_size
+    manifest.generations.append(Generation(
+        corpus=spec_dict, first_shard=manifest.next_shard_id(), shards=math.ceil(plan.sequences / shard_size),
+        sequences=plan.sequences, documents=plan.documents, malformed=plan.malformed))
+    manifest.save(root)
+
+
+def _write_shards(runtime: Runtime, spec: CorpusSpec, generation: Generation, world: World, quiet: bool) -> int:
+    settings = runtime.manifest.settings
+    encoder = runtime.encoder()
+    mine = [k for k in range(generation.shards) if world.owns(k)]
+    total = sum(min(settings.shard_size, generation.sequences - k * settings.shard_size) for k in mine)
+    computed = 0
+    description = "build" if world.size == 1 else f"build (rank {world.rank})"
+    with progress_bar(description, total, quiet) as advance:
+        for k, shard_sequences in _shards(sequences.stream(spec, runtime.tokenizer, settings), settings.shard_size):
+            if not world.owns(k):
+                continue
+            writer = ShardWriter(layout.shard_dir(runtime.root, generation.first_shard + k), runtime.row_layout,
+                                 capacity=len(shard_sequences), commit_rows=settings.commit_rows)
+            try:
+                if writer.sealed:
+                    advance(len(shard_sequences))
+                    continue
+                advance(writer.committed)
+                for start in range(writer.committed, len(shard_sequences), settings.commit_rows):
+                    unit = shard_sequences[start:start + settings.commit_rows]
+                    block = encoder.encode([s.token_ids for s in unit], [sequences.sequence_metadata(s) for s in unit],
+                                           settings.batch_size)
+                    writer.append(block)
+                    computed += len(unit)
+                    advance(len(unit))
+                writer.seal(settings.index_kind)
+            finally:
+                writer.close()
+    return computed
+
+
+def _shards(stream, shard_size: int):
+    """(shard index, its sequences) from the numbered stream, one shard in memory at a time."""
+    current, index = [], 0
+    for seq in stream:
+        current.append(seq)
+        if len(current) == shard_size:
+            yield index, current
+            current, index = [], index + 1
+    if current:
+        yield index, current

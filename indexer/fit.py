@@ -1,0 +1,70 @@
+"""`attribdb fit`: create a database and fit its EK-FAC factors on a corpus sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from attribdb import layout
+from attribdb.compression import Sketcher
+from attribdb.errors import ConfigError
+from attribdb.factors import Factors
+from attribdb.fitting import fit_factors
+from attribdb.manifest import Manifest, exists
+from attribdb.models import compute_dtype, fingerprint, load_model, resolve_device
+from attribdb.progress import progress_bar, say
+from attribdb.runtime import save_sketcher
+from attribdb.settings import DatabaseSettings
+from attribdb.tasks import CausalLMTask, collate_sequences
+from attribdb.tracking import find_tracked_modules
+from indexer import sequences
+from indexer.corpus import CorpusSpec
+
+
+def open_or_create(root: Path, settings: DatabaseSettings | None, overrides: dict) -> Manifest | None:
+    """The existing manifest (checked against ``overrides``), or None for a new database."""
+    if exists(root):
+        manifest = Manifest.load(root)
+        manifest.settings.check_unchanged(overrides)
+        return manifest
+    if settings is None:
+        raise ConfigError(f"{root} is not a database yet: give --model to create it")
+    return None
+
+
+def fit_database(root: str | Path, spec: CorpusSpec, settings: DatabaseSettings, *, device: str | None = None,
+                 quiet: bool = False, refit: bool = False) -> Factors:
+    """Fit factors into ``root`` (creating the database), refusing to refit under existing rows."""
+    root = Path(root)
+    resolved = resolve_device(device)
+    model, tokenizer = load_model(settings.model_path, resolved, settings.dtype)
+    model_fingerprint = fingerprint(model)
+    task = CausalLMTask(settings.module_patterns)
+    modules = find_tracked_modules(model, task.module_patterns)
+    if exists(root):
+        manifest = Manifest.load(root)
+        manifest.require_model(model_fingerprint)
+        if layout.factors_path(root).is_file() and not refit:
+            raise ConfigError(f"{root} already has factors; pass --refit to fit them again")
+        if manifest.generations:
+            raise ConfigError(f"{root} already holds rows computed with its factors; refitting would make them "
+                              "inconsistent: build a new database instead")
+    else:
+        sketch_dim = len(modules) * settings.sketch_side ** 2
+        manifest = Manifest(settings, model_fingerprint, settings.model_path, modules, sketch_dim)
+        (root / layout.FACTORS_DIR).mkdir(parents=True, exist_ok=True)
+        manifest.save(root)
+
+    say(f"reading {spec.path} ...", quiet)
+    plan = sequences.plan(spec, tokenizer, settings)
+    say(plan.summary, quiet)
+    sample = sequences.sample(spec, tokenizer, settings, plan.sequences)
+    batches = [collate_sequences([list(s.token_ids) for s in sample[i:i + settings.batch_size]],
+                                 tokenizer.pad_token_id) for i in range(0, len(sample), settings.batch_size)]
+    strategy = settings.factor_config.kind
+    passes = int(strategy.uses_eigenbasis) + int(strategy.measures_diagonal)
+    with progress_bar(f"fit {settings.strategy} factors", len(sample) * passes, quiet) as advance:
+        factors = fit_factors(model, task, batches, settings.factor_config, modules, device=resolved,
+                              dtype=compute_dtype(settings.dtype), progress=advance)
+    factors.save(layout.factors_path(root))
+    save_sketcher(Sketcher(modules, settings.sketch_side, settings.sketch_seed), root)
+    return factors

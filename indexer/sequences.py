@@ -1,0 +1,63 @@
+"""The corpus as a deterministic, numbered stream of training sequences.
+
+Every process (a resumed run, each torchrun rank) reads the same corpus in the
+same order, so sequence ``i`` is the same everywhere; shard ``k`` of a build
+holds sequences ``[k·S, (k+1)·S)``.  Nothing is held in memory beyond one
+document and one shard's worth of token ids.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from attribdb.errors import CorpusError
+from attribdb.settings import DatabaseSettings
+from indexer.chunking import ChunkConfig, TextSequence, chunk_documents
+from indexer.corpus import CorpusSpec, ReadReport, read_documents
+
+
+@dataclass
+class CorpusPlan:
+    """What a first, cheap pass over the corpus found: counts and problems."""
+
+    sequences: int
+    documents: int
+    malformed: int
+    summary: str
+
+
+def corpus_spec_dict(spec: CorpusSpec) -> dict:
+    return asdict(spec)
+
+
+def chunk_config(settings: DatabaseSettings) -> ChunkConfig:
+    return ChunkConfig(max_length=settings.max_length, stride=settings.stride)
+
+
+def stream(spec: CorpusSpec, tokenizer, settings: DatabaseSettings,
+           report: ReadReport | None = None) -> Iterator[TextSequence]:
+    return chunk_documents(read_documents(spec, report), tokenizer, chunk_config(settings), report)
+
+
+def plan(spec: CorpusSpec, tokenizer, settings: DatabaseSettings) -> CorpusPlan:
+    """Count sequences (and surface malformed records) before any expensive work."""
+    report = ReadReport()
+    count = sum(1 for _ in stream(spec, tokenizer, settings, report))
+    if count == 0:
+        raise CorpusError(f"{spec.path}: no training sequences ({report.summary()})")
+    return CorpusPlan(count, report.documents, report.malformed, report.summary())
+
+
+def sample(spec: CorpusSpec, tokenizer, settings: DatabaseSettings, total: int) -> list[TextSequence]:
+    """A seeded uniform sample of ``fit_sample_size`` sequences, in corpus order."""
+    size = min(settings.fit_sample_size, total)
+    chosen = set(random.Random(settings.fit_seed).sample(range(total), size))
+    return [seq for i, seq in enumerate(stream(spec, tokenizer, settings)) if i in chosen]
+
+
+def sequence_metadata(seq: TextSequence) -> dict:
+    """What LMDB keeps per row: enough to show the text and to recompute its gradient."""
+    return {"doc_id": seq.doc_id, "source": seq.source, "token_span": list(seq.token_span),
+            "char_span": list(seq.char_span), "text": seq.text, "token_ids": list(seq.token_ids)}

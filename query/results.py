@@ -1,0 +1,53 @@
+"""Result objects: plain dataclasses that also become JSON and pandas."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Hit:
+    """One training sequence and its influence on a query."""
+
+    rank: int
+    score: float  # g_qᵀ (F + λ)⁻¹ g_m: > 0 means training on it made the completion likelier
+    normalized_score: float  # score / sqrt(self_q · self_m)
+    self_influence: float
+    module_scores: dict[str, float]
+    doc_id: str
+    source: str
+    token_span: list[int]
+    char_span: list[int]
+    text: str
+    shard: int
+    row: int
+    exact_score: float | None = None  # recomputed with no compression (exact mode)
+    tokens: list[str] | None = None  # the sequence's tokens (exact mode)
+    token_contributions: list[float] | None = None  # per-token split of exact_score
+
+
+@dataclass
+class QueryResult:
+    prompt: str
+    completion: str
+    mode: str  # index | exact | exhaustive
+    hits: list[Hit]
+    opponents: list[Hit]  # most negative: training on them made the completion less likely
+    query_self_influence: float
+    candidates: int  # rows rescored (index and exact modes) or scored (exhaustive)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def to_pandas(self):
+        """One row per hit and opponent, with a ``kind`` column."""
+        import pandas as pd
+
+        rows = [{"kind": "hit", **asdict(h)} for h in self.hits]
+        rows += [{"kind": "opponent", **asdict(h)} for h in self.opponents]
+        return pd.DataFrame(rows)

@@ -1,0 +1,88 @@
+"""Helpers for tests that build databases: run the CLI, compare two databases."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import zarr
+
+from attribdb import layout
+from attribdb.faiss_index import read_index, search
+from attribdb.manifest import Manifest
+
+SMALL_SETTINGS = ["--max-length", "16", "--shard-size", "32", "--commit-rows", "8", "--batch-size", "4",
+                  "--fit-sample-size", "48", "--rank", "4", "--sketch-side", "4"]
+
+
+def cli(*args, env_extra: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m attribdb ARGS` in a fresh process (single-threaded for reproducible floats)."""
+    env = os.environ | {"OMP_NUM_THREADS": "1"} | (env_extra or {})
+    result = subprocess.run([sys.executable, "-m", "attribdb", *map(str, args)], capture_output=True, text=True,
+                            env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"attribdb {' '.join(map(str, args))} failed:\n{result.stderr}")
+    return result
+
+
+def lmdb_rows(shard: Path) -> dict[bytes, bytes]:
+    env = lmdb.open(str(shard / layout.META_LMDB), readonly=True, max_dbs=4)
+    try:
+        with env.begin() as txn:
+            out = {}
+            for db_name in (layout.ROWS_DB, layout.DOCS_DB):
+                db = env.open_db(db_name, txn=txn, create=False)
+                out.update({db_name + b"/" + k: v for k, v in txn.cursor(db=db)})
+            info = env.open_db(layout.INFO_DB, txn=txn, create=False)
+            out[b"info/committed"] = txn.get(b"committed", db=info)
+            out[b"info/sealed"] = txn.get(b"sealed", db=info)
+        return out
+    finally:
+        env.close()
+
+
+def committed_rows(shard: Path) -> int:
+    if not (shard / layout.META_LMDB / "data.mdb").exists():
+        return 0
+    try:
+        return int(lmdb_rows(shard)[b"info/committed"] or 0)
+    except lmdb.Error:
+        return 0
+
+
+def assert_same_database(a: Path, b: Path) -> None:
+    """Same shards, bit-identical arrays, metadata, factors and FAISS answers."""
+    manifest_a, manifest_b = Manifest.load(a), Manifest.load(b)
+    assert manifest_a.shard_ids == manifest_b.shard_ids
+    assert [g.sequences for g in manifest_a.generations] == [g.sequences for g in manifest_b.generations]
+    assert all(g.state == "complete" for g in manifest_a.generations + manifest_b.generations)
+    for name in (layout.FACTORS_FILE, layout.SKETCH_FILE):
+        assert (a / layout.FACTORS_DIR / name).read_bytes() == (b / layout.FACTORS_DIR / name).read_bytes()
+    for shard_id in manifest_a.shard_ids:
+        shard_a, shard_b = layout.shard_dir(a, shard_id), layout.shard_dir(b, shard_id)
+        group_a = zarr.open_group(str(shard_a / layout.GRADS_ZARR), mode="r")
+        group_b = zarr.open_group(str(shard_b / layout.GRADS_ZARR), mode="r")
+        assert sorted(group_a.array_keys()) == sorted(group_b.array_keys())
+        for name in group_a.array_keys():
+            np.testing.assert_array_equal(group_a[name][:], group_b[name][:], err_msg=f"shard {shard_id} {name}")
+        assert lmdb_rows(shard_a) == lmdb_rows(shard_b)
+        index_a = read_index(shard_a / layout.FAISS_FILE)
+        index_b = read_index(shard_b / layout.FAISS_FILE)
+        probes = group_a[layout.SKETCH][:5]
+        for x, y in zip(search(index_a, probes, 5), search(index_b, probes, 5)):
+            np.testing.assert_array_equal(x, y)
+
+
+def journal(shard: Path) -> list[dict]:
+    env = lmdb.open(str(shard / layout.META_LMDB), readonly=True, max_dbs=4)
+    try:
+        with env.begin() as txn:
+            db = env.open_db(layout.JOURNAL_DB, txn=txn, create=False)
+            return [json.loads(v) for _, v in txn.cursor(db=db)]
+    finally:
+        env.close()
