@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from attribdb import layout
 from attribdb.compression import Sketcher
@@ -25,25 +24,11 @@ from attribdb.shard import RowLayout
 from attribdb.tasks import CausalLMTask
 
 
-def save_sketcher(sketcher: Sketcher, root: Path) -> None:
-    tensors = {}
-    for name, (p_out, p_in) in sketcher.projections.items():
-        tensors[f"{name}/out"], tensors[f"{name}/in"] = p_out.contiguous(), p_in.contiguous()
-    path = layout.sketch_path(root)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"side": str(sketcher.side)})
-    tmp.replace(path)
-
-
 def load_sketcher(root: Path, manifest: Manifest) -> Sketcher:
-    """The stored projections (regenerating from the seed would tie us to torch's RNG forever)."""
     path = layout.sketch_path(root)
     if not path.is_file():
         raise StoreError(f"{path} is missing: run `attribdb fit` again")
-    tensors = load_file(str(path))
-    sketcher = Sketcher([], manifest.settings.sketch_side, manifest.settings.sketch_seed)
-    sketcher.projections = {m.name: (tensors[f"{m.name}/out"], tensors[f"{m.name}/in"]) for m in manifest.modules}
-    return sketcher
+    return Sketcher.load(path, manifest.modules)
 
 
 @dataclass

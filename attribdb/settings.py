@@ -13,6 +13,7 @@ from attribdb.errors import ConfigError
 from attribdb.factors import FactorConfig
 
 INDEX_KINDS = ("flat", "hnsw", "ivf")
+SKETCH_KINDS = ("countsketch", "kronecker")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
@@ -36,7 +37,8 @@ class DatabaseSettings:
     fit_sample_size: int = setting(512, "sequences sampled from the corpus to fit the factors")
     fit_seed: int = setting(0, "seeds the fitting sample and the label sampling")
     rank: int = setting(8, "low-rank factors kept per module and sequence")
-    sketch_side: int = setting(8, "the sketch keeps side × side numbers per module")
+    sketch_kind: str = setting("countsketch", "countsketch | kronecker: the random map FAISS indexes")
+    sketch_size: int = setting(256, "sketch numbers per module (a square for kronecker)")
     sketch_seed: int = setting(0, "seeds the sketch projections")
     index_kind: str = setting("flat", "flat (exact) | hnsw | ivf")
     shard_size: int = setting(4096, "rows per shard: the unit of writing and of parallel build")
@@ -45,12 +47,14 @@ class DatabaseSettings:
     dtype: str = setting("float32", "dtype the model runs in (float32 | float64 | bfloat16 | float16)")
 
     def __post_init__(self):
-        positive = ("max_length", "fit_sample_size", "rank", "sketch_side", "shard_size", "commit_rows", "batch_size")
+        positive = ("max_length", "fit_sample_size", "rank", "sketch_size", "shard_size", "commit_rows", "batch_size")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
         if self.stride is not None and not 0 < self.stride <= self.max_length:
             raise ConfigError(f"stride must be between 1 and max-length ({self.max_length}), not {self.stride}")
+        if self.sketch_kind not in SKETCH_KINDS:
+            raise ConfigError(f"unknown sketch kind {self.sketch_kind!r}; choose one of {', '.join(SKETCH_KINDS)}")
         if self.index_kind not in INDEX_KINDS:
             raise ConfigError(f"unknown index kind {self.index_kind!r}; choose one of {', '.join(INDEX_KINDS)}")
         if self.dtype not in DTYPES:

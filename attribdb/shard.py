@@ -82,9 +82,28 @@ def _codecs():
     return [zarr.codecs.ZstdCodec(level=1), zarr.codecs.Crc32cCodec()]
 
 
+_ENVIRONMENTS: dict[str, list] = {}  # realpath -> [environment, users]: LMDB allows one per process
+
+
 def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
-    return lmdb.open(str(path), map_size=LMDB_MAP_SIZE, max_dbs=4, readonly=readonly,
-                     subdir=True, create=not readonly)
+    key = str(Path(path).resolve())
+    if key in _ENVIRONMENTS:
+        env, users = _ENVIRONMENTS[key]
+        if not readonly and env.flags()["readonly"]:
+            raise StoreError(f"{path} is open read-only in this process; close its readers before writing")
+        _ENVIRONMENTS[key][1] = users + 1
+        return env
+    env = lmdb.open(key, map_size=LMDB_MAP_SIZE, max_dbs=4, readonly=readonly, subdir=True, create=not readonly)
+    _ENVIRONMENTS[key] = [env, 1]
+    return env
+
+
+def _close_env(env: lmdb.Environment) -> None:
+    key = next(k for k, (e, _) in _ENVIRONMENTS.items() if e is env)
+    _ENVIRONMENTS[key][1] -= 1
+    if _ENVIRONMENTS[key][1] == 0:
+        del _ENVIRONMENTS[key]
+        env.close()
 
 
 class ShardWriter:
@@ -170,7 +189,7 @@ class ShardWriter:
             txn.put(b"sealed", str(rows).encode(), db=self.dbs[layout.INFO_DB])
 
     def close(self) -> None:
-        self.env.close()
+        _close_env(self.env)
 
 
 class ShardReader:
@@ -229,4 +248,4 @@ class ShardReader:
         return build_index(self.read(layout.SKETCH), "flat")
 
     def close(self) -> None:
-        self.env.close()
+        _close_env(self.env)

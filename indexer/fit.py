@@ -12,7 +12,6 @@ from attribdb.fitting import fit_factors
 from attribdb.manifest import Manifest, exists
 from attribdb.models import compute_dtype, fingerprint, load_model, resolve_device
 from attribdb.progress import progress_bar, say
-from attribdb.runtime import save_sketcher
 from attribdb.settings import DatabaseSettings
 from attribdb.tasks import CausalLMTask, collate_sequences
 from attribdb.tracking import find_tracked_modules
@@ -49,7 +48,7 @@ def fit_database(root: str | Path, spec: CorpusSpec, settings: DatabaseSettings,
             raise ConfigError(f"{root} already holds rows computed with its factors; refitting would make them "
                               "inconsistent: build a new database instead")
     else:
-        sketch_dim = len(modules) * settings.sketch_side ** 2
+        sketch_dim = len(modules) * settings.sketch_size
         manifest = Manifest(settings, model_fingerprint, settings.model_path, modules, sketch_dim)
         (root / layout.FACTORS_DIR).mkdir(parents=True, exist_ok=True)
         manifest.save(root)
@@ -66,5 +65,6 @@ def fit_database(root: str | Path, spec: CorpusSpec, settings: DatabaseSettings,
         factors = fit_factors(model, task, batches, settings.factor_config, modules, device=resolved,
                               dtype=compute_dtype(settings.dtype), progress=advance)
     factors.save(layout.factors_path(root))
-    save_sketcher(Sketcher(modules, settings.sketch_side, settings.sketch_seed), root)
+    Sketcher.create(modules, settings.sketch_kind, settings.sketch_size, settings.sketch_seed).save(
+        layout.sketch_path(root))
     return factors

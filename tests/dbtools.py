@@ -17,7 +17,7 @@ from attribdb.faiss_index import read_index, search
 from attribdb.manifest import Manifest
 
 SMALL_SETTINGS = ["--max-length", "16", "--shard-size", "32", "--commit-rows", "8", "--batch-size", "4",
-                  "--fit-sample-size", "48", "--rank", "4", "--sketch-side", "4"]
+                  "--fit-sample-size", "48", "--rank", "4", "--sketch-size", "64"]
 
 
 def cli(*args, env_extra: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

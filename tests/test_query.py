@@ -31,8 +31,8 @@ def db_path(tmp_path_factory, model_dir) -> Path:
     corpus = write_corpus(root / "corpus.jsonl", 150, seed=5)
     db = root / "db"
     settings = [s for s in SMALL_SETTINGS]
-    settings[settings.index("--rank") + 1] = "8"
-    settings[settings.index("--sketch-side") + 1] = "8"
+    settings[settings.index("--rank") + 1] = "12"
+    settings[settings.index("--sketch-size") + 1] = "256"
     cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *settings)
     return db
 

@@ -1,0 +1,1 @@
+"""The query engine: query gradients, candidate search, exact rescoring, result formats, the shell."""
