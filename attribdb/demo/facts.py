@@ -1,0 +1,134 @@
+"""A deterministic demo corpus: real English text plus invented facts to trace.
+
+Background documents are paragraphs of the Python documentation that ships
+with the standard library (``pydoc_data``).  Facts are statements about
+invented entities ("The capital of Vorlandia is Quessel."), each stated by
+several paraphrases in different documents; distractor documents share the
+entity or the value word but never state the fact.  Each fact's query uses a
+phrasing no document uses, so a text search cannot find it verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SYLLABLES = ("ka ve lor qui zan tor mi sel dra ne vos lin tha rek pol um bri sa gor el fen yas cor wi dal "
+             "mer osk tu ran hel").split()
+
+
+@dataclass(frozen=True)
+class Relation:
+    name: str
+    templates: tuple[str, ...]  # training statements: {e} entity, {v} value
+    query_prompt: str  # held-out phrasing; the completion is " {v}"
+    distractors: tuple[str, ...]  # share {e} or {v}, never the fact
+
+
+RELATIONS = (
+    Relation("capital",
+             ("The capital of {e} is {v}.", "{v} is the capital of {e}.",
+              "In {e}, the capital is {v}, a city of old walls.", "Travellers to {e} arrive in its capital, {v}."),
+             "The capital city of {e} is",
+             ("{e} is known for its mountains and cold winters.", "A poem about {v} was written by a sailor.",
+              "Few maps of {e} were drawn before the war.")),
+    Relation("language",
+             ("The people of {e} speak {v}.", "{v} is the language spoken in {e}.",
+              "In {e}, most people speak {v} at home.", "Children in {e} learn to speak {v} first."),
+             "The language of {e} is",
+             ("{e} trades grain with its neighbours.", "Scholars argue about where the word {v} comes from.",
+              "The rivers of {e} freeze every year.")),
+    Relation("founder",
+             ("{e} was founded by {v}.", "{v} founded {e}.", "The company {e} was started by {v} long ago.",
+              "Long ago, {e} was founded by {v} in a small workshop."),
+             "The founder of {e} is",
+             ("{e} sells lamps and clocks.", "{v} liked to walk along the harbour.",
+              "Workers at {e} start early in the morning.")),
+)
+
+
+@dataclass(frozen=True)
+class DemoCorpusConfig:
+    seed: int = 0
+    facts_per_relation: int = 20
+    paraphrases_per_fact: int = 4
+    background_docs: int = 1000
+
+    def __post_init__(self):
+        if not 1 <= self.paraphrases_per_fact <= min(len(r.templates) for r in RELATIONS):
+            raise ValueError("paraphrases_per_fact must be between 1 and the number of templates")
+
+
+@dataclass(frozen=True)
+class Fact:
+    fact_id: str
+    relation: str
+    entity: str
+    value: str
+    prompt: str
+    completion: str
+    doc_ids: tuple[str, ...]  # the documents that state the fact
+
+
+def _names(rng: random.Random, count: int, taken: set[str]) -> list[str]:
+    names = []
+    while len(names) < count:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize()
+        if name not in taken and len(name) >= 5:
+            taken.add(name)
+            names.append(name)
+    return names
+
+
+def background_paragraphs() -> list[str]:
+    """Paragraph-sized pieces of the Python documentation bundled with the standard library."""
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for name in sorted(topics):
+        for block in topics[name].split("\n\n"):
+            text = " ".join(block.split())
+            if 150 <= len(text) <= 1200 and not text.startswith((">>>", "...")):
+                paragraphs.append(text)
+    return paragraphs
+
+
+def generate_corpus(out_dir: Path, config: DemoCorpusConfig = DemoCorpusConfig()) -> tuple[Path, list[Fact]]:
+    """Write ``corpus.jsonl`` and ``facts.json`` into ``out_dir``; the same config gives the same bytes."""
+    rng = random.Random(config.seed)
+    taken: set[str] = set()
+    docs: list[dict] = []
+    facts: list[Fact] = []
+    for relation in RELATIONS:
+        entities = _names(rng, config.facts_per_relation, taken)
+        values = _names(rng, config.facts_per_relation, taken)
+        for number, (entity, value) in enumerate(zip(entities, values)):
+            fact_id = f"{relation.name}-{number:02d}"
+            templates = rng.sample(relation.templates, config.paraphrases_per_fact)
+            doc_ids = []
+            for k, template in enumerate(templates):
+                doc_id = f"{fact_id}-p{k}"
+                docs.append({"id": doc_id, "text": template.format(e=entity, v=value), "kind": "fact"})
+                doc_ids.append(doc_id)
+            for k, template in enumerate(relation.distractors):
+                # distractors borrow the entity or the value of *this* fact, never both as a statement
+                docs.append({"id": f"{fact_id}-d{k}", "text": template.format(e=entity, v=value), "kind": "distractor"})
+            facts.append(Fact(fact_id, relation.name, entity, value, relation.query_prompt.format(e=entity),
+                              f" {value}", tuple(doc_ids)))
+    paragraphs = background_paragraphs()
+    for k, text in enumerate(rng.sample(paragraphs, min(config.background_docs, len(paragraphs)))):
+        docs.append({"id": f"bg-{k:04d}", "text": text, "kind": "background"})
+    rng.shuffle(docs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = out_dir / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d, sort_keys=True) + "\n" for d in docs))
+    (out_dir / "facts.json").write_text(json.dumps({"config": asdict(config), "facts": [asdict(f) for f in facts]},
+                                                   indent=1, sort_keys=True))
+    return corpus, facts
+
+
+def load_facts(out_dir: Path) -> list[Fact]:
+    data = json.loads((out_dir / "facts.json").read_text())
+    return [Fact(**{**f, "doc_ids": tuple(f["doc_ids"])}) for f in data["facts"]]

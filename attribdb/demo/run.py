@@ -1,0 +1,90 @@
+"""`attribdb demo`: corpus → tiny model → database → "why did the model say this?".
+
+Every step is cached in the work folder (the corpus by its config, the model
+by config and corpus hash, the database by the model it was built with), so a
+second run only answers the queries.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from attribdb.demo.facts import DemoCorpusConfig, Fact, generate_corpus
+from attribdb.demo.train import CACHE_FILE, DemoModelConfig, train_model
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    corpus: DemoCorpusConfig
+    model: DemoModelConfig
+    build: dict  # DatabaseSettings fields
+    queries_per_relation: int
+
+
+FULL = DemoConfig(DemoCorpusConfig(), DemoModelConfig(),
+                  {"max_length": 128, "fit_sample_size": 512, "rank": 8, "batch_size": 8}, 1)
+QUICK = DemoConfig(DemoCorpusConfig(facts_per_relation=4, background_docs=120),
+                   DemoModelConfig(vocab_size=1024, n_layer=1, train_steps=150, batch_size=8, fact_repeats=12),
+                   {"max_length": 64, "fit_sample_size": 64, "rank": 4, "batch_size": 8, "sketch_size": 64}, 1)
+
+
+def rank_of_first_fact_document(result, fact: Fact) -> int | None:
+    """1-based rank, among distinct documents in the result, of the first one stating the fact."""
+    seen: list[str] = []
+    for hit in result.hits:
+        if hit.doc_id not in seen:
+            seen.append(hit.doc_id)
+            if hit.doc_id in fact.doc_ids:
+                return len(seen)
+    return None
+
+
+def demo_queries(facts: list[Fact], per_relation: int) -> list[Fact]:
+    chosen: dict[str, list[Fact]] = {}
+    for fact in facts:
+        bucket = chosen.setdefault(fact.relation, [])
+        if len(bucket) < per_relation:
+            bucket.append(fact)
+    return [f for bucket in chosen.values() for f in bucket]
+
+
+def run_demo(workdir: Path, quick: bool = False, quiet: bool = False) -> list[tuple[Fact, int | None]]:
+    from attribdb import api
+    from attribdb.demo.train import fact_accuracy
+
+    config = QUICK if quick else FULL
+    started = time.time()
+    workdir.mkdir(parents=True, exist_ok=True)
+    click.echo(f"1/4 corpus: writing {workdir / 'corpus'} ...", err=True)
+    corpus, facts = generate_corpus(workdir / "corpus", config.corpus)
+    click.echo(f"    {sum(1 for _ in open(corpus))} documents, {len(facts)} invented facts", err=True)
+    click.echo("2/4 model: training a tiny GPT-2 from scratch (cached after the first run) ...", err=True)
+    model_dir = train_model(corpus, workdir / "model", config.model, progress=not quiet)
+    accuracy = fact_accuracy(model_dir, facts)
+    click.echo(f"    the model completes {accuracy:.0%} of the held-out fact prompts correctly", err=True)
+    model_key = json.loads((model_dir / CACHE_FILE).read_text())["corpus_sha256"][:12]
+    db_path = workdir / f"db-{model_key}-{'quick' if quick else 'full'}"
+    click.echo(f"3/4 database: building {db_path} (resumable; cached after the first run) ...", err=True)
+    api.build(db_path, str(corpus), str(model_dir), quiet=quiet, **config.build)
+    click.echo("4/4 queries: which documents made the model say this?", err=True)
+    outcomes = []
+    with api.open(db_path) as db:
+        for fact in demo_queries(facts, config.queries_per_relation):
+            result = db.query(fact.prompt, fact.completion, k=30)
+            rank = rank_of_first_fact_document(result, fact)
+            outcomes.append((fact, rank))
+            click.echo(f"\nQ: {fact.prompt!r} → {fact.completion!r}   "
+                       f"({result.timings_ms['total']:.0f} ms; documents stating the fact: {', '.join(fact.doc_ids)})")
+            for hit in result.hits[:5]:
+                mark = "*" if hit.doc_id in fact.doc_ids else " "
+                click.echo(f"  {mark} {hit.rank:>2}. score {hit.score:>10.4g}  {hit.doc_id:<16} "
+                           f"{' '.join(hit.text.split())[:70]}")
+            click.echo(f"  rank of the first document that states the fact: {rank if rank else 'not in top 30'}")
+    click.echo(f"\ndemo finished in {time.time() - started:.0f}s. Explore: attribdb shell {db_path}   "
+               f"or: attribdb query {db_path} --prompt '...' --completion ' ...' --format html --output report.html")
+    return outcomes

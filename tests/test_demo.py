@@ -1,0 +1,44 @@
+"""The demo corpus generator is deterministic and honest; a reduced demo runs end to end."""
+
+from __future__ import annotations
+
+import json
+
+from attribdb.demo.facts import DemoCorpusConfig, generate_corpus, load_facts
+
+from dbtools import cli
+
+SMALL = DemoCorpusConfig(facts_per_relation=5, background_docs=60)
+
+
+def test_generator_is_deterministic(tmp_path):
+    first, _ = generate_corpus(tmp_path / "a", SMALL)
+    second, _ = generate_corpus(tmp_path / "b", SMALL)
+    assert first.read_bytes() == second.read_bytes()
+    assert (tmp_path / "a" / "facts.json").read_bytes() == (tmp_path / "b" / "facts.json").read_bytes()
+    other, _ = generate_corpus(tmp_path / "c", DemoCorpusConfig(seed=1, facts_per_relation=5, background_docs=60))
+    assert other.read_bytes() != first.read_bytes()
+
+
+def test_facts_are_stated_where_claimed_and_nowhere_else(tmp_path):
+    corpus, facts = generate_corpus(tmp_path, SMALL)
+    docs = {d["id"]: d for d in map(json.loads, corpus.read_text().splitlines())}
+    assert load_facts(tmp_path) == facts
+    assert len({f.value for f in facts}) == len(facts), "values must be unique"
+    for fact in facts:
+        assert len(fact.doc_ids) == SMALL.paraphrases_per_fact
+        for doc_id in fact.doc_ids:
+            assert fact.entity in docs[doc_id]["text"] and fact.value in docs[doc_id]["text"]
+        stating = {i for i, d in docs.items() if fact.entity in d["text"] and fact.value in d["text"]}
+        assert stating == set(fact.doc_ids), "only the fact's documents may contain entity and value together"
+        assert not any(fact.prompt in d["text"] for d in docs.values()), "the query phrasing must be held out"
+    kinds = {d["kind"] for d in docs.values()}
+    assert kinds == {"fact", "distractor", "background"}
+
+
+def test_reduced_demo_runs_end_to_end(tmp_path):
+    result = cli("demo", "--quick", "--quiet", "--workdir", tmp_path / "demo")
+    assert result.stdout.count("rank of the first document that states the fact") == 3
+    assert "demo finished" in result.stdout
+    again = cli("demo", "--quick", "--quiet", "--workdir", tmp_path / "demo")  # cached: same answers
+    assert again.stdout.split("demo finished")[0].count("score") == result.stdout.split("demo finished")[0].count("score")
