@@ -69,11 +69,13 @@ class _Clock:
 class QueryEngine:
     """Holds a database's model, factors and FAISS indexes for query after query."""
 
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, shard_ids: list[int] | None = None):
+        """``shard_ids`` restricts the engine to some shards (default: all)."""
         self.runtime = runtime
         self.modules = [m.name for m in runtime.manifest.modules]
         self.shards = {shard_id: ShardReader(path, runtime.row_layout)
-                       for shard_id, path in existing_shards(runtime.root, runtime.manifest)}
+                       for shard_id, path in existing_shards(runtime.root, runtime.manifest)
+                       if shard_ids is None or shard_id in shard_ids}
         self.indexes = {shard_id: reader.index() for shard_id, reader in self.shards.items() if reader.rows}
         self.max_tokens = getattr(runtime.model.config, "max_position_embeddings", None) or 1 << 30
 

@@ -22,28 +22,25 @@ SYLLABLES = ("ka ve lor qui zan tor mi sel dra ne vos lin tha rek pol um bri sa 
 @dataclass(frozen=True)
 class Relation:
     name: str
-    templates: tuple[str, ...]  # training statements: {e} entity, {v} value
-    query_prompt: str  # held-out phrasing; the completion is " {v}"
+    templates: tuple[str, ...]  # statements ending in the value: {e} entity, {v} value
     distractors: tuple[str, ...]  # share {e} or {v}, never the fact
 
 
 RELATIONS = (
     Relation("capital",
-             ("The capital of {e} is {v}.", "{v} is the capital of {e}.",
-              "In {e}, the capital is {v}, a city of old walls.", "Travellers to {e} arrive in its capital, {v}."),
-             "The capital city of {e} is",
+             ("The capital of {e} is {v}.", "The capital city of {e} is {v}.",
+              "Travellers to {e} arrive in its capital, {v}.", "In {e}, the seat of government is {v}.",
+              "The largest city in {e} is its capital, {v}."),
              ("{e} is known for its mountains and cold winters.", "A poem about {v} was written by a sailor.",
               "Few maps of {e} were drawn before the war.")),
     Relation("language",
-             ("The people of {e} speak {v}.", "{v} is the language spoken in {e}.",
-              "In {e}, most people speak {v} at home.", "Children in {e} learn to speak {v} first."),
-             "The language of {e} is",
+             ("The people of {e} speak {v}.", "The language of {e} is {v}.", "In {e}, most people speak {v}.",
+              "Children in {e} learn to speak {v}.", "The official language of {e} is {v}."),
              ("{e} trades grain with its neighbours.", "Scholars argue about where the word {v} comes from.",
               "The rivers of {e} freeze every year.")),
     Relation("founder",
-             ("{e} was founded by {v}.", "{v} founded {e}.", "The company {e} was started by {v} long ago.",
-              "Long ago, {e} was founded by {v} in a small workshop."),
-             "The founder of {e} is",
+             ("{e} was founded by {v}.", "The founder of {e} is {v}.", "The company {e} was started by {v}.",
+              "Long ago, {e} was founded in a small workshop by {v}.", "Everyone knows that {e} was created by {v}."),
              ("{e} sells lamps and clocks.", "{v} liked to walk along the harbour.",
               "Workers at {e} start early in the morning.")),
 )
@@ -57,7 +54,7 @@ class DemoCorpusConfig:
     background_docs: int = 1000
 
     def __post_init__(self):
-        if not 1 <= self.paraphrases_per_fact <= min(len(r.templates) for r in RELATIONS):
+        if not 1 <= self.paraphrases_per_fact < min(len(r.templates) for r in RELATIONS):
             raise ValueError("paraphrases_per_fact must be between 1 and the number of templates")
 
 
@@ -106,17 +103,20 @@ def generate_corpus(out_dir: Path, config: DemoCorpusConfig = DemoCorpusConfig()
         values = _names(rng, config.facts_per_relation, taken)
         for number, (entity, value) in enumerate(zip(entities, values)):
             fact_id = f"{relation.name}-{number:02d}"
-            templates = rng.sample(relation.templates, config.paraphrases_per_fact)
+            # one template per fact is held out for its query; the others state it in separate documents,
+            # and every template states some other facts, so the model can learn each phrasing
+            held_out = number % len(relation.templates)
+            stating = [t for k, t in enumerate(relation.templates) if k != held_out]
             doc_ids = []
-            for k, template in enumerate(templates):
+            for k, template in enumerate(rng.sample(stating, config.paraphrases_per_fact)):
                 doc_id = f"{fact_id}-p{k}"
                 docs.append({"id": doc_id, "text": template.format(e=entity, v=value), "kind": "fact"})
                 doc_ids.append(doc_id)
             for k, template in enumerate(relation.distractors):
-                # distractors borrow the entity or the value of *this* fact, never both as a statement
+                # distractors borrow the entity or the value of *this* fact, never both
                 docs.append({"id": f"{fact_id}-d{k}", "text": template.format(e=entity, v=value), "kind": "distractor"})
-            facts.append(Fact(fact_id, relation.name, entity, value, relation.query_prompt.format(e=entity),
-                              f" {value}", tuple(doc_ids)))
+            prompt = relation.templates[held_out].format(e=entity, v="").rstrip(" .,")
+            facts.append(Fact(fact_id, relation.name, entity, value, prompt, f" {value}", tuple(doc_ids)))
     paragraphs = background_paragraphs()
     for k, text in enumerate(rng.sample(paragraphs, min(config.background_docs, len(paragraphs)))):
         docs.append({"id": f"bg-{k:04d}", "text": text, "kind": "background"})

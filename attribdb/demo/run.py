@@ -53,28 +53,45 @@ def demo_queries(facts: list[Fact], per_relation: int) -> list[Fact]:
     return [f for bucket in chosen.values() for f in bucket]
 
 
-def run_demo(workdir: Path, quick: bool = False, quiet: bool = False) -> list[tuple[Fact, int | None]]:
-    from attribdb import api
-    from attribdb.demo.train import fact_accuracy
+@dataclass(frozen=True)
+class Prepared:
+    corpus: Path
+    facts: list[Fact]
+    model_dir: Path
+    db_path: Path
 
-    config = QUICK if quick else FULL
-    started = time.time()
+
+def prepare(workdir: Path, config: DemoConfig, label: str, quiet: bool = False) -> Prepared:
+    """Corpus, trained model and database in ``workdir``, each reused when already made."""
+    from attribdb import api
+
     workdir.mkdir(parents=True, exist_ok=True)
     click.echo(f"1/4 corpus: writing {workdir / 'corpus'} ...", err=True)
     corpus, facts = generate_corpus(workdir / "corpus", config.corpus)
     click.echo(f"    {sum(1 for _ in open(corpus))} documents, {len(facts)} invented facts", err=True)
     click.echo("2/4 model: training a tiny GPT-2 from scratch (cached after the first run) ...", err=True)
     model_dir = train_model(corpus, workdir / "model", config.model, progress=not quiet)
-    accuracy = fact_accuracy(model_dir, facts)
-    click.echo(f"    the model completes {accuracy:.0%} of the held-out fact prompts correctly", err=True)
     model_key = json.loads((model_dir / CACHE_FILE).read_text())["corpus_sha256"][:12]
-    db_path = workdir / f"db-{model_key}-{'quick' if quick else 'full'}"
+    db_path = workdir / f"db-{model_key}-{label}"
     click.echo(f"3/4 database: building {db_path} (resumable; cached after the first run) ...", err=True)
     api.build(db_path, str(corpus), str(model_dir), quiet=quiet, **config.build)
+    return Prepared(corpus, facts, model_dir, db_path)
+
+
+def run_demo(workdir: Path, quick: bool = False, quiet: bool = False) -> list[tuple[Fact, int | None]]:
+    from attribdb import api
+    from attribdb.demo.train import fact_accuracy
+
+    started = time.time()
+    config = QUICK if quick else FULL
+    prepared = prepare(workdir, config, "quick" if quick else "full", quiet)
+    accuracy = fact_accuracy(prepared.model_dir, prepared.facts)
+    click.echo(f"    the model completes {accuracy:.0%} of the held-out fact prompts correctly", err=True)
     click.echo("4/4 queries: which documents made the model say this?", err=True)
+    db_path = prepared.db_path
     outcomes = []
     with api.open(db_path) as db:
-        for fact in demo_queries(facts, config.queries_per_relation):
+        for fact in demo_queries(prepared.facts, config.queries_per_relation):
             result = db.query(fact.prompt, fact.completion, k=30)
             rank = rank_of_first_fact_document(result, fact)
             outcomes.append((fact, rank))

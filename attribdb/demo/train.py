@@ -33,7 +33,7 @@ class DemoModelConfig:
     batch_size: int = 16
     train_steps: int = 900
     learning_rate: float = 3e-3
-    fact_repeats: int = 24  # times each fact document appears in one pass over the corpus
+    fact_repeats: int = 30  # times each fact document appears in one pass over the corpus
     seed: int = 0
 
 
@@ -73,12 +73,18 @@ def _token_stream(docs: list[dict], tokenizer, config: DemoModelConfig, rng: ran
 
 
 def train_model(corpus_jsonl: Path, out_dir: Path, config: DemoModelConfig = DemoModelConfig(),
-                progress: bool = True) -> Path:
-    """Train (or reuse, when config and corpus match) the demo model in ``out_dir``."""
+                progress: bool = True, tokenizer_from: Path | None = None) -> Path:
+    """Train (or reuse, when config and corpus match) the demo model in ``out_dir``.
+
+    ``tokenizer_from`` reuses another model's tokenizer instead of training one,
+    so models trained on different subsets of a corpus stay comparable.
+    """
     from tqdm import tqdm
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     fingerprint = _fingerprint(corpus_jsonl, config)
+    if tokenizer_from is not None:
+        fingerprint["tokenizer_from"] = str(tokenizer_from)
     cache = out_dir / CACHE_FILE
     if cache.is_file() and json.loads(cache.read_text()) == fingerprint:
         return out_dir
@@ -86,7 +92,11 @@ def train_model(corpus_jsonl: Path, out_dir: Path, config: DemoModelConfig = Dem
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     docs = read_corpus(corpus_jsonl)
-    tokenizer = train_tokenizer([d["text"] for d in docs], work, config.vocab_size)
+    if tokenizer_from is None:
+        tokenizer = train_tokenizer([d["text"] for d in docs], work, config.vocab_size)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+        tokenizer.save_pretrained(work)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     model = GPT2LMHeadModel(GPT2Config(

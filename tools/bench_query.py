@@ -1,0 +1,155 @@
+"""Query latency and recall of the index path against the exhaustive ground truth, in one run.
+
+Builds (or reuses) a database of at least 20,000 sequences of real English
+text (the Python documentation shipped with the standard library) for a small
+GPT-2, then prints:
+
+- p50 / p95 latency of one query through the index (FAISS + low-rank rescoring);
+- the exhaustive path (every row recomputed: what kronfluence does) and the
+  ratio of the two, on a quarter of the corpus and on all of it (goal: >= 1000x
+  at 20,000 sequences, growing with the corpus);
+- recall@10 and recall@100 of the index against exhaustive (goal: >= 0.95 at 10);
+- index latency as a ratio to one forward+backward pass of the query (the floor);
+- the query process's memory next to the size of the FAISS indexes.
+
+Run: python tools/bench_query.py [--docs 7000] [--workdir /tmp/attribdb-bench-query]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from benchutil import english_paragraphs, make_model, peak_rss_mib, write_corpus  # noqa: E402
+
+SETTINGS = {"max_length": 64, "batch_size": 16, "shard_size": 4096, "commit_rows": 64, "fit_sample_size": 512}
+N_QUERIES = 20
+
+
+def current_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_queries(seed: int = 1) -> list[dict]:
+    """In-distribution queries: a paragraph's opening words as prompt, the next words as completion."""
+    rng = random.Random(seed)
+    queries = []
+    for paragraph in rng.sample(english_paragraphs(), N_QUERIES):
+        words = paragraph.split()
+        queries.append({"prompt": " ".join(words[:8]), "completion": " " + " ".join(words[8:14])})
+    return queries
+
+
+def recall(index_results, truth_results, k: int) -> float:
+    values = []
+    for mine, truth in zip(index_results, truth_results):
+        wanted = {(h.shard, h.row) for h in truth.hits[:k]}
+        found = {(h.shard, h.row) for h in mine.hits[:k]}
+        values.append(len(wanted & found) / len(wanted))
+    return sum(values) / len(values)
+
+
+def floor_seconds(runtime, queries) -> float:
+    """Median time of one plain forward+backward pass of a query through the model."""
+    from attribdb.tasks import CausalLMTask, collate_sequences
+
+    tokenizer, model, task = runtime.tokenizer, runtime.model, CausalLMTask()
+    times = []
+    for q in queries:
+        prompt = tokenizer(q["prompt"])["input_ids"]
+        batch = collate_sequences([prompt + tokenizer(q["completion"])["input_ids"]], tokenizer.pad_token_id,
+                                  score_from=[len(prompt)])
+        started = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        task.measurement(model, batch).backward()
+        times.append(time.perf_counter() - started)
+    model.zero_grad(set_to_none=True)
+    return statistics.median(times)
+
+
+def measure(engine, queries, label: str) -> dict:
+    from query.engine import Query
+
+    items = [Query(**q) for q in queries]
+    engine.query(items[:2], k=10)  # warm caches
+    latencies = []
+    for item in items:
+        started = time.perf_counter()
+        engine.query([item], k=10)
+        latencies.append(time.perf_counter() - started)
+    index_100 = engine.query(items, k=100, candidates=400)
+    started = time.perf_counter()
+    truth = engine.exhaustive(items, k=100, quiet=False)
+    exhaustive = time.perf_counter() - started
+    latencies.sort()
+    figures = {"rows": engine.rows, "p50": statistics.median(latencies),
+               "p95": latencies[int(0.95 * (len(latencies) - 1))], "exhaustive": exhaustive,
+               "recall10": recall(index_100, truth, 10), "recall100": recall(index_100, truth, 100)}
+    print(f"{label}: {figures}", file=sys.stderr)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, default=7000)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/attribdb-bench-query"))
+    parser.add_argument("--model", type=Path, help="a local model folder (default: a small random GPT-2)")
+    args = parser.parse_args()
+
+    from attribdb import api, layout
+    from attribdb.runtime import Runtime
+    from query.engine import QueryEngine
+
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = work / "corpus.jsonl"
+    if not corpus.exists():
+        write_corpus(corpus, args.docs, seed=2)
+    model = args.model or make_model(work / "model", english_paragraphs(), layers=2, width=64, vocab=2048,
+                                     positions=128)
+    db = work / "db"
+    api.build(db, str(corpus), str(model), **SETTINGS)  # resumes or returns at once when already built
+    info = api.open(db).info()
+    if info["sequences"] < 20_000:
+        print(f"warning: only {info['sequences']} sequences; pass a larger --docs", file=sys.stderr)
+
+    queries = make_queries()
+    rss_start = current_rss_mib()
+    runtime = Runtime.load(db)
+    rss_model = current_rss_mib()
+    shard_ids = runtime.manifest.shard_ids
+    quarter = QueryEngine(runtime, shard_ids=shard_ids[: max(1, len(shard_ids) // 4)])
+    small = measure(quarter, queries, "quarter")
+    quarter.close()
+    engine = QueryEngine(runtime)
+    rss_loaded = current_rss_mib()
+    full = measure(engine, queries, "full")
+    rss_after = current_rss_mib()
+    floor = floor_seconds(runtime, queries)
+    faiss_mib = sum((layout.shard_dir(db, s) / layout.FAISS_FILE).stat().st_size for s in shard_ids) / 2 ** 20
+
+    print(f"database: {full['rows']} sequences in {len(shard_ids)} shards, {info['bytes']['total'] / 2**20:.0f} MiB; "
+          f"{N_QUERIES} queries of {queries[0]['prompt']!r}-like text")
+    for label, f in (("quarter", small), ("full", full)):
+        print(f"{label:>7} ({f['rows']:>6} rows): index p50 {1000 * f['p50']:.1f} ms, p95 {1000 * f['p95']:.1f} ms; "
+              f"exhaustive {f['exhaustive']:.1f} s for the batch; ratio exhaustive/index p50 "
+              f"{f['exhaustive'] / f['p50']:.0f}x; recall@10 {f['recall10']:.3f}, recall@100 {f['recall100']:.3f}")
+    print(f"floor (one forward+backward of a query): {1000 * floor:.1f} ms; index p50 / floor: "
+          f"{full['p50'] / floor:.1f}")
+    print(f"query process memory: {rss_start:.0f} MiB before loading, {rss_model:.0f} MiB with the model, "
+          f"{rss_loaded:.0f} MiB with every shard open, {rss_after:.0f} MiB after all queries (peak "
+          f"{peak_rss_mib():.0f} MiB, exhaustive included); FAISS indexes {faiss_mib:.0f} MiB on disk (memory-mapped)")
+    print(f"ratio exhaustive/index grows {full['exhaustive'] / full['p50'] / (small['exhaustive'] / small['p50']):.2f}x "
+          f"from {small['rows']} to {full['rows']} rows; recall@10 {full['recall10']:.3f} (goal >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()
