@@ -15,6 +15,7 @@ candidates far more often at the same size (tools/bench_query.py).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +182,8 @@ class Sketcher:
         tensors = {f"{name}/{key}": t.contiguous() for name, s in self.per_module.items()
                    for key, t in s.tensors().items()}
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"kind": self.kind, "size": str(self.size)})
+        # one metadata key: safetensors writes several in hash order, and the file must be reproducible
+        save_file(tensors, str(tmp), metadata={"attribdb": json.dumps({"kind": self.kind, "size": self.size})})
         tmp.replace(path)
 
     @classmethod
@@ -190,7 +192,8 @@ class Sketcher:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
-            kind, size = handle.metadata()["kind"], int(handle.metadata()["size"])
+            header = json.loads(handle.metadata()["attribdb"])
+            kind, size = header["kind"], int(header["size"])
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         if kind == "countsketch":
             per_module = {m.name: CountSketch(tensors[f"{m.name}/buckets"], tensors[f"{m.name}/signs"], size)

@@ -7,7 +7,7 @@ second run only answers the queries.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +71,7 @@ def prepare(workdir: Path, config: DemoConfig, label: str, quiet: bool = False) 
     click.echo(f"    {sum(1 for _ in open(corpus))} documents, {len(facts)} invented facts", err=True)
     click.echo("2/4 model: training a tiny GPT-2 from scratch (cached after the first run) ...", err=True)
     model_dir = train_model(corpus, workdir / "model", config.model, progress=not quiet)
-    model_key = json.loads((model_dir / CACHE_FILE).read_text())["corpus_sha256"][:12]
+    model_key = hashlib.sha256((model_dir / CACHE_FILE).read_bytes()).hexdigest()[:12]  # config and corpus
     db_path = workdir / f"db-{model_key}-{label}"
     click.echo(f"3/4 database: building {db_path} (resumable; cached after the first run) ...", err=True)
     api.build(db_path, str(corpus), str(model_dir), quiet=quiet, **config.build)

@@ -2,7 +2,11 @@
 
 Fact documents are short and few, so the training stream repeats them
 (``fact_repeats``) among the background text: a tiny model must see a fact
-many times to learn it.  The database is built over the corpus as it is.
+many times to learn it.  Not too many: a model that drives its training loss
+on the fact documents to zero leaves them no gradient, and influence then
+points at whatever it still gets wrong (900 steps with 30 repeats gave 80%
+held-out accuracy and no fact document in the top 30; 600 with 16 gives 77%
+and the stating documents first).  The database is built over the corpus as it is.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ class DemoModelConfig:
     n_positions: int = 128
     seq_length: int = 128  # training window in tokens
     batch_size: int = 16
-    train_steps: int = 900
+    train_steps: int = 600
     learning_rate: float = 3e-3
-    fact_repeats: int = 30  # times each fact document appears in one pass over the corpus
+    fact_repeats: int = 16  # times each fact document appears in one pass over the corpus
     seed: int = 0
 
 
