@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from attribdb.errors import ConfigError
+from attribdb.errors import ConfigError, StoreError
 from attribdb.tracking import TrackedModule
 
 
@@ -191,14 +191,17 @@ class Sketcher:
         """The stored sketches (regenerating them would tie a database to torch's RNG forever)."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            header = json.loads(handle.metadata()["attribdb"])
-            kind, size = header["kind"], int(header["size"])
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        if kind == "countsketch":
-            per_module = {m.name: CountSketch(tensors[f"{m.name}/buckets"], tensors[f"{m.name}/signs"], size)
-                          for m in modules}
-        else:
-            per_module = {m.name: KroneckerSketch(tensors[f"{m.name}/out"], tensors[f"{m.name}/in"])
-                          for m in modules}
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = json.loads((handle.metadata() or {})["attribdb"])
+                kind, size = header["kind"], int(header["size"])
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            if kind == "countsketch":
+                per_module = {m.name: CountSketch(tensors[f"{m.name}/buckets"], tensors[f"{m.name}/signs"], size)
+                              for m in modules}
+            else:
+                per_module = {m.name: KroneckerSketch(tensors[f"{m.name}/out"], tensors[f"{m.name}/in"])
+                              for m in modules}
+        except Exception as exc:  # safetensors, JSON and missing keys all mean the same: unreadable
+            raise StoreError(f"cannot read the sketch projections {path}: {exc!r}") from exc
         return cls(kind, size, per_module)

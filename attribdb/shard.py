@@ -192,6 +192,52 @@ class ShardWriter:
         _close_env(self.env)
 
 
+class RowChunkFiles:
+    """Random row reads of a one-row-per-chunk array straight from its chunk files.
+
+    zarr-python spends about a millisecond of event-loop overhead per chunk, which
+    made reading a query's few hundred candidates cost most of its latency; the
+    layout is fixed by the Zarr v3 spec (``c/<row>/0`` keys; bytes → zstd →
+    crc32c codecs), so reading it directly, checksum included, is ten times faster.
+    Any other layout falls back to zarr.
+    """
+
+    CODECS = ["bytes", "zstd", "crc32c"]
+
+    def __init__(self, array_dir: Path, metadata: dict):
+        self.dir = array_dir
+        self.dtype = np.dtype(metadata["data_type"]).newbyteorder("<")
+        self.row_shape = tuple(metadata["shape"][1:])
+
+    @classmethod
+    def open(cls, array_dir: Path) -> "RowChunkFiles | None":
+        metadata = json.loads((array_dir / "zarr.json").read_text())
+        chunks = metadata["chunk_grid"]["configuration"]["chunk_shape"]
+        usable = (chunks[0] == 1 and list(chunks[1:]) == metadata["shape"][1:]
+                  and [c["name"] for c in metadata["codecs"]] == cls.CODECS
+                  and metadata["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
+                  and metadata["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}})
+        return cls(array_dir, metadata) if usable else None
+
+    def read(self, rows) -> np.ndarray:
+        import google_crc32c
+        from numcodecs import Zstd
+
+        zstd = Zstd()
+        out = np.empty((len(rows),) + self.row_shape, dtype=self.dtype)
+        for i, row in enumerate(rows):
+            path = self.dir / "c" / str(int(row)) / "0"
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                raise StoreError(f"{path} is missing: the shard is damaged (run attribdb verify)") from None
+            body = raw[:-4]
+            if google_crc32c.value(body).to_bytes(4, "little") != raw[-4:]:
+                raise StoreError(f"{path}: checksum mismatch, the chunk is corrupted (run attribdb verify)")
+            out[i] = np.frombuffer(zstd.decode(body), dtype=self.dtype).reshape(self.row_shape)
+        return out
+
+
 class ShardReader:
     """Read-only view of a shard: only committed rows are visible."""
 
@@ -208,6 +254,8 @@ class ShardReader:
         with self.env.begin(db=self.dbs[layout.INFO_DB]) as txn:
             self.rows = int(txn.get(b"committed") or 0)
             self.sealed = txn.get(b"sealed") is not None
+        self._row_files: dict[str, RowChunkFiles | None] = {}
+        self._whole: dict[str, np.ndarray] = {}
         try:
             self.group = zarr.open_group(str(self.path / layout.GRADS_ZARR), mode="r")
         except Exception as exc:
@@ -218,7 +266,18 @@ class ShardReader:
         array = self.group[name]
         if rows is None:
             return array[: self.rows]
+        if name not in self._row_files:
+            self._row_files[name] = RowChunkFiles.open(self.path / layout.GRADS_ZARR / name)
+        if self._row_files[name] is not None:
+            return self._row_files[name].read(rows)
         return array.get_orthogonal_selection((np.asarray(rows, dtype=np.int64),) + (slice(None),) * (array.ndim - 1))
+
+    def whole(self, name: str) -> np.ndarray:
+        """A small per-row array (σ, self-influence) read once and kept: a few bytes per row, where
+        reading scattered rows through zarr would cost a millisecond per chunk on every query."""
+        if name not in self._whole:
+            self._whole[name] = self.read(name)
+        return self._whole[name]
 
     def metadata(self, rows) -> list[dict]:
         with self.env.begin(db=self.dbs[layout.ROWS_DB]) as txn:

@@ -159,14 +159,14 @@ class QueryEngine:
         for shard_id, row_set in sorted(by_shard.items()):
             reader = self.shards[shard_id]
             wanted = np.array(sorted(row_set), dtype=np.int64)
-            packed = torch.from_numpy(reader.read(layout.LOWRANK, wanted))
-            sigma = torch.from_numpy(reader.read(layout.SIGMA, wanted))
+            packed = torch.from_numpy(reader.read(layout.LOWRANK, wanted)).float()  # one conversion, not per module
+            sigma = torch.from_numpy(reader.whole(layout.SIGMA)[wanted])
             columns = []
             for j, name in enumerate(self.modules):
                 u, v = row_layout.unpack(packed, name)
                 columns.append(low_rank_scores(pre[name], u, v, sigma[:, j])[0])
             module_parts.append(torch.stack(columns, dim=1).double().cpu().numpy())
-            self_parts.append(reader.read(layout.SELF_INFLUENCE, wanted))
+            self_parts.append(reader.whole(layout.SELF_INFLUENCE)[wanted])
             shards.append(np.full(len(wanted), shard_id))
             rows.append(wanted)
         if not rows:
@@ -195,20 +195,23 @@ class QueryEngine:
 
     # ---- exact mode ------------------------------------------------------
 
-    def exact(self, queries: list[Query], k: int = 10, candidates: int = DEFAULT_CANDIDATES) -> list[QueryResult]:
-        """Index answers whose top rows are recomputed in full, with per-token contributions."""
-        results = self.query(queries, k=k, candidates=candidates)
+    def exact(self, queries: list[Query], k: int = 10, candidates: int = DEFAULT_CANDIDATES,
+              refine: int | None = None) -> list[QueryResult]:
+        """Index answers refined without compression: the best ``refine`` rows (default 3k) by
+        low-rank score are recomputed in full from their tokens, re-ranked by their exact
+        score, and split into per-token contributions."""
+        refine = max(k, refine or 3 * k)
+        results = self.query(queries, k=refine, candidates=max(candidates, refine))
         computer = self.runtime.computer
         for query, result in zip(queries, results):
             started = time.perf_counter()
-            batch = self._query_batch([query])
-            inverse_hvp = {name: r[0] for name, r in computer.query_inverse_hvp(batch).items()}
+            inverse_hvp = {name: r[0] for name, r in computer.query_inverse_hvp(self._query_batch([query])).items()}
+            self._recompute(result.hits + result.opponents, inverse_hvp)
+            result.hits = sorted(result.hits, key=lambda h: -h.exact_score)[:k]
+            result.opponents = [h for h in sorted(result.opponents, key=lambda h: h.exact_score) if h.exact_score < 0][:k]
             for hits in (result.hits, result.opponents):
-                self._recompute(hits, inverse_hvp)
-            result.hits.sort(key=lambda h: -h.exact_score)
-            result.opponents.sort(key=lambda h: h.exact_score)
-            for rank, hit in enumerate(result.hits + result.opponents):
-                hit.rank = rank + 1 if rank < len(result.hits) else rank - len(result.hits) + 1
+                for rank, hit in enumerate(hits, start=1):
+                    hit.rank = rank
             result.mode = "exact"
             result.timings_ms["exact"] = 1000 * (time.perf_counter() - started)
             result.timings_ms["total"] += result.timings_ms["exact"]
