@@ -18,7 +18,7 @@ from pathlib import Path
 
 from attribdb import layout
 from attribdb.errors import ConfigError
-from attribdb.manifest import Generation, Manifest, exists
+from attribdb.manifest import Generation, Manifest
 from attribdb.progress import progress_bar, say
 from attribdb.runtime import Runtime
 from attribdb.settings import DatabaseSettings

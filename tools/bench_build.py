@@ -46,7 +46,6 @@ def run_worker(command: str, db: Path, corpus: Path, model: Path) -> dict:
 
 def forward_backward_rate(model_dir: Path, corpus: Path, n_sequences: int) -> float:
     """Sequences/s of loss.backward() on the first sequences of the corpus: the floor of any gradient method."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from attribdb.settings import DatabaseSettings
