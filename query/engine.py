@@ -123,8 +123,7 @@ class QueryEngine:
         sketches = self.runtime.sketcher.sketch(pre).cpu().numpy()
         self_q = self_influence(pre).cpu().numpy()
         clock.lap("gradient")
-        top = self._candidates(sketches, candidates)
-        bottom = self._candidates(-sketches, candidates) if opponents else [[] for _ in queries]
+        top, bottom = self._candidates(sketches, candidates, opponents)
         clock.lap("search")
         results = []
         for i, query in enumerate(queries):
@@ -140,41 +139,46 @@ class QueryEngine:
             result.timings_ms = {name: value / len(results) for name, value in clock.total().items()}
         return results
 
-    def _candidates(self, sketches: np.ndarray, candidates: int) -> list[list[tuple[float, int, int]]]:
-        """Per query, the best ``candidates`` (sketch score, shard, row) over every shard."""
-        merged = [[] for _ in range(len(sketches))]
+    def _candidates(self, sketches: np.ndarray, candidates: int, opponents: bool) -> tuple[list, list]:
+        """Per query, the best ``candidates`` (sketch score, shard, row) over every shard, and with
+        ``opponents`` the most negative ones too: both ends come from one scan of each index."""
+        n = len(sketches)
+        both = np.concatenate([sketches, -sketches]) if opponents else sketches
+        merged = [[] for _ in range(len(both))]
         for shard_id, index in self.indexes.items():
-            scores, ids = search(index, sketches, candidates)
-            for i in range(len(sketches)):
+            scores, ids = search(index, both, candidates)
+            for i in range(len(both)):
                 merged[i] += [(float(s), shard_id, int(r)) for s, r in zip(scores[i], ids[i]) if r >= 0]
-        return [sorted(found, reverse=True)[:candidates] for found in merged]
+        best = [sorted(found, reverse=True)[:candidates] for found in merged]
+        return best[:n], (best[n:] if opponents else [[] for _ in range(n)])
 
     def _rescore(self, pre: Preconditioned, candidates: list[tuple[float, int, int]]) -> _Scored:
-        """Exact scores of candidate rows against their stored low-rank factors."""
+        """Exact scores of candidate rows against their stored low-rank factors: rows are read
+        shard by shard, then scored together, one GEMM per module."""
         by_shard: dict[int, set[int]] = {}
         for _, shard_id, row in candidates:
             by_shard.setdefault(shard_id, set()).add(row)
-        shards, rows, module_parts, self_parts = [], [], [], []
-        row_layout = self.runtime.row_layout
+        shards, rows, packed, sigma, self_m = [], [], [], [], []
         for shard_id, row_set in sorted(by_shard.items()):
             reader = self.shards[shard_id]
             wanted = np.array(sorted(row_set), dtype=np.int64)
-            packed = torch.from_numpy(reader.read(layout.LOWRANK, wanted)).float()  # one conversion, not per module
-            sigma = torch.from_numpy(reader.whole(layout.SIGMA)[wanted])
-            columns = []
-            for j, name in enumerate(self.modules):
-                u, v = row_layout.unpack(packed, name)
-                columns.append(low_rank_scores(pre[name], u, v, sigma[:, j])[0])
-            module_parts.append(torch.stack(columns, dim=1).double().cpu().numpy())
-            self_parts.append(reader.whole(layout.SELF_INFLUENCE)[wanted])
+            packed.append(reader.read(layout.LOWRANK, wanted))
+            sigma.append(reader.whole(layout.SIGMA)[wanted])
+            self_m.append(reader.whole(layout.SELF_INFLUENCE)[wanted])
             shards.append(np.full(len(wanted), shard_id))
             rows.append(wanted)
         if not rows:
             return _Scored(*(np.zeros(0, dtype=t) for t in (np.int64, np.int64, np.float64)),
                            np.zeros((0, len(self.modules))), np.zeros(0))
-        module_scores = np.concatenate(module_parts)
+        packed_rows = torch.from_numpy(np.concatenate(packed)).float()  # one conversion, not per module
+        sigmas = torch.from_numpy(np.concatenate(sigma))
+        columns = []
+        for j, name in enumerate(self.modules):
+            u, v = self.runtime.row_layout.unpack(packed_rows, name)
+            columns.append(low_rank_scores(pre[name], u, v, sigmas[:, j])[0])
+        module_scores = torch.stack(columns, dim=1).double().cpu().numpy()
         return _Scored(np.concatenate(shards), np.concatenate(rows), module_scores.sum(1), module_scores,
-                       np.concatenate(self_parts))
+                       np.concatenate(self_m))
 
     def _hits(self, scored: _Scored, order: np.ndarray, self_q: float) -> list[Hit]:
         hits = []

@@ -161,3 +161,28 @@ def test_low_rank_factors_reproduce_scores_within_kept_energy(reference_db):
         fp16 = 2e-3 * norms  # float16 U and V: relative rounding of about 1e-3
         assert torch.all((approx - true).abs() <= bound + fp16), m.name
     reader.close()
+
+
+@pytest.mark.parametrize("compressors", [["crc32c"], ["zstd", "crc32c"]])
+def test_direct_row_reads_equal_zarr_reads(tmp_path, compressors):
+    """The query path reads one-row chunks itself, bypassing zarr: it must decode exactly what
+    zarr wrote, compressed or not, and reject a chunk whose checksum fails."""
+    import zarr
+
+    from attribdb.errors import StoreError
+    from attribdb.shard import RowChunkFiles
+
+    codecs = {"crc32c": zarr.codecs.Crc32cCodec(), "zstd": zarr.codecs.ZstdCodec(level=1)}
+    data = np.random.default_rng(0).standard_normal((9, 40)).astype(np.float16)
+    array = zarr.create_array(str(tmp_path / "a"), shape=data.shape, chunks=(1, 40), dtype="float16",
+                              compressors=[codecs[c] for c in compressors], fill_value=0)
+    array[:] = data
+    files = RowChunkFiles.open(tmp_path / "a")
+    rows = np.array([7, 0, 3, 3])
+    assert files is not None and np.array_equal(files.read(rows), data[rows])
+    chunk = tmp_path / "a" / "c" / "3" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[5] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="checksum"):
+        files.read(rows)

@@ -58,6 +58,12 @@ def recall(index_results, truth_results, k: int) -> float:
     return sum(values) / len(values)
 
 
+def distinct_sequences(engine) -> int:
+    """Identical rows tie in every ranking; the corpus should have few of them for recall to mean anything."""
+    return len({tuple(m["token_ids"]) for reader in engine.shards.values()
+                for m in reader.metadata(range(reader.rows))})
+
+
 def floor_seconds(runtime, queries) -> float:
     """Median time of one plain forward+backward pass of a query through the model."""
     from attribdb.tasks import CausalLMTask, collate_sequences
@@ -143,7 +149,8 @@ def main() -> None:
     floor = floor_seconds(runtime, queries)
     faiss_mib = sum((layout.shard_dir(db, s) / layout.FAISS_FILE).stat().st_size for s in shard_ids) / 2 ** 20
 
-    print(f"database: {full['rows']} sequences in {len(shard_ids)} shards, {info['bytes']['total'] / 2**20:.0f} MiB; "
+    print(f"database: {full['rows']} sequences ({distinct_sequences(engine)} distinct) in {len(shard_ids)} shards, "
+          f"{info['bytes']['total'] / 2**20:.0f} MiB; "
           f"{N_QUERIES} queries of {queries[0]['prompt']!r}-like text")
     for label, f in (("quarter", small), ("full", full)):
         print(f"{label:>7} ({f['rows']:>6} rows): index p50 {1000 * f['p50']:.1f} ms, p95 {1000 * f['p95']:.1f} ms; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import resource
 from pathlib import Path
 
@@ -44,13 +45,22 @@ def english_paragraphs() -> list[str]:
     return paragraphs
 
 
+def english_sentences() -> list[str]:
+    return [s for p in english_paragraphs() for s in re.split(r"(?<=[.!?])\s+", p) if len(s.split()) >= 4]
+
+
 def write_corpus(path: Path, n_docs: int, seed: int = 0) -> Path:
-    """``n_docs`` documents of 1–3 English paragraphs each, deterministic."""
+    """``n_docs`` documents of 3–12 English sentences drawn at random, deterministic.
+
+    Sentences, not whole paragraphs: the stdlib's 1,100 paragraphs would repeat
+    whole sequences many times over in a corpus of 20,000, and identical rows tie
+    in every ranking, which makes recall against the exhaustive answer meaningless.
+    """
     rng = random.Random(seed)
-    paragraphs = english_paragraphs()
+    sentences = english_sentences()
     with open(path, "w") as handle:
         for i in range(n_docs):
-            text = " ".join(rng.choice(paragraphs) for _ in range(rng.randint(1, 3)))
+            text = " ".join(rng.choice(sentences) for _ in range(rng.randint(3, 12)))
             handle.write(json.dumps({"id": f"d{i}", "text": text}) + "\n")
     return path
 
