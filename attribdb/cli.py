@@ -163,6 +163,10 @@ def info(db, as_json):
     if energies:
         click.echo(f"energy     rank {data['settings']['rank']} keeps {min(energies):.3f}–{max(energies):.3f} "
                    f"of ‖Ĝ‖² per module (mean {sum(energies) / len(energies):.3f})")
+    if data["energy_kept_with_tail"]:
+        with_tail = list(data["energy_kept_with_tail"].values())
+        click.echo(f"           with the tail (rank {data['settings']['rank'] + data['settings']['tail_rank']}): "
+                   f"{min(with_tail):.3f}–{max(with_tail):.3f} (mean {sum(with_tail) / len(with_tail):.3f})")
     for g in data["generations"]:
         click.echo(f"corpus     {g['corpus']}: {g['sequences']} sequences, {g['malformed']} malformed, {g['state']}")
     settings = data["settings"]
@@ -208,14 +212,19 @@ def _load_queries(prompt, completion, queries_file) -> list[dict]:
               help="JSONL file of {\"prompt\", \"completion\"} objects")
 @click.option("-k", "--top", "k", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--candidates", type=click.IntRange(min=1), default=None,
-              help="rows FAISS hands to exact rescoring [default: max(256, 4k)]")
+              help="rows FAISS hands to exact rescoring [default: max(128, 4k)]")
+@click.option("--rerank", type=click.IntRange(min=0), default=None,
+              help="best rows re-scored with the tail triplets, on a database built with --tail-rank [default: 3k]")
+@click.option("--rank-by", type=click.Choice(["score", "normalized"]), default="score", show_default=True,
+              help="score: the influence itself (the paper's ranking); normalized: its cosine form, which does not "
+                   "favour rows with large gradients")
 @click.option("--mode", type=click.Choice(["index", "exact", "exhaustive"]), default="index", show_default=True,
               help="index: FAISS + low-rank rescoring; exact: also recompute the top rows in full with per-token "
                    "contributions; exhaustive: every row on the fly (slow ground truth)")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "html"]), default="table", show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), help="write to this file instead of stdout")
 @device_option
-def query(db, prompt, completion, queries_file, k, candidates, mode, fmt, output, device):
+def query(db, prompt, completion, queries_file, k, candidates, rerank, rank_by, mode, fmt, output, device):
     """Which training sequences most influenced COMPLETION after PROMPT?"""
     from attribdb import api
     from query.formats import render
@@ -223,11 +232,11 @@ def query(db, prompt, completion, queries_file, k, candidates, mode, fmt, output
     items = _load_queries(prompt, completion, queries_file)
     with api.open(db, device=device) as database:
         if mode == "exhaustive":
-            results = database.exhaustive(items, k=k, quiet=False)
+            results = database.exhaustive(items, k=k, quiet=False, rank_by=rank_by)
         elif mode == "exact":
-            results = database.exact_batch(items, k=k, candidates=candidates)
+            results = database.exact_batch(items, k=k, candidates=candidates, rank_by=rank_by)
         else:
-            results = database.query_batch(items, k=k, candidates=candidates)
+            results = database.query_batch(items, k=k, candidates=candidates, rerank=rerank, rank_by=rank_by)
         text = render(results, fmt)
     if output:
         Path(output).write_text(text + "\n")

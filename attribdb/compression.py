@@ -34,6 +34,16 @@ class LowRank:
     v: torch.Tensor  # (B, r, d_in), unit-norm rows
     sigma: torch.Tensor  # (B, r), descending
     energy: torch.Tensor  # (B,), fraction of the squared Frobenius norm kept
+    total: torch.Tensor  # (B,) float64, the squared Frobenius norm
+
+    def split(self, rank: int) -> tuple["LowRank", "LowRank"]:
+        """The first ``rank`` triplets and the rest, each with the energy it keeps on its own."""
+        def part(sl: slice) -> LowRank:
+            kept = (self.sigma[:, sl].double() ** 2).sum(-1)
+            energy = torch.where(self.total > 0, kept / self.total.clamp_min(1e-300), torch.ones_like(self.total))
+            return LowRank(self.u[:, sl], self.v[:, sl], self.sigma[:, sl], energy.clamp(max=1.0).float(), self.total)
+
+        return part(slice(None, rank)), part(slice(rank, None))
 
 
 OVERSAMPLE = 8  # extra directions in the randomized range finder
@@ -80,7 +90,8 @@ def low_rank(matrices: torch.Tensor, rank: int) -> LowRank:
     total = matrices.pow(2).sum((-1, -2)).double()
     kept_energy = (sigma.double() ** 2).sum(-1)
     energy = torch.where(total > 0, kept_energy / total.clamp_min(1e-300), torch.ones_like(total)).clamp(max=1.0)
-    return LowRank(u=u.to(torch.float16), v=v.to(torch.float16), sigma=sigma.float(), energy=energy.float())
+    return LowRank(u=u.to(torch.float16), v=v.to(torch.float16), sigma=sigma.float(), energy=energy.float(),
+                   total=total)
 
 
 def low_rank_scores(query: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

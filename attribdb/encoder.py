@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from attribdb.compression import Sketcher, low_rank
+from attribdb.compression import LowRank, Sketcher, low_rank
 from attribdb.influence import InfluenceComputer, Preconditioned, self_influence
 from attribdb.shard import RowBlock, RowLayout
 from attribdb.tasks import collate_sequences
@@ -36,17 +36,25 @@ class RowEncoder:
 
     def _encode_batch(self, token_ids) -> dict[str, np.ndarray]:
         pre = self.preconditioned(token_ids)
-        lowrank_parts, sigmas, energies = [], [], []
+        heads, tails = [], []
         for m in self.layout.modules:
-            factors = low_rank(pre[m.name], self.layout.rank)
-            n = factors.u.shape[0]
-            lowrank_parts += [factors.u.reshape(n, -1), factors.v.reshape(n, -1)]
-            sigmas.append(factors.sigma)
-            energies.append(factors.energy)
-        return {
-            "lowrank": torch.cat(lowrank_parts, dim=1).cpu().numpy(),
-            "sigma": torch.stack(sigmas, dim=1).cpu().numpy(),
-            "energy": torch.stack(energies, dim=1).cpu().numpy(),
+            head, tail = low_rank(pre[m.name], self.layout.rank + self.layout.tail_rank).split(self.layout.rank)
+            heads.append(head)
+            tails.append(tail)
+        rows = {
+            "lowrank": _packed(heads),
+            "sigma": torch.stack([h.sigma for h in heads], dim=1).cpu().numpy(),
+            "energy": torch.stack([h.energy for h in heads], dim=1).cpu().numpy(),
             "sketch": self.sketcher.sketch(pre).cpu().numpy(),
             "self_influence": self_influence(pre).float().cpu().numpy(),
         }
+        if self.layout.tail_rank:
+            rows["tail"] = _packed(tails)
+            rows["tail_sigma"] = torch.stack([t.sigma for t in tails], dim=1).cpu().numpy()
+        return rows
+
+
+def _packed(factors: list[LowRank]) -> np.ndarray:
+    """Rows of U then V per module, in module order: the RowLayout packing."""
+    n = factors[0].u.shape[0]
+    return torch.cat([part.reshape(n, -1) for f in factors for part in (f.u, f.v)], dim=1).cpu().numpy()

@@ -19,9 +19,6 @@ from attribdb.factors import Factors
 from attribdb.manifest import Manifest
 from attribdb.shard import ShardReader
 
-ARRAYS = (layout.LOWRANK, layout.SIGMA, layout.ENERGY, layout.SKETCH, layout.SELF_INFLUENCE)
-
-
 def _size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -38,7 +35,7 @@ def database_info(root: str | Path) -> dict:
     root = Path(root)
     manifest = Manifest.load(root)
     sizes = {"factors": _size(root / layout.FACTORS_DIR), "zarr": 0, "lmdb": 0, "faiss": 0}
-    rows, energy_sums = 0, np.zeros(len(manifest.modules))
+    rows, energy_sums, tail_energy_sums = 0, np.zeros(len(manifest.modules)), np.zeros(len(manifest.modules))
     for _, path in existing_shards(root, manifest):
         sizes["zarr"] += _size(path / layout.GRADS_ZARR)
         sizes["lmdb"] += _size(path / layout.META_LMDB)
@@ -47,7 +44,10 @@ def database_info(root: str | Path) -> dict:
         try:
             rows += reader.rows
             if reader.rows:
-                energy_sums += reader.read(layout.ENERGY).astype(np.float64).sum(0)
+                energy = reader.read(layout.ENERGY).astype(np.float64)
+                energy_sums += energy.sum(0)
+                if manifest.settings.tail_rank:
+                    tail_energy_sums += _energy_with_tail(reader, energy).sum(0)
         finally:
             reader.close()
     dense_bytes = 4 * sum(m.d_in * m.d_out for m in manifest.modules)
@@ -64,8 +64,18 @@ def database_info(root: str | Path) -> dict:
         "dense_float32_bytes_per_sequence": dense_bytes,
         "energy_kept": {m.name: float(energy_sums[i] / rows) if rows else None
                         for i, m in enumerate(manifest.modules)},
+        "energy_kept_with_tail": {m.name: float(tail_energy_sums[i] / rows)
+                                  for i, m in enumerate(manifest.modules)} if rows and manifest.settings.tail_rank else None,
         "settings": manifest.settings.to_dict(),
     }
+
+
+def _energy_with_tail(reader: ShardReader, energy: np.ndarray) -> np.ndarray:
+    """(rows, modules) energy of head and tail together: the head's, scaled by the σ² the tail adds."""
+    head = (reader.read(layout.SIGMA).astype(np.float64) ** 2).sum(-1)
+    tail = (reader.read(layout.TAIL_SIGMA).astype(np.float64) ** 2).sum(-1)
+    scale = np.divide(head + tail, head, out=np.ones_like(head), where=head > 0)
+    return np.minimum(energy * scale, 1.0)
 
 
 @dataclass
@@ -104,7 +114,7 @@ def _verify_shard(root: Path, manifest: Manifest, shard_id: int, complete: bool)
         name = f"shard {shard_id:05d}"
         if complete and not reader.sealed:
             raise StoreError(f"{name} is not sealed although its build completed")
-        for array_name in ARRAYS:
+        for array_name in layout.row_arrays(manifest.settings.tail_rank):
             data = _read_checked(reader, array_name, name)
             if len(data) != reader.rows:
                 raise StoreError(f"{name}: {array_name} has {len(data)} rows, LMDB committed {reader.rows}")

@@ -27,8 +27,18 @@ FAISS_FILE = "sketch.faiss"
 LOWRANK = "lowrank"  # (rows, P) float16: per module U (r × d_out) then V (r × d_in), flattened
 SIGMA = "sigma"  # (rows, modules, r) float32
 ENERGY = "energy"  # (rows, modules) float32: fraction of ‖Ĝ‖² the rank kept
+TAIL = "tail"  # (rows, P_tail) float16: singular triplets rank+1 .. rank+tail_rank, packed like LOWRANK
+TAIL_SIGMA = "tail_sigma"  # (rows, modules, tail_rank) float32
 SKETCH = "sketch"  # (rows, sketch_dim) float32
 SELF_INFLUENCE = "self_influence"  # (rows,) float32
+
+
+
+def row_arrays(tail_rank: int) -> tuple[str, ...]:
+    """The arrays every row has a value in."""
+    tail = (TAIL, TAIL_SIGMA) if tail_rank else ()
+    return (LOWRANK, SIGMA, ENERGY, SKETCH, SELF_INFLUENCE) + tail
+
 
 # named databases inside meta.lmdb
 ROWS_DB = b"rows"  # row (8-byte big-endian) -> JSON metadata

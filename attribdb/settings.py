@@ -37,6 +37,8 @@ class DatabaseSettings:
     fit_sample_size: int = setting(512, "sequences sampled from the corpus to fit the factors")
     fit_seed: int = setting(0, "seeds the fitting sample and the label sampling")
     rank: int = setting(8, "low-rank factors kept per module and sequence")
+    tail_rank: int = setting(0, "further singular triplets per module, stored apart and read only to re-rank a "
+                                "query's best candidates: closer to exhaustive rankings for more disk and build time")
     sketch_kind: str = setting("countsketch", "countsketch | kronecker: the random map FAISS indexes")
     sketch_size: int = setting(256, "sketch numbers per module (a square for kronecker)")
     sketch_seed: int = setting(0, "seeds the sketch projections")
@@ -51,6 +53,8 @@ class DatabaseSettings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
+        if self.tail_rank < 0:
+            raise ConfigError(f"tail-rank must be 0 or more, not {self.tail_rank}")
         if self.stride is not None and not 0 < self.stride <= self.max_length:
             raise ConfigError(f"stride must be between 1 and max-length ({self.max_length}), not {self.stride}")
         if self.sketch_kind not in SKETCH_KINDS:

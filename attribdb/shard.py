@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -35,6 +35,12 @@ class RowLayout:
     modules: tuple[TrackedModule, ...]
     rank: int
     sketch_dim: int
+    tail_rank: int = 0
+
+    @property
+    def tail(self) -> "RowLayout":
+        """How the tail triplets are packed: like the head, at the tail's rank."""
+        return replace(self, rank=self.tail_rank, tail_rank=0)
 
     @cached_property
     def offsets(self) -> dict[str, tuple[int, int, int]]:
@@ -70,6 +76,8 @@ class RowBlock:
     sketch: np.ndarray  # (N, sketch_dim) float32
     self_influence: np.ndarray  # (N,) float32
     metadata: list[dict]  # per row: doc_id, source, token_span, char_span, text, token_ids
+    tail: np.ndarray | None = None  # (N, tail width) float16, when the layout has a tail
+    tail_sigma: np.ndarray | None = None  # (N, modules, tail_rank) float32
 
     def __len__(self) -> int:
         return len(self.metadata)
@@ -137,9 +145,13 @@ class ShardWriter:
             layout.SKETCH: ((cap, self.layout.sketch_dim), (unit, self.layout.sketch_dim), "float32"),
             layout.SELF_INFLUENCE: ((cap,), (unit,), "float32"),
         }
+        if self.layout.tail_rank:
+            specs[layout.TAIL] = ((cap, self.layout.tail.width), (1, self.layout.tail.width), "float16")
+            specs[layout.TAIL_SIGMA] = ((cap, n_modules, self.layout.tail_rank), (unit, n_modules, self.layout.tail_rank),
+                                        "float32")
         for name, (shape, chunks, dtype) in specs.items():
-            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=_codecs(name != layout.LOWRANK),
-                               fill_value=0)
+            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype,
+                               compressors=_codecs(name not in (layout.LOWRANK, layout.TAIL)), fill_value=0)
 
     def _info(self, key: bytes) -> bytes | None:
         with self.env.begin(db=self.dbs[layout.INFO_DB]) as txn:
@@ -160,7 +172,7 @@ class ShardWriter:
         if start + n > self.capacity:
             raise StoreError(f"shard {self.path} is full ({self.capacity} rows)")
         rows = slice(start, start + n)
-        for name in (layout.LOWRANK, layout.SIGMA, layout.ENERGY, layout.SKETCH, layout.SELF_INFLUENCE):
+        for name in layout.row_arrays(self.layout.tail_rank):
             self.group[name][rows] = getattr(block, name)
         with self.env.begin(write=True) as txn:
             docs = {}

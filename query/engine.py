@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -32,7 +33,27 @@ from attribdb.shard import ShardReader
 from attribdb.tasks import collate_sequences
 from query.results import Hit, QueryResult
 
-DEFAULT_CANDIDATES = 256
+DEFAULT_CANDIDATES = 128  # per end; recall@10 was the same from 96 to 256 (tools/bench_query.py)
+
+
+RANK_BY = ("score", "normalized")
+
+
+def normalized(scores, self_q: float, self_m):
+    """score / sqrt(self-influence of query × of row): the cosine of the two preconditioned
+    gradients.  Raw scores favour rows with large gradients; this ranks by direction alone
+    (on the demo's facts it found the stating documents more often, tools/eval_facts.py)."""
+    denominator = np.sqrt(np.maximum(self_q * np.asarray(self_m, dtype=np.float64), 0.0))
+    return np.divide(scores, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+
+
+def _check_rank_by(rank_by: str) -> None:
+    if rank_by not in RANK_BY:
+        raise QueryError(f"rank-by must be one of {', '.join(RANK_BY)}, not {rank_by!r}")
+
+
+def _exact_key(hit: Hit, self_q: float, rank_by: str) -> float:
+    return hit.exact_score if rank_by == "score" else float(normalized(hit.exact_score, self_q, hit.self_influence))
 
 
 @dataclass(frozen=True)
@@ -113,11 +134,15 @@ class QueryEngine:
     # ---- index mode ------------------------------------------------------
 
     def query(self, queries: list[Query], k: int = 10, candidates: int = DEFAULT_CANDIDATES,
-              opponents: bool = True) -> list[QueryResult]:
+              opponents: bool = True, rerank: int | None = None, rank_by: str = "score") -> list[QueryResult]:
+        """``rerank`` best (and worst) rows by their head score get their tail triplets added, where
+        the database stores a tail (default 3k); ``rank_by`` orders the rescored candidates."""
         if not queries:
             return []
         if k <= 0 or candidates < k:
             raise QueryError(f"need 0 < k <= candidates, got k={k}, candidates={candidates}")
+        _check_rank_by(rank_by)
+        rerank = 3 * k if rerank is None else rerank
         clock = _Clock()
         pre = self.preconditioned(queries)
         sketches = self.runtime.sketcher.sketch(pre).cpu().numpy()
@@ -127,11 +152,12 @@ class QueryEngine:
         clock.lap("search")
         results = []
         for i, query in enumerate(queries):
-            scored = self._rescore({name: g[i:i + 1] for name, g in pre.items()}, top[i] + bottom[i])
+            query_pre = {name: g[i:i + 1] for name, g in pre.items()}
+            scored = self._rescore(query_pre, top[i] + bottom[i])
             clock.lap("rescore")
-            hits = self._hits(scored, np.argsort(-scored.scores, kind="stable")[:k], self_q[i])
-            worst = self._hits(scored, np.argsort(scored.scores, kind="stable")[:k], self_q[i]) if opponents else []
-            worst = [h for h in worst if h.score < 0]
+            self._add_tail(query_pre, scored, rerank, opponents)
+            clock.lap("rerank")
+            hits, worst = self._ends(scored, self_q[i], k, rank_by, opponents)
             clock.lap("metadata")
             results.append(QueryResult(query.prompt, query.completion, "index", hits, worst, float(self_q[i]),
                                        len(scored.rows), {}))
@@ -153,32 +179,55 @@ class QueryEngine:
         return best[:n], (best[n:] if opponents else [[] for _ in range(n)])
 
     def _rescore(self, pre: Preconditioned, candidates: list[tuple[float, int, int]]) -> _Scored:
-        """Exact scores of candidate rows against their stored low-rank factors: rows are read
-        shard by shard, then scored together, one GEMM per module."""
-        by_shard: dict[int, set[int]] = {}
-        for _, shard_id, row in candidates:
-            by_shard.setdefault(shard_id, set()).add(row)
-        shards, rows, packed, sigma, self_m = [], [], [], [], []
-        for shard_id, row_set in sorted(by_shard.items()):
-            reader = self.shards[shard_id]
-            wanted = np.array(sorted(row_set), dtype=np.int64)
-            packed.append(reader.read(layout.LOWRANK, wanted))
-            sigma.append(reader.whole(layout.SIGMA)[wanted])
-            self_m.append(reader.whole(layout.SELF_INFLUENCE)[wanted])
-            shards.append(np.full(len(wanted), shard_id))
-            rows.append(wanted)
-        if not rows:
-            return _Scored(*(np.zeros(0, dtype=t) for t in (np.int64, np.int64, np.float64)),
-                           np.zeros((0, len(self.modules))), np.zeros(0))
+        """Exact scores of candidate rows against their stored low-rank factors."""
+        pairs = sorted({(shard_id, row) for _, shard_id, row in candidates})
+        shards = np.array([p[0] for p in pairs], dtype=np.int64)
+        rows = np.array([p[1] for p in pairs], dtype=np.int64)
+        if not pairs:
+            return _Scored(shards, rows, np.zeros(0), np.zeros((0, len(self.modules))), np.zeros(0))
+        module_scores = self._module_scores(pre, shards, rows, layout.LOWRANK, layout.SIGMA, self.runtime.row_layout)
+        self_m = np.concatenate([self.shards[s].whole(layout.SELF_INFLUENCE)[rows[shards == s]]
+                                 for s in np.unique(shards)])
+        return _Scored(shards, rows, module_scores.sum(1), module_scores, self_m)
+
+    def _add_tail(self, pre: Preconditioned, scored: _Scored, rerank: int, opponents: bool) -> None:
+        """Add the tail triplets' part of the score to the best (and worst) ``rerank`` rows: a
+        closer ranking at the top for a few more reads."""
+        row_layout = self.runtime.row_layout
+        if not row_layout.tail_rank or not rerank or not len(scored.rows):
+            return
+        chosen = set(np.argsort(-scored.scores, kind="stable")[:rerank].tolist())
+        if opponents:
+            chosen |= set(np.argsort(scored.scores, kind="stable")[:rerank].tolist())
+        chosen = np.array(sorted(chosen))  # shard-major order, as the rows are
+        extra = self._module_scores(pre, scored.shards[chosen], scored.rows[chosen], layout.TAIL, layout.TAIL_SIGMA,
+                                    row_layout.tail)
+        scored.module_scores[chosen] += extra
+        scored.scores[chosen] = scored.module_scores[chosen].sum(1)
+
+    def _module_scores(self, pre: Preconditioned, shards: np.ndarray, rows: np.ndarray, packed_name: str,
+                       sigma_name: str, row_layout) -> np.ndarray:
+        """(N, modules) scores of rows against one packed factor array, for shard-major sorted
+        (shard, row) pairs: read shard by shard, scored together, one GEMM per module."""
+        packed, sigma = [], []
+        for shard_id in np.unique(shards):
+            reader, wanted = self.shards[int(shard_id)], rows[shards == shard_id]
+            packed.append(reader.read(packed_name, wanted))
+            sigma.append(reader.whole(sigma_name)[wanted])
         packed_rows = torch.from_numpy(np.concatenate(packed)).float()  # one conversion, not per module
         sigmas = torch.from_numpy(np.concatenate(sigma))
         columns = []
         for j, name in enumerate(self.modules):
-            u, v = self.runtime.row_layout.unpack(packed_rows, name)
+            u, v = row_layout.unpack(packed_rows, name)
             columns.append(low_rank_scores(pre[name], u, v, sigmas[:, j])[0])
-        module_scores = torch.stack(columns, dim=1).double().cpu().numpy()
-        return _Scored(np.concatenate(shards), np.concatenate(rows), module_scores.sum(1), module_scores,
-                       np.concatenate(self_m))
+        return torch.stack(columns, dim=1).double().cpu().numpy()
+
+    def _ends(self, scored: _Scored, self_q: float, k: int, rank_by: str, opponents: bool) -> tuple[list, list]:
+        """The top ``k`` hits and, with ``opponents``, the ``k`` most negative ones."""
+        key = scored.scores if rank_by == "score" else normalized(scored.scores, self_q, scored.self_influence)
+        hits = self._hits(scored, np.argsort(-key, kind="stable")[:k], self_q)
+        worst = self._hits(scored, np.argsort(key, kind="stable")[:k], self_q) if opponents else []
+        return hits, [h for h in worst if h.score < 0]
 
     def _hits(self, scored: _Scored, order: np.ndarray, self_q: float) -> list[Hit]:
         hits = []
@@ -186,10 +235,9 @@ class QueryEngine:
             shard_id, row = int(scored.shards[i]), int(scored.rows[i])
             meta = self.shards[shard_id].metadata([row])[0]
             self_m = float(scored.self_influence[i])
-            denominator = float(np.sqrt(max(self_q * self_m, 0.0)))
             hits.append(Hit(
                 rank=rank, score=float(scored.scores[i]),
-                normalized_score=float(scored.scores[i]) / denominator if denominator > 0 else 0.0,
+                normalized_score=float(normalized(scored.scores[i], self_q, self_m)),
                 self_influence=self_m,
                 module_scores={name: float(s) for name, s in zip(self.modules, scored.module_scores[i])},
                 doc_id=meta["doc_id"], source=meta["source"], token_span=meta["token_span"],
@@ -200,19 +248,20 @@ class QueryEngine:
     # ---- exact mode ------------------------------------------------------
 
     def exact(self, queries: list[Query], k: int = 10, candidates: int = DEFAULT_CANDIDATES,
-              refine: int | None = None) -> list[QueryResult]:
+              refine: int | None = None, rank_by: str = "score") -> list[QueryResult]:
         """Index answers refined without compression: the best ``refine`` rows (default 3k) by
         low-rank score are recomputed in full from their tokens, re-ranked by their exact
         score, and split into per-token contributions."""
         refine = max(k, refine or 3 * k)
-        results = self.query(queries, k=refine, candidates=max(candidates, refine))
+        results = self.query(queries, k=refine, candidates=max(candidates, refine), rank_by=rank_by)
         computer = self.runtime.computer
         for query, result in zip(queries, results):
             started = time.perf_counter()
             inverse_hvp = {name: r[0] for name, r in computer.query_inverse_hvp(self._query_batch([query])).items()}
             self._recompute(result.hits + result.opponents, inverse_hvp)
-            result.hits = sorted(result.hits, key=lambda h: -h.exact_score)[:k]
-            result.opponents = [h for h in sorted(result.opponents, key=lambda h: h.exact_score) if h.exact_score < 0][:k]
+            key = partial(_exact_key, self_q=result.query_self_influence, rank_by=rank_by)
+            result.hits = sorted(result.hits, key=key, reverse=True)[:k]
+            result.opponents = [h for h in sorted(result.opponents, key=key) if h.exact_score < 0][:k]
             for hits in (result.hits, result.opponents):
                 for rank, hit in enumerate(hits, start=1):
                     hit.rank = rank
@@ -237,8 +286,9 @@ class QueryEngine:
     # ---- exhaustive mode ---------------------------------------------------
 
     def exhaustive(self, queries: list[Query], k: int = 10, batch_size: int | None = None,
-                   quiet: bool = True) -> list[QueryResult]:
+                   quiet: bool = True, rank_by: str = "score") -> list[QueryResult]:
         """Every stored row recomputed from its token ids and scored: the ground truth."""
+        _check_rank_by(rank_by)
         clock = _Clock()
         pre = self.preconditioned(queries)
         self_q = self_influence(pre).cpu().numpy()
@@ -263,9 +313,7 @@ class QueryEngine:
         results = []
         for i, query in enumerate(queries):
             scored = _Scored(shards, rows, module_scores[i].sum(1), module_scores[i], self_m)
-            hits = self._hits(scored, np.argsort(-scored.scores, kind="stable")[:k], self_q[i])
-            worst = [h for h in self._hits(scored, np.argsort(scored.scores, kind="stable")[:k], self_q[i])
-                     if h.score < 0]
+            hits, worst = self._ends(scored, self_q[i], k, rank_by, opponents=True)
             results.append(QueryResult(query.prompt, query.completion, "exhaustive", hits, worst,
                                        float(self_q[i]), len(rows), {}))
         clock.lap("metadata")

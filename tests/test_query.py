@@ -31,9 +31,9 @@ def db_path(tmp_path_factory, model_dir) -> Path:
     corpus = write_corpus(root / "corpus.jsonl", 150, seed=5)
     db = root / "db"
     settings = [s for s in SMALL_SETTINGS]
-    settings[settings.index("--rank") + 1] = "12"
     settings[settings.index("--sketch-size") + 1] = "256"
-    cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *settings)
+    # rank 4 for every candidate, 8 more triplets for the best: 12 of the 16 a 16-token sequence can have
+    cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *settings, "--tail-rank", "8")
     return db
 
 
@@ -63,6 +63,60 @@ def test_index_answers_agree_with_exhaustive(db, ground_truth):
         for hit in result.hits:  # low-rank rescoring is close to the exact score of the same row
             if (hit.shard, hit.row) in top:
                 assert hit.score == pytest.approx(top[(hit.shard, hit.row)], rel=0.05, abs=1e-3 * abs(truth.hits[0].score))
+
+
+def test_tail_triplets_bring_the_top_scores_closer_to_exhaustive(db, ground_truth):
+    truths = [{(h.shard, h.row): h.score for h in t.hits} for t in db.exhaustive(QUERIES, k=10_000)]
+    errors = {}
+    for rerank in (0, None):
+        results = db.query_batch(QUERIES, k=10, candidates=64, rerank=rerank)
+        errors[rerank] = sum(abs(h.score - truth[(h.shard, h.row)]) for r, truth in zip(results, truths) for h in r.hits)
+    assert errors[None] < 0.5 * errors[0], errors
+
+
+def test_head_and_tail_factors_reproduce_scores_within_their_energy(db):
+    import numpy as np
+    import torch
+
+    from attribdb import layout
+    from attribdb.compression import low_rank_scores
+
+    runtime = db.engine.runtime
+    reader = next(iter(db.engine.shards.values()))
+    rows = np.arange(min(12, reader.rows))
+    train = runtime.encoder().preconditioned([m["token_ids"] for m in reader.metadata(rows)])
+    query = db.engine.preconditioned([api._as_query(QUERIES[0])])
+    parts = {name: (torch.from_numpy(reader.read(name, rows)), torch.from_numpy(reader.read(sigma, rows)), lay)
+             for name, sigma, lay in ((layout.LOWRANK, layout.SIGMA, runtime.row_layout),
+                                      (layout.TAIL, layout.TAIL_SIGMA, runtime.row_layout.tail))}
+    energy_head = torch.from_numpy(reader.read(layout.ENERGY, rows)).double()
+    for j, m in enumerate(runtime.manifest.modules):
+        approx = 0
+        for packed, sigma, lay in parts.values():
+            u, v = lay.unpack(packed, m.name)
+            approx = approx + low_rank_scores(query[m.name], u, v, sigma[:, j])[0].double()
+        head_sq = (parts[layout.LOWRANK][1][:, j].double() ** 2).sum(1)
+        all_sq = head_sq + (parts[layout.TAIL][1][:, j].double() ** 2).sum(1)
+        energy = torch.where(head_sq > 0, energy_head[:, j] * all_sq / head_sq.clamp_min(1e-300), 1.0).clamp(max=1)
+        true = torch.einsum("oi,noi->n", query[m.name][0], train[m.name]).double()
+        norms = query[m.name][0].norm().double() * train[m.name].flatten(1).norm(dim=1).double()
+        assert torch.all((approx - true).abs() <= norms * (1 - energy).sqrt() + 2e-3 * norms), m.name
+
+
+def test_normalized_ranking_agrees_with_exhaustive(db):
+    truth = db.exhaustive(QUERIES, k=10, rank_by="normalized")
+    results = db.query_batch(QUERIES, k=10, candidates=64, rank_by="normalized")
+    for result in truth + results:
+        values = [h.normalized_score for h in result.hits]
+        assert values == sorted(values, reverse=True)
+        assert all(abs(h.normalized_score) <= 1 + 1e-6 for h in result.hits)  # a cosine
+    recalls = [len(set(_ids(r.hits)) & set(_ids(t.hits))) / 10 for r, t in zip(results, truth)]
+    assert sum(recalls) / len(recalls) >= 0.8, recalls
+    exact = db.exact(QUERIES[0]["prompt"], QUERIES[0]["completion"], k=5, rank_by="normalized")
+    keys = [h.exact_score / (exact.query_self_influence * h.self_influence) ** 0.5 for h in exact.hits]
+    assert keys == sorted(keys, reverse=True)
+    with pytest.raises(QueryError, match="rank-by"):
+        db.query("a", " b", rank_by="cosine")
 
 
 def test_query_batch_equals_single_queries(db):

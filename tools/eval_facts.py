@@ -82,6 +82,9 @@ def main() -> None:
     results = db.query_batch([(f.prompt, f.completion) for f in facts], k=200)
     rankings["attribdb (EK-FAC, index)"] = [rank_documents([(h.doc_id, h.score) for h in r.hits]) for r in results]
     timings["attribdb (EK-FAC, index)"] = time.time() - started
+    rankings["attribdb, normalised (top 200)"] = [rank_documents([(h.doc_id, h.normalized_score) for h in r.hits])
+                                                  for r in results]
+    timings["attribdb, normalised (top 200)"] = timings["attribdb (EK-FAC, index)"]
 
     started = time.time()
     bm25 = BM25([d["text"] for d in docs])
