@@ -15,6 +15,7 @@ candidates far more often at the same size (tools/bench_query.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ OVERSAMPLE = 8  # extra directions in the randomized range finder
 POWER_ITERATIONS = 1
 
 
+@functools.lru_cache(maxsize=64)
 def _test_matrix(n: int, width: int, device, dtype) -> torch.Tensor:
     """A fixed Gaussian test matrix per shape: the same rows always get the same factors (resumes are exact)."""
     generator = torch.Generator().manual_seed(n * 1_000_003 + width)

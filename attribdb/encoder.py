@@ -27,11 +27,19 @@ class RowEncoder:
         return self.computer.train_preconditioned(batch)
 
     def encode(self, token_ids: Sequence[Sequence[int]], metadata: list[dict], batch_size: int) -> RowBlock:
-        """Rows for ``token_ids`` in batches of ``batch_size`` forward/backward passes."""
+        """Rows for ``token_ids`` in batches of ``batch_size`` forward/backward passes.
+
+        Batches are formed from sequences of similar length (a document's last
+        window is usually short, and a batch pads to its longest sequence), then
+        the rows are put back in their order; a block is always batched the same
+        way, so a resumed build computes exactly what an uninterrupted one did.
+        """
+        order = np.argsort([len(ids) for ids in token_ids], kind="stable")
         parts = []
-        for start in range(0, len(token_ids), batch_size):
-            parts.append(self._encode_batch(token_ids[start:start + batch_size]))
-        arrays = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        for start in range(0, len(order), batch_size):
+            parts.append(self._encode_batch([token_ids[i] for i in order[start:start + batch_size]]))
+        restore = np.argsort(order)
+        arrays = {key: np.concatenate([p[key] for p in parts])[restore] for key in parts[0]}
         return RowBlock(metadata=metadata, **arrays)
 
     def _encode_batch(self, token_ids) -> dict[str, np.ndarray]:

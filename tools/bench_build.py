@@ -5,7 +5,9 @@
   sequences, same batch size (goal: >= 0.5);
 - storage: Zarr bytes per sequence over the bytes of the dense float32 Ĝ;
 - memory: peak RSS of the build on the corpus and on a corpus twice as large
-  (goal: a ratio near 1, the build streams).
+  (goal: a ratio near 1, the build streams);
+- the same throughput and storage with ``--tail-rank 24`` (the re-ranking tail
+  that brings index answers within 2% of exhaustive, tools/bench_query.py).
 
 Run: python tools/bench_build.py [--docs 1500] [--workdir /tmp/attribdb-bench-build]
 """
@@ -24,23 +26,25 @@ sys.path.insert(0, str(Path(__file__).parent))
 from benchutil import english_paragraphs, make_model, peak_rss_mib, write_corpus  # noqa: E402
 
 SETTINGS = {"max_length": 128, "batch_size": 8, "commit_rows": 64, "shard_size": 1024, "fit_sample_size": 256}
+TAIL = {"tail_rank": 24}
 
 
-def worker(command: str, db: str, corpus: str, model: str) -> None:
+def worker(command: str, db: str, corpus: str, model: str, extra: str) -> None:
     """Runs in a subprocess so its peak memory is its own."""
     from attribdb import api
 
+    settings = SETTINGS | json.loads(extra)
     started = time.perf_counter()
     if command == "fit":
-        api.fit(db, corpus, model, quiet=True, **SETTINGS)
+        api.fit(db, corpus, model, quiet=True, **settings)
     else:
-        api.build(db, corpus, model, quiet=True, **SETTINGS)
+        api.build(db, corpus, model, quiet=True, **settings)
     print(json.dumps({"seconds": time.perf_counter() - started, "peak_rss_mib": peak_rss_mib()}))
 
 
-def run_worker(command: str, db: Path, corpus: Path, model: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", command, str(db), str(corpus), str(model)],
-                         capture_output=True, text=True, check=True)
+def run_worker(command: str, db: Path, corpus: Path, model: Path, extra: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", command, str(db), str(corpus), str(model),
+                          json.dumps(extra)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -70,7 +74,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=1500)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/attribdb-bench-build"))
-    parser.add_argument("--worker", nargs=4, metavar=("COMMAND", "DB", "CORPUS", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=5, metavar=("COMMAND", "DB", "CORPUS", "MODEL", "SETTINGS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(*args.worker)
@@ -79,12 +84,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model = make_model(work / "model", english_paragraphs())
     figures = {}
-    for label, docs in (("small", args.docs), ("large", 2 * args.docs)):
+    for label, docs, extra in (("small", args.docs, {}), ("large", 2 * args.docs, {}), ("tail", args.docs, TAIL)):
         corpus = write_corpus(work / f"corpus-{label}.jsonl", docs)
         db = work / f"db-{label}"
         shutil.rmtree(db, ignore_errors=True)
-        fit = run_worker("fit", db, corpus, model)
-        build = run_worker("build", db, corpus, model)
+        fit = run_worker("fit", db, corpus, model, extra)
+        build = run_worker("build", db, corpus, model, extra)
         from attribdb import api
 
         info = api.open(db).info()
@@ -110,6 +115,13 @@ def main() -> None:
     print(f"peak build memory: {small['build']['peak_rss_mib']:.0f} MiB for {n} sequences, "
           f"{figures['large']['build']['peak_rss_mib']:.0f} MiB for {figures['large']['info']['sequences']}: "
           f"ratio {memory_ratio:.3f}  (goal ~1: the build streams)")
+    tail = figures["tail"]["info"]
+    with_tail = sum(tail["energy_kept_with_tail"].values()) / len(tail["energy_kept_with_tail"])
+    print(f"with --tail-rank {TAIL['tail_rank']}: throughput ratio "
+          f"{tail['sequences'] / figures['tail']['build']['seconds'] / baseline:.3f}, "
+          f"{tail['bytes_per_sequence'] / 1024:.1f} KiB per sequence "
+          f"({tail['bytes_per_sequence'] / tail['dense_float32_bytes_per_sequence']:.4f} of dense), "
+          f"rank {tail['settings']['rank'] + TAIL['tail_rank']} keeps {with_tail:.3f} of ‖Ĝ‖²")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ On a reduced demo (invented facts in real English text), each method names
 its top-k documents for every fact; the union is removed from the corpus and
 the tiny model is retrained from the same seed with the same tokenizer.  The
 figure is how much the log-probability of each fact's completion (held-out
-prompt) drops against the model trained on everything, for attribdb,
-BM25 text retrieval, and k random documents per fact.
+prompt) drops against the model trained on everything, for attribdb (ranked
+by score and by its normalised form), BM25 text retrieval, and k random
+documents per fact; over all facts and split by whether the full model
+completes the fact (known) or not.
 
 Run: python tools/eval_counterfactual.py [--workdir /tmp/attribdb-counterfactual] [--k 3]
 """
@@ -25,7 +27,7 @@ from baselines import BM25, rank_documents  # noqa: E402
 
 from attribdb.demo.facts import DemoCorpusConfig  # noqa: E402
 from attribdb.demo.run import DemoConfig, prepare  # noqa: E402
-from attribdb.demo.train import DemoModelConfig, train_model  # noqa: E402
+from attribdb.demo.train import DemoModelConfig, known_facts, train_model  # noqa: E402
 
 CONFIG = DemoConfig(DemoCorpusConfig(facts_per_relation=8, background_docs=400),
                     DemoModelConfig(train_steps=500), {"max_length": 128, "fit_sample_size": 256, "rank": 8}, 1)
@@ -61,9 +63,12 @@ def main() -> None:
     docs = [json.loads(line) for line in prepared.corpus.read_text().splitlines()]
     doc_ids = [d["id"] for d in docs]
 
+    removals = {}
     with api.open(prepared.db_path) as db:
-        results = db.query_batch([(f.prompt, f.completion) for f in facts], k=100)
-    removals = {"attribdb": [rank_documents([(h.doc_id, h.score) for h in r.hits])[: args.k] for r in results]}
+        for method, rank_by in (("attribdb", "score"), ("attribdb normalized", "normalized")):
+            results = db.query_batch([(f.prompt, f.completion) for f in facts], k=100, rank_by=rank_by)
+            removals[method] = [rank_documents([(h.doc_id, h.score if rank_by == "score" else h.normalized_score)
+                                                for h in r.hits])[: args.k] for r in results]
     bm25 = BM25([d["text"] for d in docs])
     removals["BM25"] = []
     for fact in facts:
@@ -84,11 +89,15 @@ def main() -> None:
         stated = sum(len(set(chosen) & set(f.doc_ids)) for chosen, f in zip(per_fact, facts))
         print(f"{method}: removed {len(removed)} documents, {stated} of them state a queried fact", file=sys.stderr)
 
-    print(f"{len(facts)} facts, top-{args.k} documents removed per fact and method, model retrained from the same seed")
-    print(f"{'method':<10} {'mean drop of log p(completion)':>32} {'median':>8} {'facts where drop > BM25':>24}")
+    known = torch.tensor(known_facts(prepared.model_dir, facts))
+    print(f"{len(facts)} facts ({int(known.sum())} known: the full model completes them), top-{args.k} documents "
+          "removed per fact and method, model retrained from the same seed")
+    print(f"{'method':<20} {'mean drop of log p(completion)':>32} {'median':>8} {'facts where drop > BM25':>24} "
+          f"{'mean drop, known':>17} {'mean drop, unknown':>19}")
     for method, drop in drops.items():
         wins = float((drop > drops["BM25"]).double().mean())
-        print(f"{method:<10} {float(drop.mean()):>32.3f} {float(drop.median()):>8.3f} {wins:>24.2f}")
+        print(f"{method:<20} {float(drop.mean()):>32.3f} {float(drop.median()):>8.3f} {wins:>24.2f} "
+              f"{float(drop[known].mean()):>17.3f} {float(drop[~known].mean()):>19.3f}")
 
 
 if __name__ == "__main__":

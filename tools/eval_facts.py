@@ -3,9 +3,11 @@
 On the demo corpus (invented facts, each stated by several paraphrases; the
 queries use a phrasing no document uses), for every fact: rank the training
 documents by each method and report MRR (of the first document that states
-the fact) and recall@10 (of all of them), for
+the fact) and recall@10 (of all of them), over all facts and separately over
+those the model completes correctly and those it does not, for
 
-- attribdb (EK-FAC influence through the index),
+- attribdb (EK-FAC influence through the index), ranked by score and by its
+  normalised (cosine) form,
 - BM25 over the documents (text retrieval on prompt + completion),
 - representation similarity (cosine of the model's mean last hidden state),
 - gradient cosine (cosine of the raw, unpreconditioned gradients).
@@ -68,7 +70,7 @@ def main() -> None:
 
     from attribdb import api
     from attribdb.demo.run import FULL, prepare
-    from attribdb.demo.train import fact_accuracy
+    from attribdb.demo.train import known_facts
 
     prepared = prepare(args.workdir, FULL, "full")
     facts = prepared.facts
@@ -78,13 +80,12 @@ def main() -> None:
     timings: dict[str, float] = {}
 
     db = api.open(prepared.db_path)
-    started = time.time()
-    results = db.query_batch([(f.prompt, f.completion) for f in facts], k=200)
-    rankings["attribdb (EK-FAC, index)"] = [rank_documents([(h.doc_id, h.score) for h in r.hits]) for r in results]
-    timings["attribdb (EK-FAC, index)"] = time.time() - started
-    rankings["attribdb, normalised (top 200)"] = [rank_documents([(h.doc_id, h.normalized_score) for h in r.hits])
-                                                  for r in results]
-    timings["attribdb, normalised (top 200)"] = timings["attribdb (EK-FAC, index)"]
+    for method, rank_by in (("attribdb (EK-FAC, index)", "score"), ("attribdb, --rank-by normalized", "normalized")):
+        started = time.time()
+        results = db.query_batch([(f.prompt, f.completion) for f in facts], k=200, rank_by=rank_by)
+        rankings[method] = [rank_documents([(h.doc_id, getattr(h, "score" if rank_by == "score" else
+                                                               "normalized_score")) for h in r.hits]) for r in results]
+        timings[method] = time.time() - started
 
     started = time.time()
     bm25 = BM25([d["text"] for d in docs])
@@ -107,14 +108,18 @@ def main() -> None:
     rankings["gradient cosine"] = [rank_documents(rows) for rows in gradient_cosine_rows(db.engine, facts)]
     timings["gradient cosine"] = time.time() - started
 
-    accuracy = fact_accuracy(prepared.model_dir, facts)
-    print(f"{len(facts)} facts, {len(docs)} documents; the model completes {accuracy:.0%} of the held-out prompts")
-    print(f"{'method':<28} {'MRR':>6} {'recall@10':>10} {'seconds':>8}")
+    known = known_facts(prepared.model_dir, facts)
+    subsets = {"all": [True] * len(facts), "known": known, "unknown": [not k for k in known]}
+    print(f"{len(facts)} facts, {len(docs)} documents; the model completes {sum(known)} of the held-out prompts "
+          f"(known), not the other {len(facts) - sum(known)} (unknown: influence then explains what it predicts "
+          "instead, and the documents stating the fact need not be behind that)")
+    print(f"{'method':<32}" + "".join(f" {f'MRR {n}':>12} {f'R@10 {n}':>13}" for n in subsets) + f" {'seconds':>8}")
     for method, ranked in rankings.items():
-        pairs = [mrr_and_recall(r, set(f.doc_ids)) for r, f in zip(ranked, facts)]
-        mrr = sum(p[0] for p in pairs) / len(pairs)
-        recall = sum(p[1] for p in pairs) / len(pairs)
-        print(f"{method:<28} {mrr:>6.3f} {recall:>10.3f} {timings[method]:>8.1f}")
+        line = f"{method:<32}"
+        for chosen in subsets.values():
+            pairs = [mrr_and_recall(r, set(f.doc_ids)) for r, f, keep in zip(ranked, facts, chosen) if keep]
+            line += f" {sum(p[0] for p in pairs) / max(len(pairs), 1):>12.3f} {sum(p[1] for p in pairs) / max(len(pairs), 1):>13.3f}"
+        print(line + f" {timings[method]:>8.1f}")
 
 
 if __name__ == "__main__":

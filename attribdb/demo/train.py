@@ -137,13 +137,13 @@ def train_model(corpus_jsonl: Path, out_dir: Path, config: DemoModelConfig = Dem
     return out_dir
 
 
-def fact_accuracy(model_dir: Path, facts) -> float:
-    """Fraction of facts whose held-out prompt greedily decodes to exactly the fact's value."""
+def known_facts(model_dir: Path, facts) -> list[bool]:
+    """Per fact, whether its held-out prompt greedily decodes to exactly the fact's value."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    correct = 0
+    known = []
     for fact in facts:
         prompt = tokenizer(fact.prompt)["input_ids"]
         target = tokenizer(fact.completion)["input_ids"]
@@ -152,5 +152,10 @@ def fact_accuracy(model_dir: Path, facts) -> float:
             for _ in target:
                 next_id = model(input_ids=ids).logits[0, -1].argmax()
                 ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
-        correct += ids[0, len(prompt):].tolist() == target
-    return correct / len(facts)
+        known.append(ids[0, len(prompt):].tolist() == target)
+    return known
+
+
+def fact_accuracy(model_dir: Path, facts) -> float:
+    known = known_facts(model_dir, facts)
+    return sum(known) / len(known)
