@@ -52,6 +52,10 @@ def _check_rank_by(rank_by: str) -> None:
         raise QueryError(f"rank-by must be one of {', '.join(RANK_BY)}, not {rank_by!r}")
 
 
+def _ranking_key(scored: "_Scored", self_q: float, rank_by: str) -> np.ndarray:
+    return scored.scores if rank_by == "score" else normalized(scored.scores, self_q, scored.self_influence)
+
+
 def _exact_key(hit: Hit, self_q: float, rank_by: str) -> float:
     return hit.exact_score if rank_by == "score" else float(normalized(hit.exact_score, self_q, hit.self_influence))
 
@@ -155,7 +159,7 @@ class QueryEngine:
             query_pre = {name: g[i:i + 1] for name, g in pre.items()}
             scored = self._rescore(query_pre, top[i] + bottom[i])
             clock.lap("rescore")
-            self._add_tail(query_pre, scored, rerank, opponents)
+            self._add_tail(query_pre, scored, _ranking_key(scored, self_q[i], rank_by), rerank, opponents)
             clock.lap("rerank")
             hits, worst = self._ends(scored, self_q[i], k, rank_by, opponents)
             clock.lap("metadata")
@@ -190,15 +194,15 @@ class QueryEngine:
                                  for s in np.unique(shards)])
         return _Scored(shards, rows, module_scores.sum(1), module_scores, self_m)
 
-    def _add_tail(self, pre: Preconditioned, scored: _Scored, rerank: int, opponents: bool) -> None:
-        """Add the tail triplets' part of the score to the best (and worst) ``rerank`` rows: a
-        closer ranking at the top for a few more reads."""
+    def _add_tail(self, pre: Preconditioned, scored: _Scored, key: np.ndarray, rerank: int, opponents: bool) -> None:
+        """Add the tail triplets' part of the score to the best (and worst) ``rerank`` rows by
+        ``key``: a closer ranking at the top for a few more reads."""
         row_layout = self.runtime.row_layout
         if not row_layout.tail_rank or not rerank or not len(scored.rows):
             return
-        chosen = set(np.argsort(-scored.scores, kind="stable")[:rerank].tolist())
+        chosen = set(np.argsort(-key, kind="stable")[:rerank].tolist())
         if opponents:
-            chosen |= set(np.argsort(scored.scores, kind="stable")[:rerank].tolist())
+            chosen |= set(np.argsort(key, kind="stable")[:rerank].tolist())
         chosen = np.array(sorted(chosen))  # shard-major order, as the rows are
         extra = self._module_scores(pre, scored.shards[chosen], scored.rows[chosen], layout.TAIL, layout.TAIL_SIGMA,
                                     row_layout.tail)
@@ -224,7 +228,7 @@ class QueryEngine:
 
     def _ends(self, scored: _Scored, self_q: float, k: int, rank_by: str, opponents: bool) -> tuple[list, list]:
         """The top ``k`` hits and, with ``opponents``, the ``k`` most negative ones."""
-        key = scored.scores if rank_by == "score" else normalized(scored.scores, self_q, scored.self_influence)
+        key = _ranking_key(scored, self_q, rank_by)
         hits = self._hits(scored, np.argsort(-key, kind="stable")[:k], self_q)
         worst = self._hits(scored, np.argsort(key, kind="stable")[:k], self_q) if opponents else []
         return hits, [h for h in worst if h.score < 0]
