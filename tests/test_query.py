@@ -103,6 +103,25 @@ def test_head_and_tail_factors_reproduce_scores_within_their_energy(db):
         assert torch.all((approx - true).abs() <= norms * (1 - energy).sqrt() + 2e-3 * norms), m.name
 
 
+def test_verify_and_info_cover_the_tail(db_path, tmp_path):
+    import shutil
+
+    from attribdb import layout
+
+    info = json.loads(cli("info", db_path, "--json").stdout)
+    for name, head in info["energy_kept"].items():  # the tail adds energy to every module
+        assert head < info["energy_kept_with_tail"][name] <= 1
+    db = tmp_path / "db"
+    shutil.copytree(db_path, db)
+    chunk = layout.shard_dir(db, 2) / layout.GRADS_ZARR / layout.TAIL / "c" / "3" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    result = cli("verify", db, check=False)
+    assert result.returncode == 1 and "shard 00002" in result.stderr and "tail" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_normalized_ranking_agrees_with_exhaustive(db):
     truth = db.exhaustive(QUERIES, k=10, rank_by="normalized")
     results = db.query_batch(QUERIES, k=10, candidates=64, rank_by="normalized")
