@@ -40,11 +40,16 @@ class LowRank:
     def split(self, rank: int) -> tuple["LowRank", "LowRank"]:
         """The first ``rank`` triplets and the rest, each with the energy it keeps on its own."""
         def part(sl: slice) -> LowRank:
-            kept = (self.sigma[:, sl].double() ** 2).sum(-1)
-            energy = torch.where(self.total > 0, kept / self.total.clamp_min(1e-300), torch.ones_like(self.total))
-            return LowRank(self.u[:, sl], self.v[:, sl], self.sigma[:, sl], energy.clamp(max=1.0).float(), self.total)
+            sigma = self.sigma[:, sl]
+            return LowRank(self.u[:, sl], self.v[:, sl], sigma, _energy_kept(sigma, self.total), self.total)
 
         return part(slice(None, rank)), part(slice(rank, None))
+
+
+def _energy_kept(sigma: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Σσ² / ‖X‖² per matrix, float32; 1 for an all-zero matrix (nothing was lost)."""
+    kept = (sigma.double() ** 2).sum(-1)
+    return torch.where(total > 0, kept / total.clamp_min(1e-300), torch.ones_like(total)).clamp(max=1.0).float()
 
 
 OVERSAMPLE = 8  # extra directions in the randomized range finder
@@ -90,9 +95,7 @@ def low_rank(matrices: torch.Tensor, rank: int) -> LowRank:
         v = torch.nn.functional.pad(v, (0, 0, 0, rank - kept))
         sigma = torch.nn.functional.pad(sigma, (0, rank - kept))
     total = matrices.pow(2).sum((-1, -2)).double()
-    kept_energy = (sigma.double() ** 2).sum(-1)
-    energy = torch.where(total > 0, kept_energy / total.clamp_min(1e-300), torch.ones_like(total)).clamp(max=1.0)
-    return LowRank(u=u.to(torch.float16), v=v.to(torch.float16), sigma=sigma.float(), energy=energy.float(),
+    return LowRank(u=u.to(torch.float16), v=v.to(torch.float16), sigma=sigma.float(), energy=_energy_kept(sigma, total),
                    total=total)
 
 

@@ -33,7 +33,6 @@ SKETCH = "sketch"  # (rows, sketch_dim) float32
 SELF_INFLUENCE = "self_influence"  # (rows,) float32
 
 
-
 def row_arrays(tail_rank: int) -> tuple[str, ...]:
     """The arrays every row has a value in."""
     tail = (TAIL, TAIL_SIGMA) if tail_rank else ()

@@ -223,7 +223,7 @@ class RowChunkFiles:
         self.dir = array_dir
         self.dtype = np.dtype(metadata["data_type"]).newbyteorder("<")
         self.row_shape = tuple(metadata["shape"][1:])
-        self.compressed = len(metadata["codecs"]) == 3
+        self.compressed = any(c["name"] == "zstd" for c in metadata["codecs"])
 
     @classmethod
     def open(cls, array_dir: Path) -> "RowChunkFiles | None":

@@ -190,8 +190,8 @@ class QueryEngine:
         if not pairs:
             return _Scored(shards, rows, np.zeros(0), np.zeros((0, len(self.modules))), np.zeros(0))
         module_scores = self._module_scores(pre, shards, rows, layout.LOWRANK, layout.SIGMA, self.runtime.row_layout)
-        self_m = np.concatenate([self.shards[s].whole(layout.SELF_INFLUENCE)[rows[shards == s]]
-                                 for s in np.unique(shards)])
+        self_m = np.concatenate([reader.whole(layout.SELF_INFLUENCE)[wanted]
+                                 for reader, wanted in self._by_shard(shards, rows)])
         return _Scored(shards, rows, module_scores.sum(1), module_scores, self_m)
 
     def _add_tail(self, pre: Preconditioned, scored: _Scored, key: np.ndarray, rerank: int, opponents: bool) -> None:
@@ -214,8 +214,7 @@ class QueryEngine:
         """(N, modules) scores of rows against one packed factor array, for shard-major sorted
         (shard, row) pairs: read shard by shard, scored together, one GEMM per module."""
         packed, sigma = [], []
-        for shard_id in np.unique(shards):
-            reader, wanted = self.shards[int(shard_id)], rows[shards == shard_id]
+        for reader, wanted in self._by_shard(shards, rows):
             packed.append(reader.read(packed_name, wanted))
             sigma.append(reader.whole(sigma_name)[wanted])
         packed_rows = torch.from_numpy(np.concatenate(packed)).float()  # one conversion, not per module
@@ -225,6 +224,12 @@ class QueryEngine:
             u, v = row_layout.unpack(packed_rows, name)
             columns.append(low_rank_scores(pre[name], u, v, sigmas[:, j])[0])
         return torch.stack(columns, dim=1).double().cpu().numpy()
+
+    def _by_shard(self, shards: np.ndarray, rows: np.ndarray):
+        """(reader, its rows) per shard; for shard-major sorted pairs, concatenating the
+        per-shard results gives back the pairs' order."""
+        for shard_id in np.unique(shards):
+            yield self.shards[int(shard_id)], rows[shards == shard_id]
 
     def _ends(self, scored: _Scored, self_q: float, k: int, rank_by: str, opponents: bool) -> tuple[list, list]:
         """The top ``k`` hits and, with ``opponents``, the ``k`` most negative ones."""

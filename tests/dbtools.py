@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lmdb
 import numpy as np
+import torch
 import zarr
 
 from attribdb import layout
@@ -53,6 +54,12 @@ def committed_rows(shard: Path) -> int:
         return int(lmdb_rows(shard)[b"info/committed"] or 0)
     except lmdb.Error:
         return 0
+
+
+def assert_within_energy_bound(approx, true, norms, energy, name: str) -> None:
+    """|stored − exact score| ≤ ‖Ĝ_q‖‖Ĝ_m‖ √(1 − energy kept), plus float16 rounding of U and V (~1e-3)."""
+    bound = norms * (1 - energy).clamp(min=0).sqrt()
+    assert torch.all((approx - true).abs() <= bound + 2e-3 * norms), name
 
 
 def assert_same_database(a: Path, b: Path) -> None:

@@ -22,7 +22,7 @@ from attribdb.runtime import Runtime
 from attribdb.shard import ShardReader
 
 from conftest import write_corpus
-from dbtools import SMALL_SETTINGS, assert_same_database, cli, committed_rows
+from dbtools import SMALL_SETTINGS, assert_same_database, assert_within_energy_bound, cli, committed_rows
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +157,7 @@ def test_low_rank_factors_reproduce_scores_within_kept_energy(reference_db):
         approx = low_rank_scores(query[m.name], u, v, sigma[:, j])[0].double()
         true = torch.einsum("oi,noi->n", query[m.name][0], exact[m.name]).double()
         norms = query[m.name][0].norm().double() * exact[m.name].flatten(1).norm(dim=1).double()
-        bound = norms * torch.from_numpy(np.sqrt(np.clip(1 - energy[:, j], 0, None))).double()
-        fp16 = 2e-3 * norms  # float16 U and V: relative rounding of about 1e-3
-        assert torch.all((approx - true).abs() <= bound + fp16), m.name
+        assert_within_energy_bound(approx, true, norms, torch.from_numpy(energy[:, j]).double(), m.name)
     reader.close()
 
 

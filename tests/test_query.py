@@ -15,7 +15,7 @@ import attribdb.api as api
 from attribdb.errors import ModelMismatchError, QueryError, StoreError
 
 from conftest import write_corpus
-from dbtools import SMALL_SETTINGS, cli
+from dbtools import SMALL_SETTINGS, assert_within_energy_bound, cli
 
 QUERIES = [
     {"prompt": "the cat sat near the", "completion": " river stone"},
@@ -100,7 +100,7 @@ def test_head_and_tail_factors_reproduce_scores_within_their_energy(db):
         energy = torch.where(head_sq > 0, energy_head[:, j] * all_sq / head_sq.clamp_min(1e-300), 1.0).clamp(max=1)
         true = torch.einsum("oi,noi->n", query[m.name][0], train[m.name]).double()
         norms = query[m.name][0].norm().double() * train[m.name].flatten(1).norm(dim=1).double()
-        assert torch.all((approx - true).abs() <= norms * (1 - energy).sqrt() + 2e-3 * norms), m.name
+        assert_within_energy_bound(approx, true, norms, energy, m.name)
 
 
 def test_verify_and_info_cover_the_tail(db_path, tmp_path):
