@@ -61,6 +61,13 @@ def rank_documents(row_scores: list[tuple[str, float]]) -> list[str]:
     return sorted(best, key=lambda d: -best[d])
 
 
+def attribdb_rankings(db, facts, k: int, rank_by: str) -> list[list[str]]:
+    """Per fact, documents by their best row among attribdb's top k, under ``rank_by``."""
+    field = "score" if rank_by == "score" else "normalized_score"
+    results = db.query_batch([(f.prompt, f.completion) for f in facts], k=k, rank_by=rank_by)
+    return [rank_documents([(h.doc_id, getattr(h, field)) for h in r.hits]) for r in results]
+
+
 def mrr_and_recall(ranking: list[str], relevant: set[str], k: int = 10) -> tuple[float, float]:
     first = next((i for i, d in enumerate(ranking, start=1) if d in relevant), None)
     return (1 / first if first else 0.0), len(relevant & set(ranking[:k])) / len(relevant)

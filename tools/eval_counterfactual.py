@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from baselines import BM25, rank_documents  # noqa: E402
+from baselines import BM25, attribdb_rankings  # noqa: E402
 
 from attribdb.demo.facts import DemoCorpusConfig  # noqa: E402
 from attribdb.demo.run import DemoConfig, prepare  # noqa: E402
@@ -66,9 +66,7 @@ def main() -> None:
     removals = {}
     with api.open(prepared.db_path) as db:
         for method, rank_by in (("attribdb", "score"), ("attribdb normalized", "normalized")):
-            results = db.query_batch([(f.prompt, f.completion) for f in facts], k=100, rank_by=rank_by)
-            removals[method] = [rank_documents([(h.doc_id, h.score if rank_by == "score" else h.normalized_score)
-                                                for h in r.hits])[: args.k] for r in results]
+            removals[method] = [ranked[: args.k] for ranked in attribdb_rankings(db, facts, 100, rank_by)]
     bm25 = BM25([d["text"] for d in docs])
     removals["BM25"] = []
     for fact in facts:

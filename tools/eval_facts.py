@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from baselines import BM25, mean_hidden_states, mrr_and_recall, rank_documents  # noqa: E402
+from baselines import BM25, attribdb_rankings, mean_hidden_states, mrr_and_recall, rank_documents  # noqa: E402
 
 
 def identity_computer(runtime):
@@ -82,9 +82,7 @@ def main() -> None:
     db = api.open(prepared.db_path)
     for method, rank_by in (("attribdb (EK-FAC, index)", "score"), ("attribdb, --rank-by normalized", "normalized")):
         started = time.time()
-        results = db.query_batch([(f.prompt, f.completion) for f in facts], k=200, rank_by=rank_by)
-        rankings[method] = [rank_documents([(h.doc_id, getattr(h, "score" if rank_by == "score" else
-                                                               "normalized_score")) for h in r.hits]) for r in results]
+        rankings[method] = attribdb_rankings(db, facts, 200, rank_by)
         timings[method] = time.time() - started
 
     started = time.time()
