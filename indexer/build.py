@@ -87,7 +87,7 @@ def _build(root, spec, settings, overrides, append, model_path, device, quiet, w
 
 
 def _generation_of(manifest: Manifest, spec_dict: dict) -> Generation:
-    return next(g for g in reversed(manifest.generations) if g.corpus == spec_dict)
+    return next(g for g in reversed(manifest.generations) if sequences.same_corpus(g.corpus, spec_dict))
 
 
 def _register_generation(root: Path, spec: CorpusSpec, plan: sequences.CorpusPlan, append: bool) -> None:
@@ -96,14 +96,14 @@ def _register_generation(root: Path, spec: CorpusSpec, plan: sequences.CorpusPla
     spec_dict = sequences.corpus_spec_dict(spec)
     pending = manifest.building()
     if pending is not None:
-        if pending.corpus != spec_dict:
+        if not sequences.same_corpus(pending.corpus, spec_dict):
             raise ConfigError(f"an interrupted build of {pending.corpus['path']} is unfinished in {root}; "
                               "run that command again to resume it first")
         if pending.sequences != plan.sequences:
             raise ConfigError(f"{spec.path} changed since the interrupted build ({pending.sequences} sequences "
                               f"then, {plan.sequences} now); restore it or build a new database")
         return
-    if any(g.corpus == spec_dict for g in manifest.generations):
+    if any(sequences.same_corpus(g.corpus, spec_dict) for g in manifest.generations):
         if append:
             raise ConfigError(f"{spec.path} is already in {root}; appending it again would duplicate its rows")
         return  # a finished build run again: every shard is sealed, nothing to compute

@@ -8,9 +8,11 @@ document and one shard's worth of token ids.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from attribdb.errors import CorpusError
 from attribdb.settings import DatabaseSettings
@@ -29,7 +31,22 @@ class CorpusPlan:
 
 
 def corpus_spec_dict(spec: CorpusSpec) -> dict:
-    return asdict(spec)
+    """The spec as the manifest records it, with the path made absolute."""
+    return {**asdict(spec), "path": str(Path(spec.path).resolve())}
+
+
+def same_corpus(recorded: dict, spec_dict: dict) -> bool:
+    """Whether a recorded generation is this corpus, however its path was spelled.
+
+    Comparing path strings would take ``./c.jsonl`` and ``c.jsonl`` (or a run
+    from another folder) for two corpora, and appending would duplicate every row.
+    """
+    if {**recorded, "path": None} != {**spec_dict, "path": None}:
+        return False
+    try:
+        return os.path.samefile(recorded["path"], spec_dict["path"])
+    except OSError:  # a recorded path that no longer exists names nothing here
+        return recorded["path"] == spec_dict["path"]
 
 
 def chunk_config(settings: DatabaseSettings) -> ChunkConfig:

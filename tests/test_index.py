@@ -120,8 +120,11 @@ def test_append_adds_shards_and_refuses_another_model(tmp_path, corpus, model_di
     cli("append", db, "--corpus", extra, "--quiet")
     after = Manifest.load(db)
     assert len(after.generations) == 2 and after.generations[1].first_shard == before.next_shard_id()
-    again = cli("append", db, "--corpus", extra, "--quiet", check=False)
-    assert again.returncode == 1 and "already in" in again.stderr
+    for spelling in (extra, os.path.relpath(extra)):  # the same file by another path is the same corpus
+        again = cli("append", db, "--corpus", spelling, "--quiet", check=False)
+        assert again.returncode == 1 and "already in" in again.stderr
+    rebuilt = cli("build", db, "--corpus", os.path.relpath(corpus), "--quiet")  # finished: nothing to do
+    assert Manifest.load(db).generations == after.generations, rebuilt.stderr
     report = cli("verify", db).stdout
     assert f"{before.generations[0].sequences + after.generations[1].sequences} rows" in report
 
