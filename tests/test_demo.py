@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from attribdb.demo.facts import DemoCorpusConfig, generate_corpus, load_facts
+from attribdb.demo.facts import RELATIONS, DemoCorpusConfig, generate_corpus, load_facts
 
 from dbtools import cli
 
@@ -32,6 +32,10 @@ def test_facts_are_stated_where_claimed_and_nowhere_else(tmp_path):
         stating = {i for i, d in docs.items() if fact.entity in d["text"] and fact.value in d["text"]}
         assert stating == set(fact.doc_ids), "only the fact's documents may contain entity and value together"
         assert not any(fact.prompt in d["text"] for d in docs.values()), "the query phrasing must be held out"
+        statements = [t.format(e=fact.entity, v=fact.value) for r in RELATIONS if r.name == fact.relation
+                      for t in r.templates]
+        assert any(s.startswith(fact.prompt + fact.completion) for s in statements), \
+            "prompt + completion must be a statement's own words, punctuation included"
     kinds = {d["kind"] for d in docs.values()}
     assert kinds == {"fact", "distractor", "background"}
 

@@ -92,6 +92,17 @@ def background_paragraphs() -> list[str]:
     return paragraphs
 
 
+def held_out_query(template: str, entity: str, value: str) -> tuple[str, str]:
+    """The statement cut before its value: everything up to it is the prompt, " value" the completion.
+
+    Punctuation before the value stays in the prompt ("... arrive in its capital,"): a prompt
+    without it asks the model for a continuation it never saw, and the model, knowing the fact,
+    rightly answers ", value" instead.
+    """
+    before = template.format(e=entity, v="\0").split("\0")[0]
+    return before.rstrip(" "), f" {value}"
+
+
 def generate_corpus(out_dir: Path, config: DemoCorpusConfig = DemoCorpusConfig()) -> tuple[Path, list[Fact]]:
     """Write ``corpus.jsonl`` and ``facts.json`` into ``out_dir``; the same config gives the same bytes."""
     rng = random.Random(config.seed)
@@ -115,8 +126,8 @@ def generate_corpus(out_dir: Path, config: DemoCorpusConfig = DemoCorpusConfig()
             for k, template in enumerate(relation.distractors):
                 # distractors borrow the entity or the value of *this* fact, never both
                 docs.append({"id": f"{fact_id}-d{k}", "text": template.format(e=entity, v=value), "kind": "distractor"})
-            prompt = relation.templates[held_out].format(e=entity, v="").rstrip(" .,")
-            facts.append(Fact(fact_id, relation.name, entity, value, prompt, f" {value}", tuple(doc_ids)))
+            prompt, completion = held_out_query(relation.templates[held_out], entity, value)
+            facts.append(Fact(fact_id, relation.name, entity, value, prompt, completion, tuple(doc_ids)))
     paragraphs = background_paragraphs()
     for k, text in enumerate(rng.sample(paragraphs, min(config.background_docs, len(paragraphs)))):
         docs.append({"id": f"bg-{k:04d}", "text": text, "kind": "background"})
