@@ -45,28 +45,29 @@ class Database:
         return QueryEngine(Runtime.load(self.path, device=self.device))
 
     def query(self, prompt: str, completion: str, k: int = 10, candidates: int | None = None,
-              opponents: bool = True, rerank: int | None = None, rank_by: str = "score"):
+              opponents: bool = True, rerank: int | None = None, rank_by: str | None = None):
         """The k training sequences that most increased (and, as opponents, decreased) the completion's likelihood."""
         return self.query_batch([(prompt, completion)], k=k, candidates=candidates, opponents=opponents,
                                 rerank=rerank, rank_by=rank_by)[0]
 
     def query_batch(self, queries: Iterable, k: int = 10, candidates: int | None = None, opponents: bool = True,
-                    rerank: int | None = None, rank_by: str = "score"):
+                    rerank: int | None = None, rank_by: str | None = None):
         """Many queries sharing one forward/backward pass; items are (prompt, completion) or dicts.
         ``rerank``: rows re-scored with the stored tail triplets, if the database has them (default 3k);
-        ``rank_by``: "score" (the paper's influence) or "normalized" (its cosine form)."""
+        ``rank_by``: "normalized" (the default: the cosine form of the influence) or "score" (the
+        paper's influence itself, which favours rows with large gradients)."""
         return self.engine.query([_as_query(q) for q in queries], k=k, candidates=self._candidates(k, candidates),
                                  opponents=opponents, rerank=rerank, rank_by=rank_by)
 
-    def exact(self, prompt: str, completion: str, k: int = 10, candidates: int | None = None, rank_by: str = "score"):
+    def exact(self, prompt: str, completion: str, k: int = 10, candidates: int | None = None, rank_by: str | None = None):
         """Index answer with the top rows recomputed in full, plus per-token contributions."""
         return self.exact_batch([(prompt, completion)], k=k, candidates=candidates, rank_by=rank_by)[0]
 
-    def exact_batch(self, queries: Iterable, k: int = 10, candidates: int | None = None, rank_by: str = "score"):
+    def exact_batch(self, queries: Iterable, k: int = 10, candidates: int | None = None, rank_by: str | None = None):
         return self.engine.exact([_as_query(q) for q in queries], k=k, candidates=self._candidates(k, candidates),
                                  rank_by=rank_by)
 
-    def exhaustive(self, queries: Iterable, k: int = 10, quiet: bool = True, rank_by: str = "score"):
+    def exhaustive(self, queries: Iterable, k: int = 10, quiet: bool = True, rank_by: str | None = None):
         """Every row recomputed on the fly: slow, exact, the ground truth."""
         return self.engine.exhaustive([_as_query(q) for q in queries], k=k, quiet=quiet, rank_by=rank_by)
 

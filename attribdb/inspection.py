@@ -172,5 +172,5 @@ def _verify_index(reader: ShardReader, name: str) -> None:
     if index.ntotal != reader.rows:
         raise StoreError(f"{name}: FAISS holds {index.ntotal} vectors, LMDB committed {reader.rows}")
     if reader.rows and hasattr(index, "reconstruct_n") and type(index).__name__ == "IndexFlatIP":
-        if not np.array_equal(index.reconstruct_n(0, reader.rows), reader.read(layout.SKETCH)):
+        if not np.array_equal(index.reconstruct_n(0, reader.rows), reader.faiss_vectors()):
             raise StoreError(f"{name}: FAISS vectors differ from the Zarr sketches")

@@ -53,7 +53,8 @@ class Manifest:
         return [s for g in self.generations for s in g.shard_ids]
 
     def row_layout(self) -> RowLayout:
-        return RowLayout(tuple(self.modules), self.settings.rank, self.sketch_dim, self.settings.tail_rank)
+        return RowLayout(tuple(self.modules), self.settings.rank, self.sketch_dim, self.settings.tail_rank,
+                         self.settings.normalized_index)
 
     def building(self) -> Generation | None:
         return next((g for g in self.generations if g.state == "building"), None)

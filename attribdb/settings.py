@@ -43,6 +43,8 @@ class DatabaseSettings:
     sketch_size: int = setting(256, "sketch numbers per module (a square for kronecker)")
     sketch_seed: int = setting(0, "seeds the sketch projections")
     index_kind: str = setting("flat", "flat (exact) | hnsw | ivf")
+    normalized_index: bool = setting(True, "FAISS indexes sketches divided by each row's gradient norm, so "
+                                           "candidates come by direction, not by size (false: raw sketches)")
     shard_size: int = setting(4096, "rows per shard: the unit of writing and of parallel build")
     commit_rows: int = setting(64, "rows written and committed together (a kill loses at most these)")
     batch_size: int = setting(8, "sequences per forward/backward pass")
@@ -80,7 +82,8 @@ class DatabaseSettings:
     @classmethod
     def from_dict(cls, data: dict) -> "DatabaseSettings":
         known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
+        values = {"normalized_index": False,  # databases from before the setting indexed raw sketches
+                  **{k: v for k, v in data.items() if k in known}}
         if values.get("module_patterns"):
             values["module_patterns"] = tuple(values["module_patterns"])
         return cls(**values)

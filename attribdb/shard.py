@@ -36,6 +36,7 @@ class RowLayout:
     rank: int
     sketch_dim: int
     tail_rank: int = 0
+    normalized_index: bool = False  # FAISS holds sketches / √self-influence (faiss_index.index_vectors)
 
     @property
     def tail(self) -> "RowLayout":
@@ -192,14 +193,15 @@ class ShardWriter:
 
     def seal(self, index_kind: str) -> None:
         """Trim the arrays to the committed rows, write the FAISS index, mark sealed."""
-        from attribdb.faiss_index import build_index, write_index
+        from attribdb.faiss_index import build_index, index_vectors, write_index
 
         rows = self.committed
         for name in self.group.array_keys():
             array = self.group[name]
             array.resize((rows,) + array.shape[1:])
         sketches = self.group[layout.SKETCH][:] if rows else np.zeros((0, self.layout.sketch_dim), np.float32)
-        write_index(build_index(sketches, index_kind), self.path / layout.FAISS_FILE)
+        vectors = index_vectors(sketches, self.group[layout.SELF_INFLUENCE][:rows], self.layout.normalized_index)
+        write_index(build_index(vectors, index_kind), self.path / layout.FAISS_FILE)
         with self.env.begin(write=True) as txn:
             txn.put(b"sealed", str(rows).encode(), db=self.dbs[layout.INFO_DB])
 
@@ -323,7 +325,13 @@ class ShardReader:
 
         if self.sealed:
             return read_index(self.path / layout.FAISS_FILE)
-        return build_index(self.read(layout.SKETCH), "flat")
+        return build_index(self.faiss_vectors(), "flat")
+
+    def faiss_vectors(self) -> np.ndarray:
+        """What the shard's FAISS index holds, computed from the Zarr arrays."""
+        from attribdb.faiss_index import index_vectors
+
+        return index_vectors(self.read(layout.SKETCH), self.read(layout.SELF_INFLUENCE), self.layout.normalized_index)
 
     def close(self) -> None:
         _close_env(self.env)

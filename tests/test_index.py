@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from attribdb import layout
+from attribdb import api, layout
 from attribdb.compression import low_rank_scores
 from attribdb.manifest import Manifest
 from attribdb.runtime import Runtime
@@ -127,6 +127,26 @@ def test_append_adds_shards_and_refuses_another_model(tmp_path, corpus, model_di
     assert Manifest.load(db).generations == after.generations, rebuilt.stderr
     report = cli("verify", db).stdout
     assert f"{before.generations[0].sequences + after.generations[1].sequences} rows" in report
+
+
+def test_a_database_from_before_normalized_indexes_keeps_raw_sketches(tmp_path, corpus, model_dir):
+    """Its manifest has no normalized_index; its FAISS vectors are the raw sketches, and stay so."""
+    db = tmp_path / "db"
+    cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SMALL_SETTINGS,
+        "--normalized-index", "false")
+    manifest = json.loads((db / "manifest.json").read_text())
+    del manifest["settings"]["normalized_index"]
+    (db / "manifest.json").write_text(json.dumps(manifest))
+    assert Manifest.load(db).settings.normalized_index is False
+    cli("append", db, "--corpus", write_corpus(tmp_path / "extra.jsonl", 20, seed=9, start=1000), "--quiet")
+    refused = cli("build", db, "--corpus", corpus, "--quiet", "--normalized-index", "true", check=False)
+    assert refused.returncode == 1 and "normalized-index" in refused.stderr
+    cli("verify", db)
+    with api.open(db) as database:
+        for shard_id, reader in database.engine.shards.items():
+            held = database.engine.indexes[shard_id].reconstruct_n(0, reader.rows)
+            assert np.array_equal(held, reader.read(layout.SKETCH)), shard_id
+        assert database.query("the cat", " sat").hits
 
 
 def test_malformed_lines_are_counted_and_reported(tmp_path, model_dir):

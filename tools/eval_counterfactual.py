@@ -5,7 +5,7 @@ its top-k documents for every fact; the union is removed from the corpus and
 the tiny model is retrained from the same seed with the same tokenizer.  The
 figure is how much the log-probability of each fact's completion (held-out
 prompt) drops against the model trained on everything, for attribdb (ranked
-by score and by its normalised form), BM25 text retrieval, and k random
+by its normalised form, the default, and by score), BM25 text retrieval, and k random
 documents per fact; over all facts and split by whether the full model
 completes the fact (known) or not.
 
@@ -65,7 +65,7 @@ def main() -> None:
 
     removals = {}
     with api.open(prepared.db_path) as db:
-        for method, rank_by in (("attribdb", "score"), ("attribdb normalized", "normalized")):
+        for method, rank_by in (("attribdb", "normalized"), ("attribdb by score", "score")):
             removals[method] = [ranked[: args.k] for ranked in attribdb_rankings(db, facts, 100, rank_by)]
     bm25 = BM25([d["text"] for d in docs])
     removals["BM25"] = []

@@ -99,7 +99,8 @@ def run_demo(workdir: Path, quick: bool = False, quiet: bool = False) -> list[tu
                        f"({result.timings_ms['total']:.0f} ms; documents stating the fact: {', '.join(fact.doc_ids)})")
             for hit in result.hits[:5]:
                 mark = "*" if hit.doc_id in fact.doc_ids else " "
-                click.echo(f"  {mark} {hit.rank:>2}. score {hit.score:>10.4g}  {hit.doc_id:<16} "
+                click.echo(f"  {mark} {hit.rank:>2}. cosine {hit.normalized_score:>6.3f}  score {hit.score:>10.4g}  "
+                           f"{hit.doc_id:<16} "
                            f"{' '.join(hit.text.split())[:70]}")
             click.echo(f"  rank of the first document that states the fact: {rank if rank else 'not in top 30'}")
     click.echo(f"\ndemo finished in {time.time() - started:.0f}s. Explore: attribdb shell {db_path}   "
