@@ -46,6 +46,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: str 
         raise ConfigError(f"{path} is not a local model folder (no config.json); "
                           "attribdb never downloads models: give the folder written by save_pretrained")
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a 'Loading weights' bar on every query is noise; ours report progress
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch_dtype(dtype))

@@ -4,9 +4,9 @@ Fact documents are short and few, so the training stream repeats them
 (``fact_repeats``) among the background text: a tiny model must see a fact
 many times to learn it.  Not too many: a model that drives its training loss
 on the fact documents to zero leaves them no gradient, and influence then
-points at whatever it still gets wrong (900 steps with 30 repeats gave 80%
-held-out accuracy and no fact document in the top 30; 600 with 16 gives 77%
-and the stating documents first).  The database is built over the corpus as it is.
+points at whatever it still gets wrong (900 steps with 30 repeats put no fact
+document in the top 30; 600 with 16 completes 54 of the 60 held-out prompts
+and puts the stating documents first).  The database is built over the corpus as it is.
 """
 
 from __future__ import annotations
