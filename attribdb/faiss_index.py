@@ -23,14 +23,19 @@ HNSW_NEIGHBOURS = 32
 IVF_MIN_POINTS_PER_LIST = 39  # below this faiss warns that training is unreliable
 
 
+def divide_by_norm(values, squared_norms):
+    """values / √squared_norms, and 0 where that norm is 0: how a score or a sketch becomes a
+    cosine's part, self-influence being a squared norm."""
+    norms = np.sqrt(np.maximum(np.asarray(squared_norms, dtype=np.float64), 0.0))
+    return np.divide(values, norms, out=np.zeros(np.broadcast(values, norms).shape), where=norms > 0)
+
+
 def index_vectors(sketches: np.ndarray, self_influence: np.ndarray, normalized: bool) -> np.ndarray:
     """The vectors FAISS holds for these rows (a row with no gradient gets a zero vector)."""
     sketches = np.asarray(sketches, dtype=np.float32)
     if not normalized:
         return sketches
-    norms = np.sqrt(np.maximum(np.asarray(self_influence, dtype=np.float64), 0.0))
-    scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-    return (sketches * scale[:, None]).astype(np.float32)
+    return divide_by_norm(sketches, np.asarray(self_influence)[:, None]).astype(np.float32)
 
 
 def build_index(sketches: np.ndarray, kind: str):

@@ -24,7 +24,7 @@ import torch
 from attribdb import layout
 from attribdb.compression import low_rank_scores
 from attribdb.errors import QueryError
-from attribdb.faiss_index import search
+from attribdb.faiss_index import divide_by_norm, search
 from attribdb.influence import Preconditioned, per_module_scores, self_influence, token_contributions
 from attribdb.inspection import existing_shards
 from attribdb.progress import progress_bar
@@ -45,8 +45,7 @@ def normalized(scores, self_q: float, self_m):
     It is the default because it did better on both demo evaluations: it found the documents
     stating a fact more often (tools/eval_facts.py), and removing its top documents cost the
     retrained model more of the fact (tools/eval_counterfactual.py), which is influence itself."""
-    denominator = np.sqrt(np.maximum(self_q * np.asarray(self_m, dtype=np.float64), 0.0))
-    return np.divide(scores, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+    return divide_by_norm(scores, self_q * np.asarray(self_m, dtype=np.float64))
 
 
 def _check_rank_by(rank_by: str | None) -> str:
