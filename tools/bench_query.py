@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchutil import english_paragraphs, make_model, peak_rss_mib, write_corpus  # noqa: E402
+from benchutil import english_paragraphs, make_model, peak_rss_mib, recall, write_corpus  # noqa: E402
 
 SETTINGS = {"max_length": 64, "batch_size": 16, "shard_size": 4096, "commit_rows": 64, "fit_sample_size": 512,
             "rank": 8, "tail_rank": 24}
@@ -49,15 +49,6 @@ def make_queries(seed: int = 1) -> list[dict]:
         words = paragraph.split()
         queries.append({"prompt": " ".join(words[:8]), "completion": " " + " ".join(words[8:14])})
     return queries
-
-
-def recall(index_results, truth_results, k: int) -> float:
-    values = []
-    for mine, truth in zip(index_results, truth_results):
-        wanted = {(h.shard, h.row) for h in truth.hits[:k]}
-        found = {(h.shard, h.row) for h in mine.hits[:k]}
-        values.append(len(wanted & found) / len(wanted))
-    return sum(values) / len(values)
 
 
 def faiss_mib(engine) -> float:

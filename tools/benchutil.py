@@ -1,4 +1,5 @@
-"""Shared set-up for the benchmarks: a GPT-2-sized-down model folder and a corpus, made locally."""
+"""Shared by the benchmarks and evaluations: a GPT-2-sized-down model folder and a corpus, made
+locally, and the recall of index answers against the exhaustive ones."""
 
 from __future__ import annotations
 
@@ -67,3 +68,13 @@ def write_corpus(path: Path, n_docs: int, seed: int = 0) -> Path:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def recall(index_results, truth_results, k: int) -> float:
+    """Mean share of each ground-truth top-k row (shard, row) that the other answer's top k holds."""
+    values = []
+    for mine, truth in zip(index_results, truth_results):
+        wanted = {(h.shard, h.row) for h in truth.hits[:k]}
+        found = {(h.shard, h.row) for h in mine.hits[:k]}
+        values.append(len(wanted & found) / len(wanted))
+    return sum(values) / len(values)

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import BM25, attribdb_rankings, mean_hidden_states, mrr_and_recall, rank_documents  # noqa: E402
+from benchutil import recall  # noqa: E402
 
 
 def identity_computer(runtime):
@@ -66,13 +67,9 @@ def gradient_cosine_rows(engine, facts) -> list[list[tuple[str, float]]]:
 def index_recall(db, facts, k: int = 10) -> dict[str, float]:
     """Per ranking, the share of the exhaustive top-k rows that the index answer (default candidates) returns."""
     queries = [(f.prompt, f.completion) for f in facts]
-    out = {}
-    for rank_by in ("normalized", "score"):
-        truth = db.exhaustive(queries, k=k, rank_by=rank_by)
-        found = db.query_batch(queries, k=k, rank_by=rank_by)
-        out[rank_by] = sum(len({(h.shard, h.row) for h in a.hits} & {(h.shard, h.row) for h in b.hits})
-                           for a, b in zip(found, truth)) / (k * len(queries))
-    return out
+    return {rank_by: recall(db.query_batch(queries, k=k, rank_by=rank_by),
+                            db.exhaustive(queries, k=k, rank_by=rank_by), k)
+            for rank_by in ("normalized", "score")}
 
 
 def main() -> None:
