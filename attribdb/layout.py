@@ -4,6 +4,7 @@
 
     mydb/
       manifest.json
+      lock                          the writer lock (holder's pid), see writelock.py
       factors/factors.safetensors   Q_A, Q_S, D, λ per module
       factors/sketch.safetensors    the sketch projections
       shards/NNNNN/grads.zarr       low-rank factors, σ, energy, sketch, self-influence
@@ -15,6 +16,7 @@ from pathlib import Path
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK_FILE = "lock"
 FACTORS_DIR = "factors"
 FACTORS_FILE = "factors.safetensors"
 SKETCH_FILE = "sketch.safetensors"

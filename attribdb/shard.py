@@ -167,15 +167,22 @@ class ShardWriter:
     def sealed(self) -> bool:
         return self._info(b"sealed") is not None
 
-    def append(self, block: RowBlock) -> None:
-        """Write a block at the committed end, then commit it (the only way rows appear)."""
-        start, n = self.committed, len(block)
+    def append(self, block: RowBlock, start: int) -> None:
+        """Write a block at its own first row ``start``, then commit it (the only way rows appear).
+
+        ``start`` comes from the caller (the unit's place in the shard), never from re-reading the
+        committed count: a block is refused unless it continues the committed rows exactly, checked
+        again inside the LMDB write transaction (which LMDB serialises across processes), so even two
+        writers that both lost the database lock cannot interleave or duplicate rows."""
+        n = len(block)
+        self._require_next(start, self.committed)
         if start + n > self.capacity:
             raise StoreError(f"shard {self.path} is full ({self.capacity} rows)")
         rows = slice(start, start + n)
         for name in layout.row_arrays(self.layout.tail_rank):
             self.group[name][rows] = getattr(block, name)
         with self.env.begin(write=True) as txn:
+            self._require_next(start, int(txn.get(b"committed", db=self.dbs[layout.INFO_DB]) or 0))
             docs = {}
             for offset, meta in enumerate(block.metadata):
                 row = start + offset
@@ -190,6 +197,11 @@ class ShardWriter:
             commit_no = txn.stat(self.dbs[layout.JOURNAL_DB])["entries"]
             txn.put(layout.row_key(commit_no), json.dumps(journal).encode(), db=self.dbs[layout.JOURNAL_DB])
             txn.put(b"committed", str(start + n).encode(), db=self.dbs[layout.INFO_DB])
+
+    def _require_next(self, start: int, committed: int) -> None:
+        if start != committed:
+            raise StoreError(f"shard {self.path}: refusing to write rows from {start} when it has committed "
+                             f"{committed}: another process is writing this database")
 
     def seal(self, index_kind: str) -> None:
         """Trim the arrays to the committed rows, write the FAISS index, mark sealed."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from attribdb.progress import progress_bar, say
 from attribdb.runtime import Runtime
 from attribdb.settings import DatabaseSettings
 from attribdb.shard import ShardWriter
+from attribdb.writelock import writer_lock
 from indexer import sequences
 from indexer.corpus import CorpusSpec
 from indexer.distributed import World, join, leave
@@ -52,7 +54,9 @@ def build_database(root: str | Path, spec: CorpusSpec, settings: DatabaseSetting
     root = Path(root)
     world = join()
     try:
-        return _build(root, spec, settings, overrides or {}, append, model_path, world.device(device), quiet, world)
+        with writer_lock(root) if world.is_leader else nullcontext():
+            return _build(root, spec, settings, overrides or {}, append, model_path, world.device(device), quiet,
+                          world)
     finally:
         leave(world)
 
@@ -138,7 +142,7 @@ def _write_shards(runtime: Runtime, spec: CorpusSpec, generation: Generation, wo
                     unit = shard_sequences[start:start + settings.commit_rows]
                     block = encoder.encode([s.token_ids for s in unit], [sequences.sequence_metadata(s) for s in unit],
                                            settings.batch_size)
-                    writer.append(block)
+                    writer.append(block, start)
                     computed += len(unit)
                     advance(len(unit))
                 writer.seal(settings.index_kind)

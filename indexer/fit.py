@@ -15,6 +15,7 @@ from attribdb.progress import progress_bar, say
 from attribdb.settings import DatabaseSettings
 from attribdb.tasks import CausalLMTask, collate_sequences
 from attribdb.tracking import find_tracked_modules
+from attribdb.writelock import writer_lock
 from indexer import sequences
 from indexer.corpus import CorpusSpec
 
@@ -34,6 +35,12 @@ def fit_database(root: str | Path, spec: CorpusSpec, settings: DatabaseSettings,
                  quiet: bool = False, refit: bool = False) -> Factors:
     """Fit factors into ``root`` (creating the database), refusing to refit under existing rows."""
     root = Path(root)
+    with writer_lock(root):
+        return _fit(root, spec, settings, device, quiet, refit)
+
+
+def _fit(root: Path, spec: CorpusSpec, settings: DatabaseSettings, device: str | None, quiet: bool,
+         refit: bool) -> Factors:
     resolved = resolve_device(device)
     model, tokenizer = load_model(settings.model_path, resolved, settings.dtype)
     model_fingerprint = fingerprint(model)
