@@ -16,7 +16,7 @@ import numpy as np
 from attribdb import layout
 from attribdb.errors import StoreError
 from attribdb.factors import Factors
-from attribdb.manifest import Manifest
+from attribdb.manifest import Generation, Manifest
 from attribdb.shard import ShardReader
 
 def _size(path: Path) -> int:
@@ -95,7 +95,7 @@ def verify_database(root: str | Path) -> VerifyReport:
         raise StoreError(f"{layout.sketch_path(root)} is missing")
     total_rows = 0
     for generation in manifest.generations:
-        rows = sum(_verify_shard(root, manifest, s, generation.state == "complete") for s in generation.shard_ids)
+        rows = sum(_verify_shard(root, manifest, s, generation) for s in generation.shard_ids)
         if generation.state == "complete" and rows != generation.sequences:
             raise StoreError(f"generation {generation.corpus['path']}: manifest says {generation.sequences} "
                              f"sequences, shards hold {rows}")
@@ -103,7 +103,8 @@ def verify_database(root: str | Path) -> VerifyReport:
     return VerifyReport(len(manifest.shard_ids), total_rows)
 
 
-def _verify_shard(root: Path, manifest: Manifest, shard_id: int, complete: bool) -> int:
+def _verify_shard(root: Path, manifest: Manifest, shard_id: int, generation: Generation) -> int:
+    complete = generation.state == "complete"
     path = layout.shard_dir(root, shard_id)
     if not (path / layout.META_LMDB).is_dir():
         if complete:
@@ -120,7 +121,7 @@ def _verify_shard(root: Path, manifest: Manifest, shard_id: int, complete: bool)
                 raise StoreError(f"{name}: {array_name} has {len(data)} rows, LMDB committed {reader.rows}")
             if not np.isfinite(data.astype(np.float64)).all():
                 raise StoreError(f"{name}: {array_name} holds non-finite values")
-        _verify_metadata(reader, name)
+        _verify_metadata(reader, name, (shard_id - generation.first_shard) * manifest.settings.shard_size)
         if reader.sealed:
             _verify_index(reader, name)
         return reader.rows
@@ -145,12 +146,16 @@ def _read_checked(reader: ShardReader, array_name: str, name: str) -> np.ndarray
     return np.concatenate(parts) if parts else np.zeros((0,) + array.shape[1:], dtype=array.dtype)
 
 
-def _verify_metadata(reader: ShardReader, name: str) -> None:
+def _verify_metadata(reader: ShardReader, name: str, first_sequence: int) -> None:
+    """Every record passes its checksum, and row i holds sequence ``first_sequence + i``."""
     for row in range(reader.rows):
         meta = reader.metadata([row])[0]
-        for key in ("doc_id", "source", "token_span", "text", "token_ids"):
+        for key in ("doc_id", "source", "token_span", "text", "token_ids", "sequence"):
             if key not in meta:
                 raise StoreError(f"{name}: row {row} metadata has no {key}")
+        if meta["sequence"] != first_sequence + row:
+            raise StoreError(f"{name}: row {row} holds sequence {meta['sequence']} of its corpus, "
+                             f"not {first_sequence + row}: rows were written out of place")
         if row not in reader.document_rows(meta["doc_id"]):
             raise StoreError(f"{name}: document {meta['doc_id']!r} does not list its row {row}")
     journal = reader.journal()

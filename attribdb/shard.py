@@ -12,8 +12,10 @@ build overwrites.  Sealing builds the FAISS index once all rows are in.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -21,7 +23,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from attribdb import layout
+from attribdb import layout, records
 from attribdb.errors import StoreError
 from attribdb.tracking import TrackedModule
 
@@ -95,6 +97,50 @@ def _codecs(compress: bool):
 
 _ENVIRONMENTS: dict[str, list] = {}  # realpath -> [environment, users]: LMDB allows one per process
 
+LMDB_MAGIC = 0xBEEFC0DE
+# offsets in an LMDB meta page (lmdb 0.9, 64-bit): page header 16 bytes, then magic and version,
+# address, map size, two 48-byte db records (the first one's pad holds the page size), last page, txn id
+_META_MAGIC, _META_PAGE_SIZE, _META_LAST_PAGE = 16, 40, 136
+
+
+@contextmanager
+def lmdb_errors(where: str):
+    """LMDB's own exceptions (a damaged file, a map it cannot read) as a one-line StoreError."""
+    try:
+        yield
+    except lmdb.Error as exc:
+        raise StoreError(f"{where}: LMDB cannot read it ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") \
+            from None
+
+
+def check_data_file(path: Path) -> None:
+    """Refuse a data.mdb shorter than its newest meta page says it is, before mapping it.
+
+    LMDB maps the file and reads pages past a truncated end, which kills the process with a
+    bus error instead of raising; the meta pages at the start of the file say how many pages
+    the last commit used."""
+    data = Path(path) / "data.mdb"
+    if not data.is_file():
+        return
+    size = data.stat().st_size
+    with open(data, "rb") as handle:
+        head = handle.read(_META_LAST_PAGE + 16)
+        if len(head) < _META_LAST_PAGE + 16:
+            raise StoreError(f"{data} is truncated ({size} bytes): the shard's metadata is damaged")
+        page_size = int.from_bytes(head[_META_PAGE_SIZE:_META_PAGE_SIZE + 4], "little")
+        if page_size < 512 or page_size & (page_size - 1):
+            raise StoreError(f"{data} is not an LMDB file (page size {page_size}): the shard's metadata is damaged")
+        metas = [head]
+        handle.seek(page_size)
+        metas.append(handle.read(_META_LAST_PAGE + 16))
+    needed = 0
+    for meta in metas:
+        if len(meta) < _META_LAST_PAGE + 16 or int.from_bytes(meta[_META_MAGIC:_META_MAGIC + 4], "little") != LMDB_MAGIC:
+            raise StoreError(f"{data} has a damaged header: the shard's metadata is damaged")
+        needed = max(needed, (int.from_bytes(meta[_META_LAST_PAGE:_META_LAST_PAGE + 8], "little") + 1) * page_size)
+    if size < needed:
+        raise StoreError(f"{data} is truncated ({size} of {needed} bytes): the shard's metadata is damaged")
+
 
 def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
     key = str(Path(path).resolve())
@@ -104,7 +150,15 @@ def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
             raise StoreError(f"{path} is open read-only in this process; close its readers before writing")
         _ENVIRONMENTS[key][1] = users + 1
         return env
-    env = lmdb.open(key, map_size=LMDB_MAP_SIZE, max_dbs=4, readonly=readonly, subdir=True, create=not readonly)
+    check_data_file(Path(key))
+    options = dict(map_size=LMDB_MAP_SIZE, max_dbs=4, readonly=readonly, subdir=True, create=not readonly)
+    with lmdb_errors(str(path)):
+        try:
+            env = lmdb.open(key, **options)
+        except lmdb.Error:
+            if not readonly or os.access(key, os.W_OK):
+                raise
+            env = lmdb.open(key, lock=False, **options)  # a read-only copy: no one can be writing it
     _ENVIRONMENTS[key] = [env, 1]
     return env
 
@@ -186,16 +240,18 @@ class ShardWriter:
             docs = {}
             for offset, meta in enumerate(block.metadata):
                 row = start + offset
-                txn.put(layout.row_key(row), json.dumps(meta).encode(), db=self.dbs[layout.ROWS_DB])
+                key = layout.row_key(row)
+                txn.put(key, records.pack(key, meta), db=self.dbs[layout.ROWS_DB])
                 docs.setdefault(meta["doc_id"], []).append(row)
             for doc_id, doc_rows in docs.items():
                 key = doc_id.encode()
                 previous = txn.get(key, db=self.dbs[layout.DOCS_DB])
-                merged = (json.loads(previous) if previous else []) + doc_rows
-                txn.put(key, json.dumps(merged).encode(), db=self.dbs[layout.DOCS_DB])
+                merged = (records.unpack(key, previous, f"shard {self.path} document {doc_id!r}")
+                          if previous else []) + doc_rows
+                txn.put(key, records.pack(key, merged), db=self.dbs[layout.DOCS_DB])
             journal = {"rows_start": start, "rows_end": start + n, "time": time.time()}
-            commit_no = txn.stat(self.dbs[layout.JOURNAL_DB])["entries"]
-            txn.put(layout.row_key(commit_no), json.dumps(journal).encode(), db=self.dbs[layout.JOURNAL_DB])
+            commit_key = layout.row_key(txn.stat(self.dbs[layout.JOURNAL_DB])["entries"])
+            txn.put(commit_key, records.pack(commit_key, journal), db=self.dbs[layout.JOURNAL_DB])
             txn.put(b"committed", str(start + n).encode(), db=self.dbs[layout.INFO_DB])
 
     def _require_next(self, start: int, committed: int) -> None:
@@ -282,11 +338,19 @@ class ShardReader:
         if not meta_path.is_dir():
             raise StoreError(f"shard {self.path} has no {layout.META_LMDB}")
         self.env = _open_env(meta_path, readonly=True)
-        self.dbs = {name: self.env.open_db(name, create=False) for name in
-                    (layout.ROWS_DB, layout.DOCS_DB, layout.JOURNAL_DB, layout.INFO_DB)}
-        with self.env.begin(db=self.dbs[layout.INFO_DB]) as txn:
-            self.rows = int(txn.get(b"committed") or 0)
-            self.sealed = txn.get(b"sealed") is not None
+        try:
+            with lmdb_errors(f"shard {self.path}"):
+                self.dbs = {name: self.env.open_db(name, create=False) for name in
+                            (layout.ROWS_DB, layout.DOCS_DB, layout.JOURNAL_DB, layout.INFO_DB)}
+                with self.env.begin(db=self.dbs[layout.INFO_DB]) as txn:
+                    committed, sealed = txn.get(b"committed"), txn.get(b"sealed")
+            self.rows, self.sealed = int(committed or 0), sealed is not None
+        except ValueError:
+            _close_env(self.env)
+            raise StoreError(f"shard {self.path}: its committed row count {committed!r} is not a number") from None
+        except StoreError:
+            _close_env(self.env)
+            raise
         self._row_files: dict[str, RowChunkFiles | None] = {}
         self._whole: dict[str, np.ndarray] = {}
         try:
@@ -313,23 +377,27 @@ class ShardReader:
         return self._whole[name]
 
     def metadata(self, rows) -> list[dict]:
-        with self.env.begin(db=self.dbs[layout.ROWS_DB]) as txn:
+        with lmdb_errors(f"shard {self.path}"), self.env.begin(db=self.dbs[layout.ROWS_DB]) as txn:
             out = []
             for row in rows:
-                value = txn.get(layout.row_key(int(row)))
+                key = layout.row_key(int(row))
+                value = txn.get(key)
                 if value is None:
                     raise StoreError(f"shard {self.path}: row {row} has no metadata in {layout.META_LMDB}")
-                out.append(json.loads(value))
+                out.append(records.unpack(key, value, f"shard {self.path} row {row}"))
             return out
 
     def document_rows(self, doc_id: str) -> list[int]:
-        with self.env.begin(db=self.dbs[layout.DOCS_DB]) as txn:
-            value = txn.get(doc_id.encode())
-        return [r for r in json.loads(value) if r < self.rows] if value else []
+        key = doc_id.encode()
+        with lmdb_errors(f"shard {self.path}"), self.env.begin(db=self.dbs[layout.DOCS_DB]) as txn:
+            value = txn.get(key)
+        rows = records.unpack(key, value, f"shard {self.path} document {doc_id!r}") if value else []
+        return [r for r in rows if r < self.rows]
 
     def journal(self) -> list[dict]:
-        with self.env.begin(db=self.dbs[layout.JOURNAL_DB]) as txn:
-            return [json.loads(v) for _, v in txn.cursor()]
+        with lmdb_errors(f"shard {self.path}"), self.env.begin(db=self.dbs[layout.JOURNAL_DB]) as txn:
+            return [records.unpack(bytes(k), v, f"shard {self.path} journal entry {int.from_bytes(k, 'big')}")
+                    for k, v in txn.cursor()]
 
     def index(self):
         """The shard's FAISS index; for an unsealed shard, a flat one over its committed sketches."""

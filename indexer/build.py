@@ -140,7 +140,9 @@ def _write_shards(runtime: Runtime, spec: CorpusSpec, generation: Generation, wo
                 advance(writer.committed)
                 for start in range(writer.committed, len(shard_sequences), settings.commit_rows):
                     unit = shard_sequences[start:start + settings.commit_rows]
-                    block = encoder.encode([s.token_ids for s in unit], [sequences.sequence_metadata(s) for s in unit],
+                    first = k * settings.shard_size + start
+                    block = encoder.encode([s.token_ids for s in unit],
+                                           [sequences.sequence_metadata(s, first + i) for i, s in enumerate(unit)],
                                            settings.batch_size)
                     writer.append(block, start)
                     computed += len(unit)

@@ -74,7 +74,9 @@ def sample(spec: CorpusSpec, tokenizer, settings: DatabaseSettings, total: int) 
     return [seq for i, seq in enumerate(stream(spec, tokenizer, settings)) if i in chosen]
 
 
-def sequence_metadata(seq: TextSequence) -> dict:
-    """What LMDB keeps per row: enough to show the text and to recompute its gradient."""
+def sequence_metadata(seq: TextSequence, number: int) -> dict:
+    """What LMDB keeps per row: enough to show the text and to recompute its gradient, and the
+    sequence's ``number`` in its corpus stream, which binds the row to its place (verify checks it)."""
     return {"doc_id": seq.doc_id, "source": seq.source, "token_span": list(seq.token_span),
-            "char_span": list(seq.char_span), "text": seq.text, "token_ids": list(seq.token_ids)}
+            "char_span": list(seq.char_span), "text": seq.text, "token_ids": list(seq.token_ids),
+            "sequence": number}

@@ -56,3 +56,13 @@ def other_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", 90)
+
+
+@pytest.fixture(scope="session")
+def built_db(tmp_path_factory, corpus, model_dir) -> Path:
+    """A small complete database (many shards); tests that damage it work on a copy (dbtools.copy_db)."""
+    from dbtools import SMALL_SETTINGS, cli
+
+    db = tmp_path_factory.mktemp("built") / "db"
+    cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SMALL_SETTINGS)
+    return db

@@ -93,3 +93,28 @@ def journal(shard: Path) -> list[dict]:
             return [json.loads(v) for _, v in txn.cursor(db=db)]
     finally:
         env.close()
+
+
+def copy_db(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_lmdb(shard: Path, db_name: bytes, edit) -> None:
+    """Call ``edit(txn, db)`` in a write transaction of one of a shard's named LMDB databases."""
+    env = lmdb.open(str(shard / layout.META_LMDB), max_dbs=4)
+    try:
+        with env.begin(write=True) as txn:
+            edit(txn, env.open_db(db_name, txn=txn))
+    finally:
+        env.close()
+
+
+def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """The command failed with exit 1 and a single `Error: ...` line containing every fragment."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
