@@ -13,7 +13,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from attribdb.errors import ModelMismatchError, StoreError
+from attribdb import manifest_schema
+from attribdb.errors import ConfigError, ModelMismatchError, StoreError
 from attribdb.layout import FORMAT_VERSION, MANIFEST
 from attribdb.settings import DatabaseSettings
 from attribdb.shard import RowLayout
@@ -84,8 +85,9 @@ class Manifest:
     def save(self, root: Path) -> None:
         path = Path(root) / MANIFEST
         tmp = path.with_name(f"{MANIFEST}.{os.getpid()}.tmp")
+        body = self.to_dict()
         with open(tmp, "w") as handle:
-            json.dump(self.to_dict(), handle, indent=2)
+            json.dump(body | {manifest_schema.CHECKSUM_KEY: manifest_schema.digest(body)}, handle, indent=2)
             handle.flush()
             os.fsync(handle.fileno())
         tmp.replace(path)
@@ -97,9 +99,13 @@ class Manifest:
             raise StoreError(f"{root} is not an attribdb database (no {MANIFEST})")
         try:
             data = json.loads(path.read_text())
-            if data.get("format_version") != FORMAT_VERSION:
-                raise StoreError(f"{path} has format version {data.get('format_version')}; "
-                                 f"this attribdb reads version {FORMAT_VERSION}")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise StoreError(f"{path} is not readable JSON ({exc})") from None
+        if isinstance(data, dict) and data.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{path} has format version {data.get('format_version')}; "
+                             f"this attribdb reads version {FORMAT_VERSION}")
+        data = manifest_schema.check(data, str(path))
+        try:
             return cls(
                 settings=DatabaseSettings.from_dict(data["settings"]),
                 model_fingerprint=data["model"]["fingerprint"],
@@ -110,8 +116,8 @@ class Manifest:
                 format_version=data["format_version"],
                 created=data["created"],
             )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StoreError(f"{path} is damaged: {exc}") from exc
+        except (ConfigError, ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"{path} is damaged: {exc}") from None
 
 
 def exists(root: Path) -> bool:

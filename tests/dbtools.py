@@ -118,3 +118,15 @@ def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None
     assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), result.stderr[-2000:]
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def rewrite_manifest(db: Path, edit) -> None:
+    """Edit a manifest's JSON with ``edit(data)`` and store it with a valid checksum, as a program
+    that means to change it would (a hand edit without resealing is refused by Manifest.load)."""
+    from attribdb import manifest_schema
+
+    data = json.loads((db / layout.MANIFEST).read_text())
+    del data[manifest_schema.CHECKSUM_KEY]
+    edit(data)
+    data[manifest_schema.CHECKSUM_KEY] = manifest_schema.digest(data)
+    (db / layout.MANIFEST).write_text(json.dumps(data, indent=2))

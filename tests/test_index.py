@@ -22,7 +22,8 @@ from attribdb.runtime import Runtime
 from attribdb.shard import ShardReader
 
 from conftest import write_corpus
-from dbtools import SMALL_SETTINGS, assert_same_database, assert_within_energy_bound, cli, committed_rows
+from dbtools import (SMALL_SETTINGS, assert_same_database, assert_within_energy_bound, cli, committed_rows,
+                     rewrite_manifest)
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +135,7 @@ def test_a_database_from_before_normalized_indexes_keeps_raw_sketches(tmp_path, 
     db = tmp_path / "db"
     cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SMALL_SETTINGS,
         "--normalized-index", "false")
-    manifest = json.loads((db / "manifest.json").read_text())
-    del manifest["settings"]["normalized_index"]
-    (db / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(db, lambda manifest: manifest["settings"].pop("normalized_index"))
     assert Manifest.load(db).settings.normalized_index is False
     cli("append", db, "--corpus", write_corpus(tmp_path / "extra.jsonl", 20, seed=9, start=1000), "--quiet")
     refused = cli("build", db, "--corpus", corpus, "--quiet", "--normalized-index", "true", check=False)

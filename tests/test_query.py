@@ -15,7 +15,7 @@ import attribdb.api as api
 from attribdb.errors import ModelMismatchError, QueryError, StoreError
 
 from conftest import write_corpus
-from dbtools import SMALL_SETTINGS, assert_within_energy_bound, cli
+from dbtools import SMALL_SETTINGS, assert_within_energy_bound, cli, rewrite_manifest
 
 QUERIES = [
     {"prompt": "the cat sat near the", "completion": " river stone"},
@@ -232,9 +232,9 @@ def test_unknown_database_and_model_mismatch_are_clear(db_path, tmp_path, other_
     with pytest.raises(StoreError):
         api.open(tmp_path / "nope")
     moved = shutil.copytree(db_path, tmp_path / "db")
-    manifest = json.loads((moved / "manifest.json").read_text())
-    manifest["model"]["path"] = manifest["settings"]["model_path"] = str(other_model_dir)
-    (moved / "manifest.json").write_text(json.dumps(manifest))
+    def point_at_other_model(manifest):
+        manifest["model"]["path"] = manifest["settings"]["model_path"] = str(other_model_dir)
+    rewrite_manifest(moved, point_at_other_model)
     mismatch = cli("query", moved, "--prompt", "a", "--completion", " b", check=False)
     assert mismatch.returncode == 1 and "differ from the model" in mismatch.stderr
     with pytest.raises(ModelMismatchError):

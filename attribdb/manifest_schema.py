@@ -1,0 +1,155 @@
+"""What a manifest.json may contain, checked before anything trusts it.
+
+A manifest decides which files a query opens and how many: a key that fell
+back to its default, a shard count of 10**9 or a rank of 7 where 8 were built
+used to pass unnoticed, or make a query allocate until it was killed.  The
+manifest carries a sha256 of its own canonical JSON, so an edit by hand is
+caught by the checksum; the schema catches what a checksum cannot (a manifest
+written by a buggy or foreign program) and names the key at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import fields
+
+from attribdb.errors import StoreError
+
+CHECKSUM_KEY = "checksum"
+STATES = ("building", "complete")
+LEGACY_OPTIONAL_SETTINGS = {"normalized_index"}  # absent in databases made before the setting existed
+
+
+def digest(body: dict) -> str:
+    """sha256 of the canonical JSON of a manifest without its checksum."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class _Checker:
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, key: str, problem: str):
+        raise StoreError(f"{self.where}: {key} {problem}")
+
+    def keys(self, data, key: str, required: set[str], optional: set[str] = frozenset()) -> dict:
+        if not isinstance(data, dict):
+            self.fail(key or "the manifest", f"must be an object, not {type(data).__name__}")
+        prefix = f"{key}." if key else ""
+        unknown = sorted(set(data) - required - set(optional))
+        if unknown:
+            self.fail(prefix + unknown[0], "is not a manifest key (edited by hand?)")
+        missing = sorted(required - set(data))
+        if missing:
+            self.fail(prefix + missing[0], "is missing")
+        return data
+
+    def integer(self, value, key: str, minimum: int = 0, none: bool = False):
+        if value is None and none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(key, f"must be an integer, not {value!r}")
+        if value < minimum:
+            self.fail(key, f"must be at least {minimum}, not {value}")
+
+    def string(self, value, key: str, none: bool = False, choices: tuple[str, ...] | None = None):
+        if value is None and none:
+            return
+        if not isinstance(value, str):
+            self.fail(key, f"must be a string, not {value!r}")
+        if choices and value not in choices:
+            self.fail(key, f"must be one of {', '.join(choices)}, not {value!r}")
+
+    def typed(self, value, key: str, annotation: str):
+        """A settings value against its dataclass annotation (a string under postponed evaluation)."""
+        none = annotation.endswith("| None")
+        base = annotation.removesuffix(" | None")
+        if value is None and none:
+            return
+        if base == "int":
+            self.integer(value, key, minimum=-(1 << 62))
+        elif base == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                self.fail(key, f"must be a finite number, not {value!r}")
+        elif base == "bool":
+            if not isinstance(value, bool):
+                self.fail(key, f"must be true or false, not {value!r}")
+        elif base == "str":
+            self.string(value, key)
+        elif base.startswith("tuple[str"):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                self.fail(key, f"must be a list of strings, not {value!r}")
+        else:  # a new settings type: teach this checker about it
+            raise AssertionError(f"no manifest check for settings type {annotation}")
+
+
+def check(data, where: str) -> dict:
+    """The manifest body (checksum removed) once every key is known, typed and in range."""
+    from attribdb.settings import DatabaseSettings
+
+    c = _Checker(where)
+    c.keys(data, "", {"format_version", "created", "model", "settings", "modules", "sketch_dim", "generations",
+                      CHECKSUM_KEY})
+    body = {k: v for k, v in data.items() if k != CHECKSUM_KEY}
+    if data[CHECKSUM_KEY] != digest(body):
+        raise StoreError(f"{where} fails its checksum: it was edited or damaged (restore it from a backup)")
+    c.integer(data["format_version"], "format_version")
+    c.string(data["created"], "created")
+    model = c.keys(data["model"], "model", {"path", "fingerprint", "tokenizer"})
+    for key in model:
+        c.string(model[key], f"model.{key}")
+
+    settings_fields = {f.name: str(f.type) for f in fields(DatabaseSettings)}
+    settings = c.keys(data["settings"], "settings", set(settings_fields) - LEGACY_OPTIONAL_SETTINGS,
+                      LEGACY_OPTIONAL_SETTINGS)
+    for key, value in settings.items():
+        c.typed(value, f"settings.{key}", settings_fields[key])
+
+    if not isinstance(data["modules"], list) or not data["modules"]:
+        c.fail("modules", "must be a non-empty list")
+    for i, module in enumerate(data["modules"]):
+        c.keys(module, f"modules[{i}]", {"name", "d_in", "d_out", "has_bias"})
+        c.string(module["name"], f"modules[{i}].name")
+        c.integer(module["d_in"], f"modules[{i}].d_in", minimum=1)
+        c.integer(module["d_out"], f"modules[{i}].d_out", minimum=1)
+        if not isinstance(module["has_bias"], bool):
+            c.fail(f"modules[{i}].has_bias", "must be true or false")
+    c.integer(data["sketch_dim"], "sketch_dim", minimum=1)
+    sketch_size = settings.get("sketch_size")
+    if isinstance(sketch_size, int) and data["sketch_dim"] != len(data["modules"]) * sketch_size:
+        c.fail("sketch_dim", f"is {data['sketch_dim']}, but {len(data['modules'])} modules × sketch_size "
+                             f"{sketch_size} make {len(data['modules']) * sketch_size}")
+    _check_generations(c, data["generations"], settings.get("shard_size"))
+    return body
+
+
+def _check_generations(c: _Checker, generations, shard_size) -> None:
+    if not isinstance(generations, list):
+        c.fail("generations", "must be a list")
+    next_shard, building = 0, 0
+    for i, g in enumerate(generations):
+        key = f"generations[{i}]"
+        c.keys(g, key, {"corpus", "first_shard", "state", "shards", "sequences", "documents", "malformed"},
+               {"fingerprint"})
+        if not isinstance(g["corpus"], dict) or not isinstance(g["corpus"].get("path"), str):
+            c.fail(f"{key}.corpus", "must be an object with a path")
+        c.string(g["state"], f"{key}.state", choices=STATES)
+        c.string(g.get("fingerprint"), f"{key}.fingerprint", none=True)
+        c.integer(g["first_shard"], f"{key}.first_shard")
+        if g["first_shard"] != next_shard:
+            c.fail(f"{key}.first_shard", f"is {g['first_shard']}; the shards before it end at {next_shard}")
+        for name in ("shards", "sequences"):
+            c.integer(g[name], f"{key}.{name}", minimum=1, none=g["state"] == "building")
+        for name in ("documents", "malformed"):
+            c.integer(g[name], f"{key}.{name}", none=name == "documents")
+        if g["sequences"] is not None and isinstance(shard_size, int) and shard_size > 0:
+            expected = math.ceil(g["sequences"] / shard_size)
+            if g["shards"] != expected:
+                c.fail(f"{key}.shards", f"is {g['shards']}, but {g['sequences']} sequences in shards of "
+                                        f"{shard_size} make {expected}")
+        next_shard += g["shards"] or 0
+        building += g["state"] == "building"
+    if building > 1:
+        c.fail("generations", f"has {building} unfinished builds; there can be at most one")

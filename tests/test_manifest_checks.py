@@ -1,0 +1,79 @@
+"""Manifest integrity: a checksum over the body, and a schema naming the key at fault."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from attribdb import layout
+from attribdb.errors import StoreError
+from attribdb.manifest import Manifest
+
+from dbtools import cli, copy_db, one_line_error, rewrite_manifest
+
+
+def test_a_hand_edit_fails_the_checksum(tmp_path, built_db):
+    db = copy_db(built_db, tmp_path / "db")
+    path = db / layout.MANIFEST
+    path.write_text(path.read_text().replace('"rank": 4', '"rank": 3'))
+    with pytest.raises(StoreError, match="fails its checksum: it was edited or damaged"):
+        Manifest.load(db)
+    one_line_error(cli("verify", db, check=False), "manifest.json fails its checksum")
+
+
+def _set(*keys_and_value):
+    *keys, value = keys_and_value
+
+    def edit(data):
+        target = data
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+    return edit
+
+
+def _delete(*keys):
+    def edit(data):
+        target = data
+        for key in keys[:-1]:
+            target = target[key]
+        del target[keys[-1]]
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set("settings", "rnak", 4), "settings.rnak is not a manifest key"),
+    (_delete("settings", "rank"), "settings.rank is missing"),
+    (_set("settings", "rank", 0), "rank must be positive"),
+    (_set("settings", "rank", "8"), "settings.rank must be an integer"),
+    (_set("settings", "damping_factor", None), "settings.damping_factor must be a finite number"),
+    (_set("generations", 0, "shards", 10 ** 9), "generations[0].shards is 1000000000, but"),
+    (_set("generations", 0, "sequences", -5), "generations[0].sequences must be at least 1"),
+    (_set("generations", 0, "state", "done"), "generations[0].state must be one of building, complete"),
+    (_set("generations", 0, "first_shard", 3), "generations[0].first_shard is 3"),
+    (_set("sketch_dim", 7), "sketch_dim is 7, but"),
+    (_set("modules", 0, "d_in", True), "modules[0].d_in must be an integer"),
+    (_set("extra", 1), "extra is not a manifest key"),
+])
+def test_schema_violations_are_refused_naming_the_key(tmp_path, built_db, edit, message):
+    db = copy_db(built_db, tmp_path / "db")
+    rewrite_manifest(db, edit)
+    with pytest.raises(StoreError) as caught:
+        Manifest.load(db)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_saved_manifest_round_trips(tmp_path, built_db):
+    db = copy_db(built_db, tmp_path / "db")
+    manifest = Manifest.load(db)
+    manifest.save(db)
+    assert Manifest.load(db).to_dict() == manifest.to_dict()
+    assert "checksum" in json.loads((db / layout.MANIFEST).read_text())
+
+
+def test_a_query_on_an_absurd_shard_count_fails_at_once(tmp_path, built_db):
+    db = copy_db(built_db, tmp_path / "db")
+    rewrite_manifest(db, _set("generations", 0, "shards", 10 ** 9))
+    one_line_error(cli("query", db, "--prompt", "the", "--completion", " cat", check=False),
+                   "generations[0].shards")
