@@ -173,13 +173,22 @@ def info(db, as_json):
     click.echo("settings   " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "model_path"))
 
 
+VERIFY_PENDING_EXIT = 3
+
+
 @main.command()
 @db_argument
 def verify(db):
-    """Check that manifest, Zarr, LMDB and FAISS agree and every checksum holds."""
+    """Check that manifest, Zarr, LMDB and FAISS agree and every checksum holds.
+
+    Exit status: 0 whole; 1 damaged (one line names the first problem); 3 consistent so far,
+    but a build is in progress or was interrupted (the line says how to resume it)."""
     from attribdb import api
 
     report = api.open(db).verify()
+    if report.pending:
+        click.echo(f"{report.pending} ({report.rows} rows in {report.shards} shards verified)")
+        sys.exit(VERIFY_PENDING_EXIT)
     click.echo(f"ok: {report.rows} rows in {report.shards} shards verified")
 
 

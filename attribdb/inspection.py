@@ -26,8 +26,19 @@ def _size(path: Path) -> int:
 
 
 def existing_shards(root: Path, manifest: Manifest) -> list[tuple[int, Path]]:
-    return [(s, layout.shard_dir(root, s)) for s in manifest.shard_ids
-            if (layout.shard_dir(root, s) / layout.META_LMDB).is_dir()]
+    """The shards a reader opens: every shard of a complete generation, where a missing one is an
+    error (answering without it would silently drop its rows), and those an unfinished build has
+    started."""
+    out = []
+    for generation in manifest.generations:
+        for shard_id in generation.shard_ids:
+            path = layout.shard_dir(root, shard_id)
+            if (path / layout.META_LMDB).is_dir():
+                out.append((shard_id, path))
+            elif generation.state == "complete":
+                raise StoreError(f"shard {shard_id:05d} ({path}) is missing: the database is damaged "
+                                 "(restore the shard, or rebuild)")
+    return out
 
 
 def database_info(root: str | Path) -> dict:
@@ -82,25 +93,41 @@ def _energy_with_tail(reader: ShardReader, energy: np.ndarray) -> np.ndarray:
 class VerifyReport:
     shards: int
     rows: int
+    pending: str | None = None  # an unfinished fit or build: what is committed and how to resume
+
+
+def _resume_command(root: Path, generation: Generation) -> str:
+    corpus = generation.corpus
+    command = "append" if generation.first_shard else "build"
+    defaults = {"format": "auto", "text_field": "text", "id_field": "id", "on_error": "fail"}
+    options = "".join(f" --{key.replace('_', '-')} {corpus[key]}" for key, default in defaults.items()
+                      if corpus.get(key, default) != default)
+    return f"attribdb {command} {root} --corpus {corpus['path']}{options}"
 
 
 def verify_database(root: str | Path) -> VerifyReport:
     """Raise :class:`StoreError` naming the first problem; return counts when all agree."""
     root = Path(root)
     manifest = Manifest.load(root)
+    if not manifest.generations and not layout.factors_path(root).is_file():
+        return VerifyReport(0, 0, "fit in progress or interrupted: no factors yet; resume with the same "
+                                  f"`attribdb build {root} ...` or `attribdb fit {root} ...` command")
     factors = Factors.load(layout.factors_path(root))
     if [m.name for m in factors.modules] != [m.name for m in manifest.modules]:
         raise StoreError("factors and manifest track different modules")
     if not layout.sketch_path(root).is_file():
         raise StoreError(f"{layout.sketch_path(root)} is missing")
-    total_rows = 0
+    total_rows, pending = 0, None
     for generation in manifest.generations:
         rows = sum(_verify_shard(root, manifest, s, generation) for s in generation.shard_ids)
         if generation.state == "complete" and rows != generation.sequences:
             raise StoreError(f"generation {generation.corpus['path']}: manifest says {generation.sequences} "
                              f"sequences, shards hold {rows}")
         total_rows += rows
-    return VerifyReport(len(manifest.shard_ids), total_rows)
+        if generation.state == "building":
+            pending = (f"build in progress or interrupted: {rows} of {generation.sequences} rows committed; "
+                       f"resume with `{_resume_command(root, generation)}`")
+    return VerifyReport(len(manifest.shard_ids), total_rows, pending)
 
 
 def _verify_shard(root: Path, manifest: Manifest, shard_id: int, generation: Generation) -> int:
@@ -158,10 +185,10 @@ def _verify_metadata(reader: ShardReader, name: str, first_sequence: int) -> Non
                              f"not {first_sequence + row}: rows were written out of place")
         if row not in reader.document_rows(meta["doc_id"]):
             raise StoreError(f"{name}: document {meta['doc_id']!r} does not list its row {row}")
-    journal = reader.journal()
+    journal = [entry for entry in reader.journal() if entry["rows_end"] <= reader.rows]  # a writer may be ahead
     ends = [entry["rows_end"] for entry in journal]
     starts = [entry["rows_start"] for entry in journal]
-    if (ends[-1:] or [0])[0] != reader.rows or starts != [0] + ends[:-1]:
+    if (ends[-1:] or [0])[0] != reader.rows or starts != ([0] + ends[:-1])[:len(journal)]:
         raise StoreError(f"{name}: the commit journal does not cover rows 0..{reader.rows} contiguously: "
                          f"{json.dumps(journal[-3:])}")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from attribdb import layout, records
+from attribdb import faults, layout, records
 from attribdb.errors import StoreError
 from attribdb.tracking import TrackedModule
 
@@ -235,6 +235,7 @@ class ShardWriter:
         rows = slice(start, start + n)
         for name in layout.row_arrays(self.layout.tail_rank):
             self.group[name][rows] = getattr(block, name)
+        faults.point("unit-written")
         with self.env.begin(write=True) as txn:
             self._require_next(start, int(txn.get(b"committed", db=self.dbs[layout.INFO_DB]) or 0))
             docs = {}
@@ -253,6 +254,7 @@ class ShardWriter:
             commit_key = layout.row_key(txn.stat(self.dbs[layout.JOURNAL_DB])["entries"])
             txn.put(commit_key, records.pack(commit_key, journal), db=self.dbs[layout.JOURNAL_DB])
             txn.put(b"committed", str(start + n).encode(), db=self.dbs[layout.INFO_DB])
+        faults.point("unit-committed")
 
     def _require_next(self, start: int, committed: int) -> None:
         if start != committed:
@@ -272,6 +274,7 @@ class ShardWriter:
         write_index(build_index(vectors, index_kind), self.path / layout.FAISS_FILE)
         with self.env.begin(write=True) as txn:
             txn.put(b"sealed", str(rows).encode(), db=self.dbs[layout.INFO_DB])
+        faults.point("shard-sealed")
 
     def close(self) -> None:
         _close_env(self.env)

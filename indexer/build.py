@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from attribdb import layout
+from attribdb import faults, layout
 from attribdb.errors import ConfigError
 from attribdb.manifest import Generation, Manifest
 from attribdb.progress import progress_bar, say
@@ -118,6 +118,7 @@ def _register_generation(root: Path, spec: CorpusSpec, plan: sequences.CorpusPla
         corpus=spec_dict, first_shard=manifest.next_shard_id(), shards=math.ceil(plan.sequences / shard_size),
         sequences=plan.sequences, documents=plan.documents, malformed=plan.malformed))
     manifest.save(root)
+    faults.point("generation-registered")
 
 
 def _write_shards(runtime: Runtime, spec: CorpusSpec, generation: Generation, world: World, quiet: bool) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from attribdb import layout
+from attribdb import faults, layout
 from attribdb.compression import Sketcher
 from attribdb.errors import ConfigError
 from attribdb.factors import Factors
@@ -72,6 +72,7 @@ def _fit(root: Path, spec: CorpusSpec, settings: DatabaseSettings, device: str |
         factors = fit_factors(model, task, batches, settings.factor_config, modules, device=resolved,
                               dtype=compute_dtype(settings.dtype), progress=advance)
     factors.save(layout.factors_path(root))
+    faults.point("factors-saved")
     Sketcher.create(modules, settings.sketch_kind, settings.sketch_size, settings.sketch_seed).save(
         layout.sketch_path(root))
     return factors

@@ -1,0 +1,29 @@
+"""Kill points for fault-injection testing (tools/torture.py and the tests).
+
+``ATTRIBDB_KILL_AT=<point>:<n>`` makes the process SIGKILL itself the n-th
+time (from 1) it passes ``point``: the way to test that a build killed at any
+step resumes to the same database without relying on timing.  Unset, a point
+costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "ATTRIBDB_KILL_AT"
+POINTS = ("factors-saved", "unit-written", "unit-committed", "shard-sealed", "generation-registered")
+_passed: dict[str, int] = {}
+
+
+def point(name: str) -> None:
+    """Die here if the environment asks for it."""
+    wanted = os.environ.get(ENV)
+    if not wanted:
+        return
+    target, _, count = wanted.partition(":")
+    if target != name:
+        return
+    _passed[name] = _passed.get(name, 0) + 1
+    if _passed[name] == int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
