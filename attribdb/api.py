@@ -29,6 +29,13 @@ def _as_query(item):
     return Query(prompt, completion)
 
 
+def _check_count(name: str, value, minimum: int = 1) -> None:
+    """A count the caller gave (None = the default): an int of at least ``minimum``; k=-1 used to
+    return every row, k=0 nothing, without a word."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise QueryError(f"{name} must be an integer of at least {minimum}, not {value!r}")
+
+
 class Database:
     """An attribution database on disk."""
 
@@ -56,7 +63,9 @@ class Database:
         ``rerank``: rows re-scored with the stored tail triplets, if the database has them (default 3k);
         ``rank_by``: "normalized" (the default: the cosine form of the influence) or "score" (the
         paper's influence itself, which favours rows with large gradients)."""
-        return self.engine.query([_as_query(q) for q in queries], k=k, candidates=self._candidates(k, candidates),
+        _check_count("rerank", rerank, minimum=0)
+        candidates = self._candidates(k, candidates)  # checked before the model loads
+        return self.engine.query([_as_query(q) for q in queries], k=k, candidates=candidates,
                                  opponents=opponents, rerank=rerank, rank_by=rank_by)
 
     def exact(self, prompt: str, completion: str, k: int = 10, candidates: int | None = None, rank_by: str | None = None):
@@ -64,15 +73,18 @@ class Database:
         return self.exact_batch([(prompt, completion)], k=k, candidates=candidates, rank_by=rank_by)[0]
 
     def exact_batch(self, queries: Iterable, k: int = 10, candidates: int | None = None, rank_by: str | None = None):
-        return self.engine.exact([_as_query(q) for q in queries], k=k, candidates=self._candidates(k, candidates),
+        candidates = self._candidates(k, candidates)
+        return self.engine.exact([_as_query(q) for q in queries], k=k, candidates=candidates,
                                  rank_by=rank_by)
 
     def exhaustive(self, queries: Iterable, k: int = 10, quiet: bool = True, rank_by: str | None = None):
         """Every row recomputed on the fly: slow, exact, the ground truth."""
+        _check_count("k", k)
         return self.engine.exhaustive([_as_query(q) for q in queries], k=k, quiet=quiet, rank_by=rank_by)
 
     def self_influence(self, top: int = 10):
         """The rows with the largest self-influence (outliers)."""
+        _check_count("top", top)
         return self.engine.top_self_influence(top)
 
     def info(self) -> dict:
@@ -85,6 +97,8 @@ class Database:
     def _candidates(k: int, candidates: int | None) -> int:
         from query.engine import DEFAULT_CANDIDATES
 
+        _check_count("k", k)
+        _check_count("candidates", candidates)
         return candidates if candidates is not None else max(DEFAULT_CANDIDATES, 4 * k)
 
     def close(self) -> None:
@@ -126,9 +140,7 @@ def fit(path: str | Path, corpus: str, model: str, *, device: str | None = None,
     from indexer.fit import fit_database, open_or_create
 
     given = {key: value for key, value in settings.items() if value is not None}
-    if exists(path):
-        new_settings = open_or_create(Path(path), None, given).settings
-    else:
-        new_settings = DatabaseSettings(model_path=str(Path(model).resolve()), **given)
+    existing = open_or_create(Path(path), None, given) if exists(path) else None
+    new_settings = existing.settings if existing else DatabaseSettings(model_path=str(Path(model).resolve()), **given)
     spec = CorpusSpec(path=str(corpus), **(corpus_options or {}))
     return fit_database(path, spec, new_settings, device=device, quiet=quiet, refit=refit)

@@ -197,7 +197,11 @@ def _load_queries(prompt, completion, queries_file) -> list[dict]:
         from attribdb.errors import QueryError
 
         items = []
-        for number, line in enumerate(Path(queries_file).read_text().splitlines(), start=1):
+        try:
+            lines = Path(queries_file).read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise QueryError(f"{queries_file} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:

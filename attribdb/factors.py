@@ -20,6 +20,7 @@ so a score is a plain inner product of two preconditioned gradients).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -66,8 +67,9 @@ class FactorConfig:
             raise ConfigError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.fisher not in ("true", "empirical"):
             raise ConfigError(f"fisher must be 'true' or 'empirical', not {self.fisher!r}")
-        if self.damping_factor < 0 or (self.damping is not None and self.damping < 0):
-            raise ConfigError("damping must be non-negative")
+        for name, value in (("damping-factor", self.damping_factor), ("damping", self.damping)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number, 0 or more, not {value}")
 
     @property
     def kind(self) -> Strategy:

@@ -56,6 +56,11 @@ def sketch_path(root: Path) -> Path:
     return Path(root) / FACTORS_DIR / SKETCH_FILE
 
 
+def factors_complete(root: Path) -> bool:
+    """Both factor files are written (a fit killed between them left only the first)."""
+    return factors_path(root).is_file() and sketch_path(root).is_file()
+
+
 def shard_dir(root: Path, shard_id: int) -> Path:
     return Path(root) / SHARDS_DIR / f"{shard_id:05d}"
 

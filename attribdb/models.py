@@ -18,6 +18,8 @@ from attribdb.errors import ConfigError
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64,
                 "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
 
 def torch_dtype(name: str) -> torch.dtype:
     return TORCH_DTYPES[name]
@@ -45,6 +47,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: str 
     if not (folder / "config.json").is_file():
         raise ConfigError(f"{path} is not a local model folder (no config.json); "
                           "attribdb never downloads models: give the folder written by save_pretrained")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save one there "
+                          "with tokenizer.save_pretrained")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # a 'Loading weights' bar on every query is noise; ours report progress
     try:
@@ -55,6 +60,14 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: str 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return model.to(device).eval(), tokenizer
+
+
+def check_context(model: nn.Module, max_length: int) -> None:
+    """Refuse sequences longer than the model's positions before any work (it would fail mid-build)."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is not None and max_length > context:
+        raise ConfigError(f"max-length {max_length} exceeds the model's context of {context} positions; "
+                          f"give --max-length {context} or less")
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -24,11 +24,11 @@ from attribdb.progress import progress_bar, say
 from attribdb.runtime import Runtime
 from attribdb.settings import DatabaseSettings
 from attribdb.shard import ShardWriter
-from attribdb.writelock import writer_lock
 from indexer import sequences
 from indexer.corpus import CorpusSpec
 from indexer.distributed import World, join, leave
 from indexer.fit import fit_database, open_or_create
+from indexer.writing import writing
 
 
 @dataclass
@@ -54,7 +54,7 @@ def build_database(root: str | Path, spec: CorpusSpec, settings: DatabaseSetting
     root = Path(root)
     world = join()
     try:
-        with writer_lock(root) if world.is_leader else nullcontext():
+        with writing(root) if world.is_leader else nullcontext():
             return _build(root, spec, settings, overrides or {}, append, model_path, world.device(device), quiet,
                           world)
     finally:
@@ -67,7 +67,7 @@ def _build(root, spec, settings, overrides, append, model_path, device, quiet, w
         manifest = open_or_create(root, settings, overrides)
         if append and manifest is None:
             raise ConfigError(f"{root} is not a database: build it before appending")
-        if manifest is None or not layout.factors_path(root).is_file():
+        if manifest is None or not layout.factors_complete(root):
             fit_database(root, spec, settings or manifest.settings, device=device, quiet=quiet)
     world.barrier()
     runtime = Runtime.load(root, device=device, model_path=model_path)

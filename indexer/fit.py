@@ -10,20 +10,22 @@ from attribdb.errors import ConfigError
 from attribdb.factors import Factors
 from attribdb.fitting import fit_factors
 from attribdb.manifest import Manifest, exists
-from attribdb.models import compute_dtype, fingerprint, load_model, resolve_device
+from attribdb.models import check_context, compute_dtype, fingerprint, load_model, resolve_device
 from attribdb.progress import progress_bar, say
 from attribdb.settings import DatabaseSettings
 from attribdb.tasks import CausalLMTask, collate_sequences
 from attribdb.tracking import find_tracked_modules
-from attribdb.writelock import writer_lock
 from indexer import sequences
 from indexer.corpus import CorpusSpec
+from indexer.writing import writing
 
 
 def open_or_create(root: Path, settings: DatabaseSettings | None, overrides: dict) -> Manifest | None:
     """The existing manifest (checked against ``overrides``), or None for a new database."""
     if exists(root):
         manifest = Manifest.load(root)
+        if is_stub(root, manifest):
+            return None
         manifest.settings.check_unchanged(overrides)
         return manifest
     if settings is None:
@@ -31,11 +33,17 @@ def open_or_create(root: Path, settings: DatabaseSettings | None, overrides: dic
     return None
 
 
+def is_stub(root: Path, manifest: Manifest) -> bool:
+    """A database whose first fit was killed: no rows, factors incomplete.  Nothing in it can be
+    reused, so the next fit or build starts it again, with the options it is given."""
+    return not manifest.generations and not layout.factors_complete(root)
+
+
 def fit_database(root: str | Path, spec: CorpusSpec, settings: DatabaseSettings, *, device: str | None = None,
                  quiet: bool = False, refit: bool = False) -> Factors:
     """Fit factors into ``root`` (creating the database), refusing to refit under existing rows."""
     root = Path(root)
-    with writer_lock(root):
+    with writing(root):
         return _fit(root, spec, settings, device, quiet, refit)
 
 
@@ -43,11 +51,12 @@ def _fit(root: Path, spec: CorpusSpec, settings: DatabaseSettings, device: str |
          refit: bool) -> Factors:
     resolved = resolve_device(device)
     model, tokenizer = load_model(settings.model_path, resolved, settings.dtype)
+    check_context(model, settings.max_length)
     model_fingerprint = fingerprint(model)
     task = CausalLMTask(settings.module_patterns)
     modules = find_tracked_modules(model, task.module_patterns)
-    if exists(root):
-        manifest = Manifest.load(root)
+    manifest = Manifest.load(root) if exists(root) else None
+    if manifest is not None and not is_stub(root, manifest):
         manifest.require_model(model_fingerprint)
         if layout.factors_path(root).is_file() and not refit:
             raise ConfigError(f"{root} already has factors; pass --refit to fit them again")
