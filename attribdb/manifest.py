@@ -32,6 +32,7 @@ class Generation:
     sequences: int | None = None
     documents: int | None = None
     malformed: int = 0
+    fingerprint: str | None = None  # sha256 of the corpus's sequence stream (indexer.sequences.plan)
 
     @property
     def shard_ids(self) -> range:

@@ -106,6 +106,9 @@ def _register_generation(root: Path, spec: CorpusSpec, plan: sequences.CorpusPla
         if pending.sequences != plan.sequences:
             raise ConfigError(f"{spec.path} changed since the interrupted build ({pending.sequences} sequences "
                               f"then, {plan.sequences} now); restore it or build a new database")
+        if pending.fingerprint != plan.fingerprint:
+            raise ConfigError(f"{spec.path} changed since the interrupted build (same {plan.sequences} sequences, "
+                              "different text or tokens); restore it or build a new database")
         return
     if any(sequences.same_corpus(g.corpus, spec_dict) for g in manifest.generations):
         if append:
@@ -116,7 +119,7 @@ def _register_generation(root: Path, spec: CorpusSpec, plan: sequences.CorpusPla
     shard_size = manifest.settings.shard_size
     manifest.generations.append(Generation(
         corpus=spec_dict, first_shard=manifest.next_shard_id(), shards=math.ceil(plan.sequences / shard_size),
-        sequences=plan.sequences, documents=plan.documents, malformed=plan.malformed))
+        sequences=plan.sequences, documents=plan.documents, malformed=plan.malformed, fingerprint=plan.fingerprint))
     manifest.save(root)
     faults.point("generation-registered")
 

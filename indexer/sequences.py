@@ -8,6 +8,8 @@ document and one shard's worth of token ids.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ class CorpusPlan:
     documents: int
     malformed: int
     summary: str
+    fingerprint: str  # sha256 of the sequence stream: what a resumed build must find again
 
 
 def corpus_spec_dict(spec: CorpusSpec) -> dict:
@@ -60,11 +63,13 @@ def stream(spec: CorpusSpec, tokenizer, settings: DatabaseSettings,
 
 def plan(spec: CorpusSpec, tokenizer, settings: DatabaseSettings) -> CorpusPlan:
     """Count sequences (and surface malformed records) before any expensive work."""
-    report = ReadReport()
-    count = sum(1 for _ in stream(spec, tokenizer, settings, report))
+    report, digest, count = ReadReport(), hashlib.sha256(), 0
+    for seq in stream(spec, tokenizer, settings, report):
+        count += 1
+        digest.update(json.dumps([seq.doc_id, seq.source, seq.text, seq.token_ids]).encode())
     if count == 0:
         raise CorpusError(f"{spec.path}: no training sequences ({report.summary()})")
-    return CorpusPlan(count, report.documents, report.malformed, report.summary())
+    return CorpusPlan(count, report.documents, report.malformed, report.summary(), digest.hexdigest())
 
 
 def sample(spec: CorpusSpec, tokenizer, settings: DatabaseSettings, total: int) -> list[TextSequence]:
