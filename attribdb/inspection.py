@@ -109,14 +109,13 @@ def verify_database(root: str | Path) -> VerifyReport:
     """Raise :class:`StoreError` naming the first problem; return counts when all agree."""
     root = Path(root)
     manifest = Manifest.load(root)
-    if not manifest.generations and not layout.factors_path(root).is_file():
+    if not manifest.generations and not manifest.factor_digests:
         return VerifyReport(0, 0, "fit in progress or interrupted: no factors yet; resume with the same "
                                   f"`attribdb build {root} ...` or `attribdb fit {root} ...` command")
+    manifest.check_factor_files(root)
     factors = Factors.load(layout.factors_path(root))
     if [m.name for m in factors.modules] != [m.name for m in manifest.modules]:
         raise StoreError("factors and manifest track different modules")
-    if not layout.sketch_path(root).is_file():
-        raise StoreError(f"{layout.sketch_path(root)} is missing")
     total_rows, pending = 0, None
     for generation in manifest.generations:
         rows = sum(_verify_shard(root, manifest, s, generation) for s in generation.shard_ids)
@@ -160,11 +159,16 @@ def _read_checked(reader: ShardReader, array_name: str, name: str) -> np.ndarray
     """Read an array one chunk at a time: a corrupted chunk is named by its rows, and no
     concurrent sibling read is left failing in zarr's event loop when we stop."""
     parts = []
-    block = reader.group[array_name].chunks[0]
+    try:
+        block = reader.group[array_name].chunks[0]
+    except Exception as exc:  # zarr and json raise many types on damaged metadata
+        raise StoreError(f"{name}: {array_name}/zarr.json cannot be read ({type(exc).__name__})") from None
     for start in range(0, reader.rows, block):
         rows = np.arange(start, min(start + block, reader.rows))
         try:
             parts.append(reader.read(array_name, rows))
+        except StoreError:  # already names the file
+            raise
         except Exception as exc:  # the checksum codec and zarr raise several types
             reason = (str(exc).splitlines() or [type(exc).__name__])[0][:80]
             raise StoreError(f"{name}: {array_name} rows {rows[0]}-{rows[-1]} cannot be read "
@@ -194,13 +198,7 @@ def _verify_metadata(reader: ShardReader, name: str, first_sequence: int) -> Non
 
 
 def _verify_index(reader: ShardReader, name: str) -> None:
-    path = reader.path / layout.FAISS_FILE
-    if not path.is_file():
-        raise StoreError(f"{name}: {layout.FAISS_FILE} is missing")
-    try:
-        index = reader.index()
-    except RuntimeError as exc:
-        raise StoreError(f"{name}: {layout.FAISS_FILE} cannot be read: {exc}") from exc
+    index = reader.index()  # missing, failing its checksum or unreadable: a StoreError naming the file
     if index.ntotal != reader.rows:
         raise StoreError(f"{name}: FAISS holds {index.ntotal} vectors, LMDB committed {reader.rows}")
     if reader.rows and hasattr(index, "reconstruct_n") and type(index).__name__ == "IndexFlatIP":

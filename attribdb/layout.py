@@ -56,9 +56,9 @@ def sketch_path(root: Path) -> Path:
     return Path(root) / FACTORS_DIR / SKETCH_FILE
 
 
-def factors_complete(root: Path) -> bool:
-    """Both factor files are written (a fit killed between them left only the first)."""
-    return factors_path(root).is_file() and sketch_path(root).is_file()
+def factor_files(root: Path) -> tuple[Path, ...]:
+    """The files a fit writes; the manifest records their sha256 once all are written."""
+    return factors_path(root), sketch_path(root)
 
 
 def shard_dir(root: Path, shard_id: int) -> Path:

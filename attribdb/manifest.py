@@ -7,6 +7,7 @@ shard's LMDB; the manifest lists the shards and their state.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from attribdb import manifest_schema
 from attribdb.errors import ConfigError, ModelMismatchError, StoreError
-from attribdb.layout import FORMAT_VERSION, MANIFEST
+from attribdb.layout import FORMAT_VERSION, MANIFEST, factor_files
 from attribdb.settings import DatabaseSettings
 from attribdb.shard import RowLayout
 from attribdb.tracking import TrackedModule
@@ -47,6 +48,7 @@ class Manifest:
     modules: list[TrackedModule]
     sketch_dim: int
     generations: list[Generation] = field(default_factory=list)
+    factor_digests: dict[str, str] = field(default_factory=dict)  # factors/ file name -> sha256, once fitted
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
@@ -81,7 +83,23 @@ class Manifest:
             "modules": [asdict(m) for m in self.modules],
             "sketch_dim": self.sketch_dim,
             "generations": [asdict(g) for g in self.generations],
+            "factor_digests": self.factor_digests,
         }
+
+    def record_factor_files(self, root: Path) -> None:
+        """Record the sha256 of every factor file: they become one unit, checked on every load."""
+        self.factor_digests = {path.name: file_sha256(path) for path in factor_files(root)}
+
+    def check_factor_files(self, root: Path) -> None:
+        """Refuse factor files that are missing or differ from what the fit wrote."""
+        if not self.factor_digests:
+            raise StoreError(f"{root} has no complete factors (a fit was interrupted): run the same "
+                             "`attribdb build` or `attribdb fit` command again")
+        for path in factor_files(root):
+            if not path.is_file():
+                raise StoreError(f"{path} is missing: the database is damaged")
+            if file_sha256(path) != self.factor_digests.get(path.name):
+                raise StoreError(f"{path} is damaged: its sha256 differs from the one recorded when it was fitted")
 
     def save(self, root: Path) -> None:
         path = Path(root) / MANIFEST
@@ -114,11 +132,20 @@ class Manifest:
                 modules=[TrackedModule(**m) for m in data["modules"]],
                 sketch_dim=data["sketch_dim"],
                 generations=[Generation(**g) for g in data["generations"]],
+                factor_digests=data["factor_digests"],
                 format_version=data["format_version"],
                 created=data["created"],
             )
         except (ConfigError, ValueError, KeyError, TypeError) as exc:
             raise StoreError(f"{path} is damaged: {exc}") from None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def exists(root: Path) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import fields
 
 from attribdb.errors import StoreError
@@ -91,7 +92,7 @@ def check(data, where: str) -> dict:
 
     c = _Checker(where)
     c.keys(data, "", {"format_version", "created", "model", "settings", "modules", "sketch_dim", "generations",
-                      CHECKSUM_KEY})
+                      "factor_digests", CHECKSUM_KEY})
     body = {k: v for k, v in data.items() if k != CHECKSUM_KEY}
     if data[CHECKSUM_KEY] != digest(body):
         raise StoreError(f"{where} fails its checksum: it was edited or damaged (restore it from a backup)")
@@ -121,6 +122,11 @@ def check(data, where: str) -> dict:
     if isinstance(sketch_size, int) and data["sketch_dim"] != len(data["modules"]) * sketch_size:
         c.fail("sketch_dim", f"is {data['sketch_dim']}, but {len(data['modules'])} modules × sketch_size "
                              f"{sketch_size} make {len(data['modules']) * sketch_size}")
+    if not isinstance(data["factor_digests"], dict):
+        c.fail("factor_digests", "must be an object")
+    for name, value in data["factor_digests"].items():
+        if not (isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value)):
+            c.fail(f"factor_digests.{name}", f"must be a sha256 in hex, not {value!r}")
     _check_generations(c, data["generations"], settings.get("shard_size"))
     return body
 

@@ -15,7 +15,6 @@ import torch
 from attribdb import layout
 from attribdb.compression import Sketcher
 from attribdb.encoder import RowEncoder
-from attribdb.errors import StoreError
 from attribdb.factors import Factors
 from attribdb.influence import InfluenceComputer
 from attribdb.manifest import Manifest
@@ -25,10 +24,7 @@ from attribdb.tasks import CausalLMTask
 
 
 def load_sketcher(root: Path, manifest: Manifest) -> Sketcher:
-    path = layout.sketch_path(root)
-    if not path.is_file():
-        raise StoreError(f"{path} is missing: run `attribdb fit` again")
-    return Sketcher.load(path, manifest.modules)
+    return Sketcher.load(layout.sketch_path(root), manifest.modules)
 
 
 @dataclass
@@ -51,6 +47,7 @@ class Runtime:
         resolved = resolve_device(device)
         model, tokenizer = load_model(model_path or manifest.settings.model_path, resolved, manifest.settings.dtype)
         manifest.require_model(fingerprint(model))
+        manifest.check_factor_files(root)
         factors = Factors.load(layout.factors_path(root))
         computer = InfluenceComputer(model, CausalLMTask(manifest.settings.module_patterns), factors,
                                      device=resolved, dtype=compute_dtype(manifest.settings.dtype))

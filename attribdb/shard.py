@@ -103,6 +103,19 @@ LMDB_MAGIC = 0xBEEFC0DE
 _META_MAGIC, _META_PAGE_SIZE, _META_LAST_PAGE = 16, 40, 136
 
 
+FAISS_CRC_KEY = b"faiss_crc32c"  # info key: CRC32C of sketch.faiss, written when the shard is sealed
+
+
+def _file_crc32c(path: Path) -> bytes:
+    import google_crc32c
+
+    checksum = google_crc32c.Checksum()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            checksum.update(block)
+    return checksum.digest().hex().encode()
+
+
 @contextmanager
 def lmdb_errors(where: str):
     """LMDB's own exceptions (a damaged file, a map it cannot read) as a one-line StoreError."""
@@ -273,6 +286,7 @@ class ShardWriter:
         vectors = index_vectors(sketches, self.group[layout.SELF_INFLUENCE][:rows], self.layout.normalized_index)
         write_index(build_index(vectors, index_kind), self.path / layout.FAISS_FILE)
         with self.env.begin(write=True) as txn:
+            txn.put(FAISS_CRC_KEY, _file_crc32c(self.path / layout.FAISS_FILE), db=self.dbs[layout.INFO_DB])
             txn.put(b"sealed", str(rows).encode(), db=self.dbs[layout.INFO_DB])
         faults.point("shard-sealed")
 
@@ -346,7 +360,8 @@ class ShardReader:
                 self.dbs = {name: self.env.open_db(name, create=False) for name in
                             (layout.ROWS_DB, layout.DOCS_DB, layout.JOURNAL_DB, layout.INFO_DB)}
                 with self.env.begin(db=self.dbs[layout.INFO_DB]) as txn:
-                    committed, sealed = txn.get(b"committed"), txn.get(b"sealed")
+                    committed, sealed, self._faiss_crc = (txn.get(key) for key in
+                                                          (b"committed", b"sealed", FAISS_CRC_KEY))
             self.rows, self.sealed = int(committed or 0), sealed is not None
         except ValueError:
             _close_env(self.env)
@@ -362,14 +377,36 @@ class ShardReader:
             raise StoreError(f"shard {self.path}: cannot open {layout.GRADS_ZARR}: {exc}") from exc
 
     def read(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
-        """Committed rows of one array (all of them when ``rows`` is None)."""
+        """Committed rows of one array (all of them when ``rows`` is None); whatever zarr raises on
+        damaged metadata or chunks, and a chunk file that is missing (zarr would read its fill value,
+        zeros, as if they were data), is a StoreError naming the shard and array."""
+        try:
+            return self._read(name, rows)
+        except StoreError:
+            raise
+        except Exception as exc:  # zarr, numcodecs and json raise many types on damaged files
+            reason = (str(exc).splitlines() or [""])[0][:120]
+            raise StoreError(f"shard {self.path}: {layout.GRADS_ZARR}/{name} cannot be read "
+                             f"({type(exc).__name__}: {reason})") from None
+
+    def _require_chunks(self, name: str, array, chunk_indices) -> None:
+        tail = "/0" * (array.ndim - 1)
+        for index in chunk_indices:
+            path = self.path / layout.GRADS_ZARR / name / "c" / f"{int(index)}{tail}"
+            if not path.is_file():
+                raise StoreError(f"{path} is missing: the shard is damaged (run attribdb verify)")
+
+    def _read(self, name: str, rows: np.ndarray | None) -> np.ndarray:
         if rows is None:
-            return self.group[name][: self.rows]
+            array = self.group[name]
+            self._require_chunks(name, array, range(-(-self.rows // array.chunks[0])))
+            return array[: self.rows]
         if name not in self._row_files:
             self._row_files[name] = RowChunkFiles.open(self.path / layout.GRADS_ZARR / name)
         if self._row_files[name] is not None:
             return self._row_files[name].read(rows)
         array = self.group[name]  # opening an array costs a millisecond: only on the slow path
+        self._require_chunks(name, array, np.unique(np.asarray(rows, dtype=np.int64) // array.chunks[0]))
         return array.get_orthogonal_selection((np.asarray(rows, dtype=np.int64),) + (slice(None),) * (array.ndim - 1))
 
     def whole(self, name: str) -> np.ndarray:
@@ -406,9 +443,17 @@ class ShardReader:
         """The shard's FAISS index; for an unsealed shard, a flat one over its committed sketches."""
         from attribdb.faiss_index import build_index, read_index
 
-        if self.sealed:
-            return read_index(self.path / layout.FAISS_FILE)
-        return build_index(self.faiss_vectors(), "flat")
+        if not self.sealed:
+            return build_index(self.faiss_vectors(), "flat")
+        path = self.path / layout.FAISS_FILE
+        if not path.is_file():
+            raise StoreError(f"{path} is missing: the shard is damaged")
+        if self._faiss_crc is not None and _file_crc32c(path) != bytes(self._faiss_crc):
+            raise StoreError(f"{path} fails its checksum: the index is damaged")
+        try:
+            return read_index(path)
+        except RuntimeError as exc:
+            raise StoreError(f"{path} cannot be read: {str(exc).splitlines()[0][:120]}") from None
 
     def faiss_vectors(self) -> np.ndarray:
         """What the shard's FAISS index holds, computed from the Zarr arrays."""

@@ -67,7 +67,7 @@ def _build(root, spec, settings, overrides, append, model_path, device, quiet, w
         manifest = open_or_create(root, settings, overrides)
         if append and manifest is None:
             raise ConfigError(f"{root} is not a database: build it before appending")
-        if manifest is None or not layout.factors_complete(root):
+        if manifest is None:  # a new database, or the stub of a killed first fit
             fit_database(root, spec, settings or manifest.settings, device=device, quiet=quiet)
     world.barrier()
     runtime = Runtime.load(root, device=device, model_path=model_path)

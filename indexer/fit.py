@@ -34,9 +34,10 @@ def open_or_create(root: Path, settings: DatabaseSettings | None, overrides: dic
 
 
 def is_stub(root: Path, manifest: Manifest) -> bool:
-    """A database whose first fit was killed: no rows, factors incomplete.  Nothing in it can be
-    reused, so the next fit or build starts it again, with the options it is given."""
-    return not manifest.generations and not layout.factors_complete(root)
+    """A database whose first fit was killed: no rows, and no factor files recorded as whole in the
+    manifest.  Nothing in it can be reused, so the next fit or build starts it again, with the
+    options it is given."""
+    return not manifest.generations and not manifest.factor_digests
 
 
 def fit_database(root: str | Path, spec: CorpusSpec, settings: DatabaseSettings, *, device: str | None = None,
@@ -58,7 +59,7 @@ def _fit(root: Path, spec: CorpusSpec, settings: DatabaseSettings, device: str |
     manifest = Manifest.load(root) if exists(root) else None
     if manifest is not None and not is_stub(root, manifest):
         manifest.require_model(model_fingerprint)
-        if layout.factors_path(root).is_file() and not refit:
+        if not refit:
             raise ConfigError(f"{root} already has factors; pass --refit to fit them again")
         if manifest.generations:
             raise ConfigError(f"{root} already holds rows computed with its factors; refitting would make them "
@@ -67,7 +68,8 @@ def _fit(root: Path, spec: CorpusSpec, settings: DatabaseSettings, device: str |
         sketch_dim = len(modules) * settings.sketch_size
         manifest = Manifest(settings, model_fingerprint, settings.model_path, modules, sketch_dim)
         (root / layout.FACTORS_DIR).mkdir(parents=True, exist_ok=True)
-        manifest.save(root)
+    manifest.factor_digests = {}  # until both files are written: a kill in between leaves a stub
+    manifest.save(root)
 
     say(f"reading {spec.path} ...", quiet)
     plan = sequences.plan(spec, tokenizer, settings)
@@ -84,4 +86,6 @@ def _fit(root: Path, spec: CorpusSpec, settings: DatabaseSettings, device: str |
     faults.point("factors-saved")
     Sketcher.create(modules, settings.sketch_kind, settings.sketch_size, settings.sketch_seed).save(
         layout.sketch_path(root))
+    manifest.record_factor_files(root)
+    manifest.save(root)
     return factors

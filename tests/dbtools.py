@@ -31,6 +31,20 @@ def cli(*args, env_extra: dict | None = None, check: bool = True) -> subprocess.
     return result
 
 
+def cli_here(*args) -> subprocess.CompletedProcess:
+    """`attribdb ARGS` in this process through click's runner: what the console script does, without
+    the seconds of importing torch again.  For commands that cannot kill the process; a traceback
+    (an exception the CLI did not turn into one line) is raised, failing the test with it."""
+    from click.testing import CliRunner
+
+    from attribdb.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
 def lmdb_rows(shard: Path) -> dict[bytes, bytes]:
     env = lmdb.open(str(shard / layout.META_LMDB), readonly=True, max_dbs=4)
     try:

@@ -7,7 +7,7 @@ from indexer import sequences
 from indexer.corpus import CorpusSpec
 
 from conftest import write_corpus
-from dbtools import SMALL_SETTINGS, cli, one_line_error
+from dbtools import SMALL_SETTINGS, cli, cli_here, one_line_error
 
 
 def test_an_edited_corpus_is_refused_on_resume(tmp_path, model_dir):
@@ -30,5 +30,5 @@ def test_an_edited_corpus_is_refused_on_resume(tmp_path, model_dir):
     assert edited.sequences == generation.sequences, "the edit must keep the count, or the test proves nothing"
     assert edited.fingerprint != generation.fingerprint
 
-    one_line_error(cli(*build, check=False), "changed since the interrupted build", "different text or tokens")
+    one_line_error(cli_here(*build), "changed since the interrupted build", "different text or tokens")
     assert Manifest.load(db).generations[0] == generation, "a refused resume changes nothing"

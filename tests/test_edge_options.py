@@ -14,7 +14,7 @@ from attribdb.manifest import Manifest
 from attribdb.settings import DatabaseSettings
 from attribdb.writelock import writer_lock
 
-from dbtools import SMALL_SETTINGS, cli, copy_db, one_line_error
+from dbtools import SMALL_SETTINGS, cli, cli_here, copy_db, one_line_error
 
 FIT_SETTINGS = [*SMALL_SETTINGS, "--fit-sample-size", "16"]
 
@@ -23,8 +23,7 @@ FIT_SETTINGS = [*SMALL_SETTINGS, "--fit-sample-size", "16"]
                                            ("--damping-factor", "nan"), ("--damping-factor", "inf")])
 def test_damping_must_be_finite_and_not_negative(tmp_path, corpus, model_dir, option, value):
     db = tmp_path / "db"
-    result = cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SMALL_SETTINGS, option, value,
-                 check=False)
+    result = cli_here("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SMALL_SETTINGS, option, value)
     one_line_error(result, option.lstrip("-"), "finite")
     assert not db.exists()
     with pytest.raises(ConfigError):
@@ -34,13 +33,13 @@ def test_damping_must_be_finite_and_not_negative(tmp_path, corpus, model_dir, op
 def test_max_length_beyond_the_context_fails_first_and_leaves_nothing(tmp_path, corpus, model_dir):
     db = tmp_path / "db"
     args = ["fit", db, "--corpus", corpus, "--model", model_dir, "--quiet", *FIT_SETTINGS]
-    result = cli(*args, "--max-length", "65", check=False)  # the test model has 64 positions
+    result = cli_here(*args, "--max-length", "65")  # the test model has 64 positions
     one_line_error(result, "max-length 65 exceeds the model's context of 64 positions")
     assert not db.exists(), "a failed first fit must leave nothing behind"
     db.mkdir()  # a folder the user made is kept, emptied of what the failed run wrote
-    one_line_error(cli(*args, "--max-length", "65", check=False), "context of 64")
+    one_line_error(cli_here(*args, "--max-length", "65"), "context of 64")
     assert list(db.iterdir()) == [db / layout.LOCK_FILE]
-    cli(*args, "--max-length", "64")  # the corrected retry
+    cli_here(*args, "--max-length", "64")  # the corrected retry
     assert Manifest.load(db).settings.max_length == 64
 
 
@@ -49,8 +48,9 @@ def test_a_first_fit_killed_between_its_files_is_started_again(tmp_path, corpus,
     args = ["fit", db, "--corpus", corpus, "--model", model_dir, "--quiet", *FIT_SETTINGS]
     killed = cli(*args, env_extra={"ATTRIBDB_KILL_AT": "factors-saved:1"}, check=False)
     assert killed.returncode == -9 and layout.factors_path(db).is_file() and not layout.sketch_path(db).exists()
-    cli(*args, "--rank", "3")  # other options: nothing of the stub is kept
-    assert Manifest.load(db).settings.rank == 3 and layout.factors_complete(db)
+    cli_here(*args, "--rank", "3")  # other options: nothing of the stub is kept
+    manifest = Manifest.load(db)
+    assert manifest.settings.rank == 3 and set(manifest.factor_digests) == {p.name for p in layout.factor_files(db)}
 
 
 def test_a_model_folder_without_tokenizer_is_refused(tmp_path, corpus, model_dir):
@@ -59,8 +59,7 @@ def test_a_model_folder_without_tokenizer_is_refused(tmp_path, corpus, model_dir
     for item in model_dir.iterdir():
         if "token" not in item.name and item.name not in ("vocab.json", "merges.txt"):
             shutil.copy(item, bare / item.name)
-    result = cli("build", tmp_path / "db", "--corpus", corpus, "--model", bare, "--quiet", *SMALL_SETTINGS,
-                 check=False)
+    result = cli_here("build", tmp_path / "db", "--corpus", corpus, "--model", bare, "--quiet", *SMALL_SETTINGS)
     one_line_error(result, "has no tokenizer")
     assert not (tmp_path / "db").exists()
 
@@ -78,7 +77,7 @@ def test_counts_in_the_python_api_are_checked_before_any_work(built_db):
 def test_a_non_utf8_query_file_is_one_line(tmp_path, built_db):
     queries = tmp_path / "q.jsonl"
     queries.write_bytes(b'{"prompt": "the \xff cat", "completion": " sat"}\n')
-    one_line_error(cli("query", built_db, "--queries", queries, check=False), "not UTF-8")
+    one_line_error(cli_here("query", built_db, "--queries", queries), "not UTF-8")
 
 
 def test_a_database_that_cannot_be_written_is_refused_in_one_line(tmp_path, built_db, monkeypatch):

@@ -10,7 +10,7 @@ from attribdb import layout
 from attribdb.errors import StoreError
 from attribdb.manifest import Manifest
 
-from dbtools import cli, copy_db, one_line_error, rewrite_manifest
+from dbtools import cli_here, copy_db, one_line_error, rewrite_manifest
 
 
 def test_a_hand_edit_fails_the_checksum(tmp_path, built_db):
@@ -19,7 +19,7 @@ def test_a_hand_edit_fails_the_checksum(tmp_path, built_db):
     path.write_text(path.read_text().replace('"rank": 4', '"rank": 3'))
     with pytest.raises(StoreError, match="fails its checksum: it was edited or damaged"):
         Manifest.load(db)
-    one_line_error(cli("verify", db, check=False), "manifest.json fails its checksum")
+    one_line_error(cli_here("verify", db), "manifest.json fails its checksum")
 
 
 def _set(*keys_and_value):
@@ -75,5 +75,5 @@ def test_the_saved_manifest_round_trips(tmp_path, built_db):
 def test_a_query_on_an_absurd_shard_count_fails_at_once(tmp_path, built_db):
     db = copy_db(built_db, tmp_path / "db")
     rewrite_manifest(db, _set("generations", 0, "shards", 10 ** 9))
-    one_line_error(cli("query", db, "--prompt", "the", "--completion", " cat", check=False),
+    one_line_error(cli_here("query", db, "--prompt", "the", "--completion", " cat"),
                    "generations[0].shards")

@@ -11,7 +11,7 @@ from attribdb.errors import StoreError
 from attribdb.manifest import Manifest
 from attribdb.shard import ShardReader
 
-from dbtools import cli, copy_db, edit_lmdb, one_line_error
+from dbtools import cli_here, copy_db, edit_lmdb, one_line_error
 
 QUERY = ["--prompt", "the cat", "--completion", " sat over the house"]
 
@@ -41,7 +41,7 @@ def test_an_edited_record_fails_verify_and_reads_naming_shard_and_row(tmp_path, 
     db = copy_db(built_db, tmp_path / "db")
     shard = layout.shard_dir(db, 1)
     _rewrite_row(shard, 3, lambda raw: raw.replace(b'"text":"', b'"text":"X', 1))
-    one_line_error(cli("verify", db, check=False), "00001", "row 3", "checksum")
+    one_line_error(cli_here("verify", db), "00001", "row 3", "checksum")
     reader = ShardReader(shard, Manifest.load(db).row_layout())
     try:
         with pytest.raises(StoreError, match="00001 row 3: the record fails its checksum"):
@@ -59,13 +59,13 @@ def test_a_row_holding_another_sequence_fails_verify(tmp_path, built_db):
     meta = other.metadata([5])[0]
     other.close()
     _rewrite_row(shard, 5, lambda raw: records.pack(layout.row_key(5), meta))
-    one_line_error(cli("verify", db, check=False), "shard 00002", "row 5 holds sequence 5", "not 69")
+    one_line_error(cli_here("verify", db), "shard 00002", "row 5 holds sequence 5", "not 69")
 
 
 def test_non_utf8_bytes_in_a_record_are_one_line(tmp_path, built_db):
     db = copy_db(built_db, tmp_path / "db")
     _rewrite_row(layout.shard_dir(db, 0), 0, lambda raw: raw[:20] + b"\xff\xfe" + raw[22:])
-    result = cli("verify", db, check=False)
+    result = cli_here("verify", db)
     one_line_error(result, "00000 row 0")
     assert "UnicodeDecodeError" not in result.stderr
 
@@ -76,9 +76,9 @@ def test_a_truncated_data_file_is_one_line_not_a_bus_error(tmp_path, built_db, k
     data = layout.shard_dir(db, 1) / layout.META_LMDB / "data.mdb"
     content = data.read_bytes()
     data.write_bytes(content[:keep] if keep >= 0 else content[:len(content) + keep])
-    one_line_error(cli("verify", db, check=False), "data.mdb")
+    one_line_error(cli_here("verify", db), "data.mdb")
     if keep == -4096:
-        one_line_error(cli("query", db, *QUERY, check=False), "data.mdb", "truncated")
+        one_line_error(cli_here("query", db, *QUERY), "data.mdb", "truncated")
 
 
 def test_a_healthy_database_stores_checksummed_sequence_numbers(built_db):
@@ -93,4 +93,4 @@ def test_a_healthy_database_stores_checksummed_sequence_numbers(built_db):
                    [(s, s + 8) for s in range(0, reader.rows, 8)]
         finally:
             reader.close()
-    assert json.loads(cli("info", built_db, "--json").stdout)["sequences"] == manifest.generations[0].sequences
+    assert json.loads(cli_here("info", built_db, "--json").stdout)["sequences"] == manifest.generations[0].sequences

@@ -15,7 +15,7 @@ from attribdb.shard import RowBlock, RowLayout, ShardWriter
 from attribdb.tracking import TrackedModule
 from attribdb.writelock import writer_lock
 
-from dbtools import SMALL_SETTINGS, cli
+from dbtools import SMALL_SETTINGS, cli_here
 
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
@@ -43,7 +43,7 @@ def test_a_second_writer_is_refused_naming_the_holder(other_writer, corpus, mode
     with pytest.raises(StoreError, match=f"being written by process {pid}"):
         with writer_lock(db):
             pass
-    result = cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SMALL_SETTINGS, check=False)
+    result = cli_here("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SMALL_SETTINGS)
     assert result.returncode == 1
     assert result.stderr.strip() == f"Error: {db} is being written by process {pid} (fit, build or append); " \
                                     "wait for it to finish"

@@ -1,0 +1,53 @@
+"""Factor files, FAISS indexes and Zarr metadata and chunks: damage is one line naming the file, never an answer."""
+
+from __future__ import annotations
+
+import pytest
+
+from attribdb import layout
+
+from dbtools import cli_here, copy_db, one_line_error
+
+QUERY = ["--prompt", "the cat", "--completion", " sat over the house"]
+
+
+def _flip(path, at: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(at * (len(data) - 1))] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", [layout.FACTORS_FILE, layout.SKETCH_FILE])
+def test_a_damaged_factor_file_fails_verify_and_queries(tmp_path, built_db, name):
+    db = copy_db(built_db, tmp_path / "db")
+    _flip(db / layout.FACTORS_DIR / name, at=1.0)  # the last byte: a float the loader would take as it is
+    one_line_error(cli_here("verify", db), name, "sha256 differs")
+    one_line_error(cli_here("query", db, *QUERY), name, "is damaged")
+
+
+def test_a_damaged_faiss_index_fails_verify_and_queries(tmp_path, built_db):
+    db = copy_db(built_db, tmp_path / "db")
+    _flip(layout.shard_dir(db, 2) / layout.FAISS_FILE, at=0.9)
+    one_line_error(cli_here("verify", db), "00002", layout.FAISS_FILE, "checksum")
+    one_line_error(cli_here("query", db, *QUERY), "00002", layout.FAISS_FILE, "checksum")
+
+
+@pytest.mark.parametrize("array", [layout.SIGMA, layout.LOWRANK])
+def test_damaged_zarr_metadata_is_one_line(tmp_path, built_db, array):
+    db = copy_db(built_db, tmp_path / "db")
+    (layout.shard_dir(db, 1) / layout.GRADS_ZARR / array / "zarr.json").write_text("{not json")
+    one_line_error(cli_here("verify", db), "00001", array)
+    one_line_error(cli_here("query", db, *QUERY), "00001", array)
+
+
+@pytest.mark.parametrize("array, query_reads_it", [(layout.SIGMA, True), (layout.SELF_INFLUENCE, True),
+                                                   (layout.SKETCH, False)])  # a sealed shard's query reads FAISS
+def test_a_missing_multi_row_chunk_is_not_read_as_zeros(tmp_path, built_db, array, query_reads_it):
+    db = copy_db(built_db, tmp_path / "db")
+    chunk = layout.shard_dir(db, 1) / layout.GRADS_ZARR / array / "c" / "1"  # rows 8-15
+    while chunk.is_dir():
+        chunk = next(chunk.iterdir())
+    chunk.unlink()
+    one_line_error(cli_here("verify", db), str(chunk.relative_to(db)), "is missing")
+    if query_reads_it:
+        one_line_error(cli_here("query", db, *QUERY), str(chunk.relative_to(db)), "is missing")
