@@ -86,6 +86,18 @@ class RowBlock:
         return len(self.metadata)
 
 
+def row_shapes(row_layout: RowLayout) -> dict[str, tuple[int, ...]]:
+    """The shape of one row in each array of grads.zarr, as the row layout defines it: what the
+    writer creates and what a reader checks the stored arrays against (a manifest that disagrees
+    with its shards must fail with one line, not deep in a query)."""
+    n_modules = len(row_layout.modules)
+    shapes = {layout.LOWRANK: (row_layout.width,), layout.SIGMA: (n_modules, row_layout.rank),
+              layout.ENERGY: (n_modules,), layout.SKETCH: (row_layout.sketch_dim,), layout.SELF_INFLUENCE: ()}
+    if row_layout.tail_rank:
+        shapes |= {layout.TAIL: (row_layout.tail.width,), layout.TAIL_SIGMA: (n_modules, row_layout.tail_rank)}
+    return shapes
+
+
 def _codecs(compress: bool):
     """A CRC32C over each chunk's stored bytes, so a flipped byte fails the read; zstd before it
     only where it pays: float16 singular vectors shrink by 6% for 37 µs of decoding per row, the
@@ -205,21 +217,12 @@ class ShardWriter:
         import zarr
 
         group = zarr.open_group(str(zarr_path), mode="w")
-        cap, unit, n_modules = self.capacity, self.commit_rows, len(self.layout.modules)
-        specs = {
-            layout.LOWRANK: ((cap, self.layout.width), (1, self.layout.width), "float16"),
-            layout.SIGMA: ((cap, n_modules, self.layout.rank), (unit, n_modules, self.layout.rank), "float32"),
-            layout.ENERGY: ((cap, n_modules), (unit, n_modules), "float32"),
-            layout.SKETCH: ((cap, self.layout.sketch_dim), (unit, self.layout.sketch_dim), "float32"),
-            layout.SELF_INFLUENCE: ((cap,), (unit,), "float32"),
-        }
-        if self.layout.tail_rank:
-            specs[layout.TAIL] = ((cap, self.layout.tail.width), (1, self.layout.tail.width), "float16")
-            specs[layout.TAIL_SIGMA] = ((cap, n_modules, self.layout.tail_rank), (unit, n_modules, self.layout.tail_rank),
-                                        "float32")
-        for name, (shape, chunks, dtype) in specs.items():
-            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype,
-                               compressors=_codecs(name not in (layout.LOWRANK, layout.TAIL)), fill_value=0)
+        for name, row_shape in row_shapes(self.layout).items():
+            one_row_chunks = name in (layout.LOWRANK, layout.TAIL)  # read row by row at query time
+            group.create_array(name, shape=(self.capacity,) + row_shape,
+                               chunks=(1 if one_row_chunks else self.commit_rows,) + row_shape,
+                               dtype="float16" if one_row_chunks else "float32",
+                               compressors=_codecs(not one_row_chunks), fill_value=0)
 
     def _info(self, key: bytes) -> bytes | None:
         with self.env.begin(db=self.dbs[layout.INFO_DB]) as txn:
@@ -363,9 +366,13 @@ class ShardReader:
                     committed, sealed, self._faiss_crc = (txn.get(key) for key in
                                                           (b"committed", b"sealed", FAISS_CRC_KEY))
             self.rows, self.sealed = int(committed or 0), sealed is not None
+            if sealed is not None and int(sealed) != self.rows:
+                raise StoreError(f"shard {self.path}: {self.rows} rows committed but {int(sealed)} sealed: "
+                                 f"its {layout.META_LMDB} is damaged")
         except ValueError:
             _close_env(self.env)
-            raise StoreError(f"shard {self.path}: its committed row count {committed!r} is not a number") from None
+            raise StoreError(f"shard {self.path}: its row counts (committed {committed!r}, sealed {sealed!r}) are not "
+                             f"numbers: its {layout.META_LMDB} is damaged") from None
         except StoreError:
             _close_env(self.env)
             raise
@@ -373,8 +380,17 @@ class ShardReader:
         self._whole: dict[str, np.ndarray] = {}
         try:
             self.group = zarr.open_group(str(self.path / layout.GRADS_ZARR), mode="r")
+            shapes = {name: self.group[name].shape for name in row_shapes(row_layout)}
         except Exception as exc:
-            raise StoreError(f"shard {self.path}: cannot open {layout.GRADS_ZARR}: {exc}") from exc
+            self.close()
+            reason = (str(exc).splitlines() or [""])[0][:120]
+            raise StoreError(f"shard {self.path}: cannot open {layout.GRADS_ZARR} ({type(exc).__name__}: {reason})") \
+                from None
+        for name, row_shape in row_shapes(row_layout).items():
+            if shapes[name][1:] != row_shape or shapes[name][0] < self.rows:
+                self.close()
+                raise StoreError(f"shard {self.path}: {name} holds rows of shape {shapes[name]}, the manifest "
+                                 f"describes {self.rows} rows of {row_shape}: manifest and shard disagree")
 
     def read(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
         """Committed rows of one array (all of them when ``rows`` is None); whatever zarr raises on
@@ -451,9 +467,12 @@ class ShardReader:
         if self._faiss_crc is not None and _file_crc32c(path) != bytes(self._faiss_crc):
             raise StoreError(f"{path} fails its checksum: the index is damaged")
         try:
-            return read_index(path)
+            index = read_index(path)
         except RuntimeError as exc:
             raise StoreError(f"{path} cannot be read: {str(exc).splitlines()[0][:120]}") from None
+        if index.ntotal != self.rows:
+            raise StoreError(f"{path} holds {index.ntotal} vectors for {self.rows} committed rows: the shard is damaged")
+        return index
 
     def faiss_vectors(self) -> np.ndarray:
         """What the shard's FAISS index holds, computed from the Zarr arrays."""

@@ -77,3 +77,11 @@ def test_a_query_on_an_absurd_shard_count_fails_at_once(tmp_path, built_db):
     rewrite_manifest(db, _set("generations", 0, "shards", 10 ** 9))
     one_line_error(cli_here("query", db, "--prompt", "the", "--completion", " cat"),
                    "generations[0].shards")
+
+
+def test_a_resealed_manifest_that_disagrees_with_its_shards_is_one_line(tmp_path, built_db):
+    """A program that rewrites the manifest consistently (valid checksum) still cannot change the rank."""
+    db = copy_db(built_db, tmp_path / "db")
+    rewrite_manifest(db, _set("settings", "rank", 3))
+    one_line_error(cli_here("verify", db), "lowrank holds rows of shape (32, 4128)", "manifest and shard disagree")
+    one_line_error(cli_here("query", db, "--prompt", "the", "--completion", " cat"), "manifest and shard disagree")

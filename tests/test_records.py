@@ -94,3 +94,9 @@ def test_a_healthy_database_stores_checksummed_sequence_numbers(built_db):
         finally:
             reader.close()
     assert json.loads(cli_here("info", built_db, "--json").stdout)["sequences"] == manifest.generations[0].sequences
+
+
+def test_a_committed_count_that_disagrees_with_the_sealed_one_is_one_line(tmp_path, built_db):
+    db = copy_db(built_db, tmp_path / "db")
+    edit_lmdb(layout.shard_dir(db, 1), layout.INFO_DB, lambda txn, info: txn.put(b"committed", b"16", db=info))
+    one_line_error(cli_here("query", db, *QUERY), "00001", "16 rows committed but 32 sealed")
