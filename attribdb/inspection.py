@@ -167,8 +167,8 @@ def _read_checked(reader: ShardReader, array_name: str, name: str) -> np.ndarray
         rows = np.arange(start, min(start + block, reader.rows))
         try:
             parts.append(reader.read(array_name, rows))
-        except StoreError:  # already names the file
-            raise
+        except StoreError as exc:  # names the file already
+            raise StoreError(f"{name}: {array_name} rows {rows[0]}-{rows[-1]}: {exc}") from None
         except Exception as exc:  # the checksum codec and zarr raise several types
             reason = (str(exc).splitlines() or [type(exc).__name__])[0][:80]
             raise StoreError(f"{name}: {array_name} rows {rows[0]}-{rows[-1]} cannot be read "

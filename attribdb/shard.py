@@ -378,14 +378,16 @@ class ShardReader:
             raise
         self._row_files: dict[str, RowChunkFiles | None] = {}
         self._whole: dict[str, np.ndarray] = {}
+        shapes, where = {}, layout.GRADS_ZARR
         try:
             self.group = zarr.open_group(str(self.path / layout.GRADS_ZARR), mode="r")
-            shapes = {name: self.group[name].shape for name in row_shapes(row_layout)}
-        except Exception as exc:
+            for name in row_shapes(row_layout):
+                where = f"{layout.GRADS_ZARR}/{name}"
+                shapes[name] = self.group[name].shape
+        except Exception as exc:  # zarr and json raise many types on damaged metadata
             self.close()
             reason = (str(exc).splitlines() or [""])[0][:120]
-            raise StoreError(f"shard {self.path}: cannot open {layout.GRADS_ZARR} ({type(exc).__name__}: {reason})") \
-                from None
+            raise StoreError(f"shard {self.path}: cannot open {where} ({type(exc).__name__}: {reason})") from None
         for name, row_shape in row_shapes(row_layout).items():
             if shapes[name][1:] != row_shape or shapes[name][0] < self.rows:
                 self.close()

@@ -6,7 +6,8 @@ few queries and a digest of every row it serves, then runs each scenario on a
 fresh copy and classifies the outcome:
 
 - survived cleanly: the commands that should work did, with the pristine answers;
-- clear error: refused with one ``Error: ...`` line (exit 1), never an answer without the damaged piece;
+- clear error: refused with one ``Error: ...`` line (exit 1, or click's usage message and exit 2 for a
+  malformed option), never an answer without the damaged piece;
 - traceback or unclear error: a Python traceback, or a refusal that is not one clear line
   (including ``verify`` calling a healthy interrupted build damaged);
 - crash without message: killed by a signal (bus error, segfault) or hung;
@@ -165,6 +166,8 @@ def failed(result: dict) -> str | None:
     if result["exit"] in (0, 3):
         return None
     lines = result["stderr"].strip().splitlines()
+    if result["exit"] == 2 and lines and lines[-1].startswith("Error: "):  # click's usage error: usage, then the line
+        return CLEAR
     return CLEAR if result["exit"] == 1 and len(lines) == 1 and lines[0].startswith("Error: ") else UNCLEAR
 
 
