@@ -3,7 +3,10 @@
 ``ATTRIBDB_KILL_AT=<point>:<n>`` makes the process SIGKILL itself the n-th
 time (from 1) it passes ``point``: the way to test that a build killed at any
 step resumes to the same database without relying on timing.  Unset, a point
-costs one dictionary lookup.
+costs one dictionary lookup.  The points: factors-saved (between the two
+factor files), generation-registered (manifest saved, no shard yet),
+unit-written (Zarr chunks written, LMDB commit not yet), unit-committed,
+shard-sealed.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import os
 import signal
 
 ENV = "ATTRIBDB_KILL_AT"
-POINTS = ("factors-saved", "unit-written", "unit-committed", "shard-sealed", "generation-registered")
 _passed: dict[str, int] = {}
 
 
