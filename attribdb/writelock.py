@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,10 +28,16 @@ _HELD: dict[str, list] = {}  # realpath of the lock file -> [descriptor, depth]
 
 
 def _holder(path: Path) -> str:
-    try:
-        return path.read_text().strip() or "unknown"
-    except OSError:
-        return "unknown"
+    """The pid the holder wrote; it writes it just after locking, so wait a moment for it."""
+    for _ in range(20):
+        try:
+            pid = path.read_text().strip()
+        except OSError:
+            return "unknown"
+        if pid:
+            return pid
+        time.sleep(0.01)
+    return "unknown"
 
 
 @contextmanager
