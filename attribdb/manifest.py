@@ -16,7 +16,7 @@ from pathlib import Path
 from attribdb.errors import ModelMismatchError, StoreError
 from attribdb.layout import FORMAT_VERSION, MANIFEST
 from attribdb.settings import DatabaseSettings
-from attribdb.shard import RowLayout
+from attribdb.rows import RowLayout
 from attribdb.tracking import TrackedModule
 
 
@@ -43,7 +43,7 @@ class Manifest:
     model_fingerprint: str
     tokenizer_path: str
     modules: list[TrackedModule]
-    sketch_dim: int
+    rows: dict | None = None  # the row layout (rows.RowLayout.to_dict), chosen when the factors are fitted
     generations: list[Generation] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -53,8 +53,10 @@ class Manifest:
         return [s for g in self.generations for s in g.shard_ids]
 
     def row_layout(self) -> RowLayout:
-        return RowLayout(tuple(self.modules), self.settings.rank, self.sketch_dim, self.settings.tail_rank,
-                         self.settings.normalized_index)
+        if self.rows is None:
+            raise StoreError("this database has no row layout yet: its factors were never fitted; "
+                             "run `attribdb build` (or `attribdb fit`) again")
+        return RowLayout.from_dict(self.modules, self.rows)
 
     def building(self) -> Generation | None:
         return next((g for g in self.generations if g.state == "building"), None)
@@ -77,7 +79,7 @@ class Manifest:
                       "tokenizer": self.tokenizer_path},
             "settings": self.settings.to_dict(),
             "modules": [asdict(m) for m in self.modules],
-            "sketch_dim": self.sketch_dim,
+            "rows": self.rows,
             "generations": [asdict(g) for g in self.generations],
         }
 
@@ -98,14 +100,14 @@ class Manifest:
         try:
             data = json.loads(path.read_text())
             if data.get("format_version") != FORMAT_VERSION:
-                raise StoreError(f"{path} has format version {data.get('format_version')}; "
-                                 f"this attribdb reads version {FORMAT_VERSION}")
+                raise StoreError(f"{path} has format version {data.get('format_version')}; this attribdb reads "
+                                 f"version {FORMAT_VERSION} only: build the database again")
             return cls(
                 settings=DatabaseSettings.from_dict(data["settings"]),
                 model_fingerprint=data["model"]["fingerprint"],
                 tokenizer_path=data["model"]["tokenizer"],
                 modules=[TrackedModule(**m) for m in data["modules"]],
-                sketch_dim=data["sketch_dim"],
+                rows=data.get("rows"),
                 generations=[Generation(**g) for g in data["generations"]],
                 format_version=data["format_version"],
                 created=data["created"],

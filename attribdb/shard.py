@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, replace
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
@@ -23,62 +22,18 @@ import numpy as np
 
 from attribdb import layout
 from attribdb.errors import StoreError
-from attribdb.tracking import TrackedModule
+from attribdb.rows import RowLayout, index_vectors
 
 LMDB_MAP_SIZE = 1 << 38  # address space only (64-bit); the file grows as needed
-
-
-@dataclass(frozen=True)
-class RowLayout:
-    """Where each module's U and V live in a packed low-rank row."""
-
-    modules: tuple[TrackedModule, ...]
-    rank: int
-    sketch_dim: int
-    tail_rank: int = 0
-    normalized_index: bool = False  # FAISS holds sketches / √self-influence (faiss_index.index_vectors)
-
-    @property
-    def tail(self) -> "RowLayout":
-        """How the tail triplets are packed: like the head, at the tail's rank."""
-        return replace(self, rank=self.tail_rank, tail_rank=0)
-
-    @cached_property
-    def offsets(self) -> dict[str, tuple[int, int, int]]:
-        """module -> (start of U, start of V, end of V) in the packed row."""
-        out, start = {}, 0
-        for m in self.modules:
-            v_start = start + self.rank * m.d_out
-            end = v_start + self.rank * m.d_in
-            out[m.name] = (start, v_start, end)
-            start = end
-        return out
-
-    @property
-    def width(self) -> int:
-        return sum(self.rank * (m.d_out + m.d_in) for m in self.modules)
-
-    def unpack(self, packed: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """(N, r, d_out) U and (N, r, d_in) V of one module from packed rows (N, width)."""
-        m = next(x for x in self.modules if x.name == name)
-        u_start, v_start, end = self.offsets[name]
-        n = packed.shape[0]
-        return (packed[:, u_start:v_start].reshape(n, self.rank, m.d_out),
-                packed[:, v_start:end].reshape(n, self.rank, m.d_in))
 
 
 @dataclass
 class RowBlock:
     """A commit unit's computed rows, ready to write (numpy arrays, N rows each)."""
 
-    lowrank: np.ndarray  # (N, width) float16
-    sigma: np.ndarray  # (N, modules, r) float32
-    energy: np.ndarray  # (N, modules) float32
-    sketch: np.ndarray  # (N, sketch_dim) float32
-    self_influence: np.ndarray  # (N,) float32
+    rows: np.ndarray  # (N, dim) float16 unit rows (attribdb/rows.py)
+    self_influence: np.ndarray  # (N,) float32 squared norms
     metadata: list[dict]  # per row: doc_id, source, token_span, char_span, text, token_ids
-    tail: np.ndarray | None = None  # (N, tail width) float16, when the layout has a tail
-    tail_sigma: np.ndarray | None = None  # (N, modules, tail_rank) float32
 
     def __len__(self) -> int:
         return len(self.metadata)
@@ -86,8 +41,8 @@ class RowBlock:
 
 def _codecs(compress: bool):
     """A CRC32C over each chunk's stored bytes, so a flipped byte fails the read; zstd before it
-    only where it pays: float16 singular vectors shrink by 6% for 37 µs of decoding per row, the
-    larger part of a query's read time."""
+    only where it pays: float16 rows are near-incompressible noise, and decoding would be the larger
+    part of a query's read time."""
     import zarr
 
     return [zarr.codecs.ZstdCodec(level=1), zarr.codecs.Crc32cCodec()] if compress else [zarr.codecs.Crc32cCodec()]
@@ -138,21 +93,14 @@ class ShardWriter:
         import zarr
 
         group = zarr.open_group(str(zarr_path), mode="w")
-        cap, unit, n_modules = self.capacity, self.commit_rows, len(self.layout.modules)
+        cap, unit, dim = self.capacity, self.commit_rows, self.layout.dim
         specs = {
-            layout.LOWRANK: ((cap, self.layout.width), (1, self.layout.width), "float16"),
-            layout.SIGMA: ((cap, n_modules, self.layout.rank), (unit, n_modules, self.layout.rank), "float32"),
-            layout.ENERGY: ((cap, n_modules), (unit, n_modules), "float32"),
-            layout.SKETCH: ((cap, self.layout.sketch_dim), (unit, self.layout.sketch_dim), "float32"),
+            layout.ROWS: ((cap, dim), (1, dim), "float16"),  # one row per chunk: queries read scattered rows
             layout.SELF_INFLUENCE: ((cap,), (unit,), "float32"),
         }
-        if self.layout.tail_rank:
-            specs[layout.TAIL] = ((cap, self.layout.tail.width), (1, self.layout.tail.width), "float16")
-            specs[layout.TAIL_SIGMA] = ((cap, n_modules, self.layout.tail_rank), (unit, n_modules, self.layout.tail_rank),
-                                        "float32")
         for name, (shape, chunks, dtype) in specs.items():
             group.create_array(name, shape=shape, chunks=chunks, dtype=dtype,
-                               compressors=_codecs(name not in (layout.LOWRANK, layout.TAIL)), fill_value=0)
+                               compressors=_codecs(name != layout.ROWS), fill_value=0)
 
     def _info(self, key: bytes) -> bytes | None:
         with self.env.begin(db=self.dbs[layout.INFO_DB]) as txn:
@@ -173,7 +121,7 @@ class ShardWriter:
         if start + n > self.capacity:
             raise StoreError(f"shard {self.path} is full ({self.capacity} rows)")
         rows = slice(start, start + n)
-        for name in layout.row_arrays(self.layout.tail_rank):
+        for name in layout.ROW_ARRAYS:
             self.group[name][rows] = getattr(block, name)
         with self.env.begin(write=True) as txn:
             docs = {}
@@ -193,15 +141,15 @@ class ShardWriter:
 
     def seal(self, index_kind: str) -> None:
         """Trim the arrays to the committed rows, write the FAISS index, mark sealed."""
-        from attribdb.faiss_index import build_index, index_vectors, write_index
+        from attribdb.faiss_index import build_index, write_index
 
         rows = self.committed
         for name in self.group.array_keys():
             array = self.group[name]
             array.resize((rows,) + array.shape[1:])
-        sketches = self.group[layout.SKETCH][:] if rows else np.zeros((0, self.layout.sketch_dim), np.float32)
-        vectors = index_vectors(sketches, self.group[layout.SELF_INFLUENCE][:rows], self.layout.normalized_index)
-        write_index(build_index(vectors, index_kind), self.path / layout.FAISS_FILE)
+        vectors = index_vectors(self.group[layout.ROWS][:rows], self.group[layout.SELF_INFLUENCE][:rows],
+                                self.layout.normalized_index)
+        write_index(build_index(vectors, index_kind, self.layout.normalized_index), self.path / layout.FAISS_FILE)
         with self.env.begin(write=True) as txn:
             txn.put(b"sealed", str(rows).encode(), db=self.dbs[layout.INFO_DB])
 
@@ -294,7 +242,7 @@ class ShardReader:
         return array.get_orthogonal_selection((np.asarray(rows, dtype=np.int64),) + (slice(None),) * (array.ndim - 1))
 
     def whole(self, name: str) -> np.ndarray:
-        """A small per-row array (σ, self-influence) read once and kept: a few bytes per row, where
+        """A small per-row array (self-influence) read once and kept: four bytes per row, where
         reading scattered rows through zarr would cost a millisecond per chunk on every query."""
         if name not in self._whole:
             self._whole[name] = self.read(name)
@@ -320,18 +268,16 @@ class ShardReader:
             return [json.loads(v) for _, v in txn.cursor()]
 
     def index(self):
-        """The shard's FAISS index; for an unsealed shard, a flat one over its committed sketches."""
+        """The shard's FAISS index; for an unsealed shard, a flat one over its committed rows."""
         from attribdb.faiss_index import build_index, read_index
 
         if self.sealed:
             return read_index(self.path / layout.FAISS_FILE)
-        return build_index(self.faiss_vectors(), "flat")
+        return build_index(self.faiss_vectors(), "flat", self.layout.normalized_index)
 
     def faiss_vectors(self) -> np.ndarray:
         """What the shard's FAISS index holds, computed from the Zarr arrays."""
-        from attribdb.faiss_index import index_vectors
-
-        return index_vectors(self.read(layout.SKETCH), self.read(layout.SELF_INFLUENCE), self.layout.normalized_index)
+        return index_vectors(self.read(layout.ROWS), self.read(layout.SELF_INFLUENCE), self.layout.normalized_index)
 
     def close(self) -> None:
         _close_env(self.env)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from attribdb import layout
-from attribdb.compression import Sketcher
 from attribdb.errors import ConfigError
 from attribdb.factors import Factors
 from attribdb.fitting import fit_factors
 from attribdb.manifest import Manifest, exists
 from attribdb.models import compute_dtype, fingerprint, load_model, resolve_device
 from attribdb.progress import progress_bar, say
+from attribdb.rows import RowProjection, plan_rows
 from attribdb.settings import DatabaseSettings
 from attribdb.tasks import CausalLMTask, collate_sequences
 from attribdb.tracking import find_tracked_modules
@@ -42,14 +42,13 @@ def fit_database(root: str | Path, spec: CorpusSpec, settings: DatabaseSettings,
     if exists(root):
         manifest = Manifest.load(root)
         manifest.require_model(model_fingerprint)
-        if layout.factors_path(root).is_file() and not refit:
+        if is_fitted(root, manifest) and not refit:
             raise ConfigError(f"{root} already has factors; pass --refit to fit them again")
         if manifest.generations:
             raise ConfigError(f"{root} already holds rows computed with its factors; refitting would make them "
                               "inconsistent: build a new database instead")
     else:
-        sketch_dim = len(modules) * settings.sketch_size
-        manifest = Manifest(settings, model_fingerprint, settings.model_path, modules, sketch_dim)
+        manifest = Manifest(settings, model_fingerprint, settings.model_path, modules)
         (root / layout.FACTORS_DIR).mkdir(parents=True, exist_ok=True)
         manifest.save(root)
 
@@ -64,7 +63,17 @@ def fit_database(root: str | Path, spec: CorpusSpec, settings: DatabaseSettings,
     with progress_bar(f"fit {settings.strategy} factors", len(sample) * passes, quiet) as advance:
         factors = fit_factors(model, task, batches, settings.factor_config, modules, device=resolved,
                               dtype=compute_dtype(settings.dtype), progress=advance)
+    plan = plan_rows(factors, settings.row_bytes, settings.normalized_index)
+    # factors, then projections, then the manifest that names the layout: a kill in between leaves a
+    # database that is_fitted() calls unfitted, and the next build fits again
     factors.save(layout.factors_path(root))
-    Sketcher.create(modules, settings.sketch_kind, settings.sketch_size, settings.sketch_seed).save(
-        layout.sketch_path(root))
+    RowProjection.from_plan(factors, plan).save(layout.projection_path(root))
+    manifest.rows = plan.layout.to_dict()
+    manifest.save(root)
     return factors
+
+
+def is_fitted(root: Path, manifest: Manifest) -> bool:
+    """Factors, row projections and the manifest's row layout all written (the fit's last step)."""
+    return (manifest.rows is not None and layout.factors_path(root).is_file()
+            and layout.projection_path(root).is_file())

@@ -89,7 +89,7 @@ def test_inverse_hvp_and_scores_equal_explicit_solve(mlp, data, reference, strat
     train = (data[0][10:20], data[1][10:20])
     scores = pairwise_scores(computer.query_preconditioned(queries), computer.train_preconditioned(train))
     expected = torch.zeros(3, 10, dtype=torch.float64)
-    ihvp = computer.query_inverse_hvp(queries)
+    ihvp = computer.inverse_hvp(computer.query_preconditioned(queries))
     for name, grads in reference.items():
         f = factors[name]
         damped = f.fisher_matrix() + f.damping * torch.eye(f.diagonal.numel(), dtype=torch.float64)

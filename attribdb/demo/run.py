@@ -27,10 +27,10 @@ class DemoConfig:
 
 
 FULL = DemoConfig(DemoCorpusConfig(), DemoModelConfig(),
-                  {"max_length": 128, "fit_sample_size": 512, "rank": 8, "batch_size": 8}, 1)
+                  {"max_length": 128, "fit_sample_size": 512, "batch_size": 8}, 1)
 QUICK = DemoConfig(DemoCorpusConfig(facts_per_relation=4, background_docs=120),
                    DemoModelConfig(vocab_size=1024, n_layer=1, train_steps=150, batch_size=8, fact_repeats=12),
-                   {"max_length": 64, "fit_sample_size": 64, "rank": 4, "batch_size": 8, "sketch_size": 64}, 1)
+                   {"max_length": 64, "fit_sample_size": 64, "batch_size": 8, "row_bytes": 8192}, 1)
 
 
 def rank_of_first_fact_document(result, fact: Fact) -> int | None:
