@@ -24,7 +24,9 @@ a change of representation should touch this module alone.
 
 from __future__ import annotations
 
+import heapq
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -111,15 +113,15 @@ class _ModulePlan:
     k_out: int = 1
     k_in: int = 1
 
-    def gain(self, side: str) -> float:
-        """Share added by one more eigenvector on ``side``; 0 when that side is exhausted."""
+    def gain(self, side: str) -> float | None:
+        """Share added by one more eigenvector on ``side``; None when that side is exhausted."""
         rows, cols = self.block_mass.shape
         if side == "out":
             if self.k_out >= rows:
-                return 0.0
+                return None
             return float(self.block_mass[self.k_out, self.k_in - 1] - self.block_mass[self.k_out - 1, self.k_in - 1])
         if self.k_in >= cols:
-            return 0.0
+            return None
         return float(self.block_mass[self.k_out - 1, self.k_in] - self.block_mass[self.k_out - 1, self.k_in - 1])
 
     @property
@@ -127,8 +129,7 @@ class _ModulePlan:
         return float(self.block_mass[self.k_out - 1, self.k_in - 1]) / self.total if self.total > 0 else 1.0
 
 
-def _module_plan(factors: ModuleFactors, module: TrackedModule) -> _ModulePlan:
-    weights = _coordinate_weights(factors, module.d_out, module.d_in)
+def _module_plan(weights: torch.Tensor) -> _ModulePlan:
     out_order = torch.argsort(weights.sum(1), descending=True, stable=True)[:MAX_SIDE]
     in_order = torch.argsort(weights.sum(0), descending=True, stable=True)[:MAX_SIDE]
     block_mass = weights[out_order][:, in_order].cumsum(0).cumsum(1).float()
@@ -145,38 +146,52 @@ class RowPlan:
 
 
 def plan_rows(factors: Factors, row_bytes: int, normalized_index: bool = True) -> RowPlan:
-    """Spend ``row_bytes`` where the expected self-influence is.
+    """Spend ``row_bytes`` where the fitted factors expect the self-influence to be."""
+    return plan_from_weights(factors.modules, lambda m: _coordinate_weights(factors[m.name], m.d_out, m.d_in),
+                             row_bytes, normalized_index)
+
+
+def plan_from_weights(modules: list[TrackedModule], weights: Callable[[TrackedModule], torch.Tensor],
+                      row_bytes: int, normalized_index: bool = True) -> RowPlan:
+    """Spend ``row_bytes`` on the eigen-coordinates with the largest ``weights(module)`` (d_out, d_in).
 
     Every module starts with a 1×1 block; then, greedily, the one more
     eigenvector (of S or of A, in any module) that adds the most expected
     share per number added is kept, until the budget is spent.  Widening one
     side adds a whole row or column of the block, so the cost of a step is
-    the other side's size.
+    the other side's size; costs only grow, so a step that does not fit now
+    never will.
     """
     budget = (row_bytes - 4) // np.dtype(ROW_DTYPE).itemsize
-    modules = list(factors.modules)
+    modules = list(modules)
     if budget < len(modules):
         raise ConfigError(f"row-bytes {row_bytes} cannot hold one number per module ({len(modules)} modules need "
                           f"at least {len(modules) * np.dtype(ROW_DTYPE).itemsize + 4} bytes)")
-    plans = [_module_plan(factors[m.name], m) for m in modules]
-    used = len(plans)
-    while True:
-        best, best_ratio = None, 0.0
-        for plan in plans:
-            for side, cost in (("out", plan.k_in), ("in", plan.k_out)):
-                if used + cost > budget:
-                    continue
-                ratio = plan.gain(side) / cost
-                if ratio > best_ratio:
-                    best, best_ratio = (plan, side, cost), ratio
-        if best is None:
-            break
-        plan, side, cost = best
+    plans = [_module_plan(weights(m)) for m in modules]  # one module's weights in memory at a time
+    remaining = budget - len(plans)
+    steps: list[tuple[float, int, str, tuple[int, int]]] = []  # (-gain per number, module, side, its block then)
+
+    def offer(i: int) -> None:
+        plan = plans[i]
+        for side, cost in (("out", plan.k_in), ("in", plan.k_out)):
+            gain = plan.gain(side)
+            if gain is not None:  # a step that adds nothing expected still uses bytes the user granted
+                heapq.heappush(steps, (-gain / cost, i, side, (plan.k_out, plan.k_in)))
+
+    for i in range(len(plans)):
+        offer(i)
+    while steps:
+        _, i, side, block = heapq.heappop(steps)
+        plan = plans[i]
+        cost = plan.k_in if side == "out" else plan.k_out
+        if block != (plan.k_out, plan.k_in) or cost > remaining:
+            continue  # stale (the module grew since) or too large for what is left
         if side == "out":
             plan.k_out += 1
         else:
             plan.k_in += 1
-        used += cost
+        remaining -= cost
+        offer(i)
     layout = RowLayout(tuple(modules), tuple((p.k_out, p.k_in) for p in plans), tuple(p.kept for p in plans),
                        normalized_index)
     return RowPlan(layout, {m.name: p.out_order[:p.k_out].clone() for m, p in zip(modules, plans)},
