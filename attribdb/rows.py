@@ -132,8 +132,9 @@ class _ModulePlan:
 def _module_plan(weights: torch.Tensor) -> _ModulePlan:
     out_order = torch.argsort(weights.sum(1), descending=True, stable=True)[:MAX_SIDE]
     in_order = torch.argsort(weights.sum(0), descending=True, stable=True)[:MAX_SIDE]
-    block_mass = weights[out_order][:, in_order].cumsum(0).cumsum(1).float()
-    return _ModulePlan(out_order, in_order, block_mass, float(weights.sum()))
+    # on the host: the greedy plan reads it a number at a time
+    block_mass = weights[out_order][:, in_order].cumsum(0).cumsum(1).float().cpu()
+    return _ModulePlan(out_order.cpu(), in_order.cpu(), block_mass, float(weights.sum()))
 
 
 @dataclass(frozen=True)
@@ -221,11 +222,16 @@ class BlockMap:
 
 def _block_map(factors: ModuleFactors, module: TrackedModule, out_index: torch.Tensor,
                in_index: torch.Tensor) -> BlockMap:
-    def basis(eigvecs, size, index):
-        return (eigvecs[:, index] if eigvecs is not None else torch.eye(size, dtype=torch.float64)[:, index]).double()
+    """Built once, at fit time, on the host (it is saved from there)."""
+    factors = factors.to(device="cpu", dtype=torch.float64)
 
-    denominator = (factors.diagonal.double()[out_index][:, in_index].clamp_min(0) + factors.damping
-                   if factors.diagonal is not None else torch.ones(len(out_index), len(in_index), dtype=torch.float64))
+    def basis(eigvecs, size, index):
+        return eigvecs[:, index] if eigvecs is not None else torch.eye(size, dtype=torch.float64)[:, index]
+
+    if factors.diagonal is None:  # identity strategy: nothing to divide by
+        denominator = torch.ones(len(out_index), len(in_index), dtype=torch.float64)
+    else:
+        denominator = factors.diagonal[out_index][:, in_index].clamp_min(0) + factors.damping
     if not torch.all(denominator > 0):
         raise ConfigError(f"module {module.name}: Λ + λ is 0 on kept coordinates; use a positive damping")
     return BlockMap(basis(factors.eigvecs_out, module.d_out, out_index), basis(factors.eigvecs_in, module.d_in, in_index),
@@ -259,7 +265,7 @@ class RowProjection:
         """safetensors (no pickle), written to a temporary name and renamed."""
         from safetensors.torch import save_file
 
-        tensors = {f"{name}/{key}": getattr(b, key).float().contiguous()
+        tensors = {f"{name}/{key}": getattr(b, key).float().cpu().contiguous()
                    for name, b in self.maps.items() for key in ("out", "inp", "inverse_scale")}
         header = {"format_version": PROJECTION_FORMAT_VERSION, "layout": self.layout.to_dict()}
         tmp = Path(path).with_name(Path(path).name + ".tmp")
