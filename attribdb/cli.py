@@ -161,8 +161,12 @@ def info(db, as_json):
         click.echo(f"row        {row['bytes'] / 1024:.1f} KiB: {row['dim']} float16 numbers, "
                    f"{row['bytes'] / row['dense_float32_bytes']:.4f} of dense float32 Ĝ "
                    f"({row['dense_float32_bytes'] / 1024:.0f} KiB)")
-        click.echo(f"           keeps {min(kept):.3f}–{max(kept):.3f} of each module's expected influence "
-                   f"(mean {sum(kept) / len(kept):.3f})")
+        if row["kind"] == "kron":
+            click.echo("           a random Kronecker projection: its inner products estimate the full score "
+                       "without bias")
+        else:
+            click.echo(f"           keeps {min(kept):.3f}–{max(kept):.3f} of each module's expected influence "
+                       f"(mean {sum(kept) / len(kept):.3f})")
     if data["bytes_per_sequence"]:
         per = data["bytes_per_sequence"]
         click.echo(f"per row    {sum(per.values()) / 1024:.1f} KiB on disk (zarr {per['zarr'] / 1024:.1f}, "

@@ -66,6 +66,7 @@ def _row_info(row_layout) -> dict:
     """What a row is: its size against the dense gradient, and the share of influence it keeps."""
     kept = dict(zip((m.name for m in row_layout.modules), row_layout.expected_kept))
     return {
+        "kind": row_layout.kind,
         "dim": row_layout.dim,
         "bytes": row_layout.bytes_per_row,
         "dense_float32_bytes": row_layout.dense_bytes_per_row,

@@ -39,6 +39,7 @@ from attribdb.factors import Factors, ModuleFactors
 from attribdb.tracking import Capture, TrackedModule
 
 ROW_DTYPE = np.float16
+ROW_KINDS = ("kron", "block")  # the first is the default
 MAX_SIDE = 512  # eigenvectors considered per side: keeps planning memory bounded on 7B-wide layers
 PROJECTION_FORMAT_VERSION = 1
 
@@ -51,8 +52,11 @@ class RowLayout:
     blocks: tuple[tuple[int, int], ...]  # (k_out, k_in) per module, in module order
     expected_kept: tuple[float, ...] = ()  # per module: expected share of self-influence the block keeps
     normalized_index: bool = True  # FAISS holds unit rows (ranks by cosine) rather than scaled ones
+    kind: str = "block"  # "block": the kept eigen-coordinates; "kron": a random Kronecker projection
 
     def __post_init__(self):
+        if self.kind not in ROW_KINDS:
+            raise ConfigError(f"unknown row kind {self.kind!r}; choose one of {', '.join(ROW_KINDS)}")
         if len(self.blocks) != len(self.modules):
             raise ConfigError(f"a row layout needs one block per module ({len(self.modules)}), got {len(self.blocks)}")
 
@@ -79,7 +83,7 @@ class RowLayout:
         return 4 * sum(m.d_out * m.d_in for m in self.modules)
 
     def to_dict(self) -> dict:
-        return {"blocks": {m.name: list(b) for m, b in zip(self.modules, self.blocks)},
+        return {"kind": self.kind, "blocks": {m.name: list(b) for m, b in zip(self.modules, self.blocks)},
                 "expected_kept": list(self.expected_kept), "normalized_index": self.normalized_index}
 
     @classmethod
@@ -87,7 +91,7 @@ class RowLayout:
         try:
             blocks = tuple(tuple(int(k) for k in data["blocks"][m.name]) for m in modules)
             return cls(tuple(modules), blocks, tuple(float(x) for x in data.get("expected_kept", ())),
-                       bool(data.get("normalized_index", True)))
+                       bool(data.get("normalized_index", True)), str(data.get("kind", "block")))
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"the manifest's row layout is damaged: {exc!r}") from exc
 
@@ -163,11 +167,8 @@ def plan_from_weights(modules: list[TrackedModule], weights: Callable[[TrackedMo
     the other side's size; costs only grow, so a step that does not fit now
     never will.
     """
-    budget = (row_bytes - 4) // np.dtype(ROW_DTYPE).itemsize
     modules = list(modules)
-    if budget < len(modules):
-        raise ConfigError(f"row-bytes {row_bytes} cannot hold one number per module ({len(modules)} modules need "
-                          f"at least {len(modules) * np.dtype(ROW_DTYPE).itemsize + 4} bytes)")
+    budget = _budget(row_bytes, len(modules))
     plans = [_module_plan(weights(m)) for m in modules]  # one module's weights in memory at a time
     remaining = budget - len(plans)
     steps: list[tuple[float, int, str, tuple[int, int]]] = []  # (-gain per number, module, side, its block then)
@@ -204,69 +205,169 @@ def plan_from_weights(modules: list[TrackedModule], weights: Callable[[TrackedMo
 
 @dataclass
 class BlockMap:
-    """One module's map from captures to its block."""
+    """One module's maps from captures to its part of a row: ``Σ_t (outᵀ δ_t)(inpᵀ a_t)ᵀ ∘ inverse_scale``.
 
-    out: torch.Tensor  # (d_out, k_out): the kept eigenvectors of S
-    inp: torch.Tensor  # (d_in, k_in): the kept eigenvectors of A
-    inverse_scale: torch.Tensor  # (k_out, k_in): 1/√(Λ_block + λ)
+    A kron row's query side is not the training side's: it maps the query's
+    exact inverse-HVP (``query_out``, ``query_inp``), so that the score
+    estimate is unbiased for the full EK-FAC score (see :func:`_kron_map`).
+    """
+
+    out: torch.Tensor  # (d_out, k_out)
+    inp: torch.Tensor  # (d_in, k_in)
+    inverse_scale: torch.Tensor  # (k_out, k_in): 1/√(Λ_block + λ) for a block, ones for kron
+    query_out: torch.Tensor | None = None  # (d_out, k_out), kron only
+    query_inp: torch.Tensor | None = None  # (d_in, k_in), kron only
+
+    TENSORS = ("out", "inp", "inverse_scale", "query_out", "query_inp")
 
     def to(self, device=None, dtype=None) -> "BlockMap":
-        return BlockMap(*(t.to(device=device, dtype=dtype) for t in (self.out, self.inp, self.inverse_scale)))
+        return BlockMap(*(None if t is None else t.to(device=device, dtype=dtype)
+                          for t in (getattr(self, key) for key in self.TENSORS)))
 
     def block(self, capture: Capture) -> torch.Tensor:
-        """(B, k_out, k_in): the preconditioned gradient's block, from (B, T, d) captures."""
+        """(B, k_out, k_in): the training row's part, from (B, T, d) captures."""
         grads_out = capture.grads_out @ self.out.to(capture.grads_out.dtype)  # (B, T, k_out)
         acts = capture.acts @ self.inp.to(capture.acts.dtype)  # (B, T, k_in)
         return torch.einsum("bto,bti->boi", grads_out, acts) * self.inverse_scale.to(acts.dtype)
+
+    def query_block(self, inverse_hvp: torch.Tensor) -> torch.Tensor:
+        """(B, k_out, k_in) of a kron row's query side, from (B, d_out, d_in) inverse-HVPs."""
+        return self.query_out.T.to(inverse_hvp.dtype) @ inverse_hvp @ self.query_inp.to(inverse_hvp.dtype)
 
 
 def _block_map(factors: ModuleFactors, module: TrackedModule, out_index: torch.Tensor,
                in_index: torch.Tensor) -> BlockMap:
     """Built once, at fit time, on the host (it is saved from there)."""
     factors = factors.to(device="cpu", dtype=torch.float64)
-
-    def basis(eigvecs, size, index):
-        return eigvecs[:, index] if eigvecs is not None else torch.eye(size, dtype=torch.float64)[:, index]
-
     if factors.diagonal is None:  # identity strategy: nothing to divide by
         denominator = torch.ones(len(out_index), len(in_index), dtype=torch.float64)
     else:
         denominator = factors.diagonal[out_index][:, in_index].clamp_min(0) + factors.damping
     if not torch.all(denominator > 0):
         raise ConfigError(f"module {module.name}: Λ + λ is 0 on kept coordinates; use a positive damping")
-    return BlockMap(basis(factors.eigvecs_out, module.d_out, out_index), basis(factors.eigvecs_in, module.d_in, in_index),
-                    denominator.rsqrt())
+    out_basis, in_basis = _bases(factors, module)
+    return BlockMap(out_basis[:, out_index], in_basis[:, in_index], denominator.rsqrt())
+
+
+def _bases(factors: ModuleFactors, module: TrackedModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q_S, Q_A), or identities for the strategies that precondition in parameter coordinates."""
+    if factors.eigvecs_out is None:
+        return torch.eye(module.d_out, dtype=torch.float64), torch.eye(module.d_in, dtype=torch.float64)
+    return factors.eigvecs_out, factors.eigvecs_in
+
+
+def _separable_root(weights: torch.Tensor, iterations: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """p, q > 0 with p_i q_j ≈ weights_ij (least squares, by alternating updates from ones)."""
+    q = torch.ones(weights.shape[1], dtype=weights.dtype)
+    for _ in range(iterations):
+        p = weights @ q / (q @ q)
+        q = weights.T @ p / (p @ p)
+    return p, q
+
+
+def _kron_map(factors: ModuleFactors, module: TrackedModule, k_out: int, k_in: int,
+              generator: torch.Generator) -> BlockMap:
+    """A random Kronecker projection whose inner products estimate the EK-FAC score without bias.
+
+    The score is ``Σ_ij G̃q_ij G̃m_ij / (Λ_ij + λ)`` in the eigenbasis.  With
+    ``p_i q_j ≈ (Λ_ij + λ)^-1/2`` (a separable fit) and Gaussian ``R`` of
+    variance 1/k, the training row ``R_out diag(p) G̃_m diag(q) R_inᵀ`` costs
+    only ``T·(k_out·d_out + k_in·d_in)`` (the maps fold in Q_S and Q_A), and
+    the query row ``R_out diag(1/p) (G̃_q ⊘ (Λ+λ)) diag(1/q) R_inᵀ``, made from
+    the query's exact inverse-HVP, makes ``E[⟨row_q, row_m⟩]`` the exact score.
+    The separable part only whitens both sides alike, which keeps the
+    estimate's variance near that of a projection of the preconditioned
+    gradients themselves.
+    """
+    factors = factors.to(device="cpu", dtype=torch.float64)
+    if factors.diagonal is None:
+        root = torch.ones(module.d_out, module.d_in, dtype=torch.float64)
+    else:
+        root = (factors.diagonal.clamp_min(0) + factors.damping).rsqrt()
+    p, q = _separable_root(root)
+    out_basis, in_basis = _bases(factors, module)
+    r_out = torch.randn(k_out, module.d_out, generator=generator, dtype=torch.float64) / k_out ** 0.5
+    r_in = torch.randn(k_in, module.d_in, generator=generator, dtype=torch.float64) / k_in ** 0.5
+    return BlockMap(out=out_basis @ (r_out * p).T, inp=in_basis @ (r_in * q).T,
+                    inverse_scale=torch.ones(k_out, k_in, dtype=torch.float64),
+                    query_out=out_basis @ (r_out / p).T, query_inp=in_basis @ (r_in / q).T)
+
+
+def kron_layout(factors: Factors, row_bytes: int, normalized_index: bool = True) -> RowLayout:
+    """Numbers per module in proportion to its expected self-influence (Σ Λ/(Λ+λ)): a module's
+    estimate is as noisy as its norms are large, and that share is its expected norm², so
+    this spends the budget where the noise is.  Each module's k_out × k_in is near square."""
+    budget = _budget(row_bytes, len(factors.modules))
+    shares = [float(_coordinate_weights(factors[m.name], m.d_out, m.d_in).sum()) for m in factors.modules]
+    total = sum(shares) or 1.0
+    blocks = []
+    for module, share in zip(factors.modules, shares):
+        numbers = max(1, int(budget * share / total))
+        k_out = max(1, min(module.d_out, int(numbers ** 0.5)))
+        k_in = max(1, min(module.d_in, numbers // k_out))
+        blocks.append((k_out, k_in))
+    return RowLayout(tuple(factors.modules), tuple(blocks), tuple(1.0 for _ in blocks), normalized_index, "kron")
+
+
+def _budget(row_bytes: int, modules: int) -> int:
+    """Numbers a row of ``row_bytes`` holds beside its squared norm; at least one per module."""
+    budget = (row_bytes - 4) // np.dtype(ROW_DTYPE).itemsize
+    if budget < modules:
+        raise ConfigError(f"row-bytes {row_bytes} cannot hold one number per module ({modules} modules need "
+                          f"at least {modules * np.dtype(ROW_DTYPE).itemsize + 4} bytes)")
+    return budget
 
 
 class RowProjection:
     """Turns a batch's captures into rows: a few small matrices per module.
 
-    This is all a build or an index query needs of the factors: the query
-    process never holds the full eigenbases.
+    This is all a build needs of the factors, and all an index query needs
+    for block rows; kron rows also need the query's exact inverse-HVP.
     """
 
     def __init__(self, layout: RowLayout, maps: dict[str, BlockMap]):
         self.layout, self.maps = layout, maps
 
     @classmethod
+    def fit(cls, factors: Factors, row_bytes: int, kind: str, normalized_index: bool = True,
+            seed: int = 0) -> "RowProjection":
+        """The projection of a new database: ``kind`` rows under ``row_bytes``."""
+        if kind == "block":
+            return cls.from_plan(factors, plan_rows(factors, row_bytes, normalized_index))
+        row_layout = kron_layout(factors, row_bytes, normalized_index)
+        generator = torch.Generator().manual_seed(seed)
+        return cls(row_layout, {m.name: _kron_map(factors[m.name], m, k_out, k_in, generator)
+                                for m, (k_out, k_in) in zip(row_layout.modules, row_layout.blocks)})
+
+    @classmethod
     def from_plan(cls, factors: Factors, plan: RowPlan) -> "RowProjection":
-        maps = {m.name: _block_map(factors[m.name], m, plan.out_index[m.name], plan.in_index[m.name])
-                for m in plan.layout.modules}
-        return cls(plan.layout, maps)
+        """Block rows on the eigenvectors a plan keeps."""
+        return cls(plan.layout, {m.name: _block_map(factors[m.name], m, plan.out_index[m.name], plan.in_index[m.name])
+                                 for m in plan.layout.modules})
 
     def to(self, device=None, dtype=None) -> "RowProjection":
         return RowProjection(self.layout, {name: b.to(device, dtype) for name, b in self.maps.items()})
 
     def encode(self, captures: dict[str, Capture]) -> torch.Tensor:
-        """(B, dim) rows, in the captures' dtype and device."""
+        """(B, dim) training rows, in the captures' dtype and device."""
         return torch.cat([self.maps[m.name].block(captures[m.name]).flatten(1) for m in self.layout.modules], dim=1)
+
+    def encode_query(self, captures: dict[str, Capture],
+                     inverse_hvp: Callable[[dict[str, Capture]], dict[str, torch.Tensor]]) -> torch.Tensor:
+        """(B, dim) query rows: what training rows are matched with.  ``inverse_hvp`` maps captures to
+        (F + λ)⁻¹ g per module; kron rows call it, block rows are symmetric and do not."""
+        if self.layout.kind == "block":
+            return self.encode(captures)
+        solved = inverse_hvp(captures)
+        return torch.cat([self.maps[m.name].query_block(solved[m.name]).flatten(1) for m in self.layout.modules],
+                         dim=1)
 
     def save(self, path: Path) -> None:
         """safetensors (no pickle), written to a temporary name and renamed."""
         from safetensors.torch import save_file
 
         tensors = {f"{name}/{key}": getattr(b, key).float().cpu().contiguous()
-                   for name, b in self.maps.items() for key in ("out", "inp", "inverse_scale")}
+                   for name, b in self.maps.items() for key in BlockMap.TENSORS if getattr(b, key) is not None}
         header = {"format_version": PROJECTION_FORMAT_VERSION, "layout": self.layout.to_dict()}
         tmp = Path(path).with_name(Path(path).name + ".tmp")
         save_file(tensors, str(tmp), metadata={"attribdb": json.dumps(header)})
@@ -282,16 +383,22 @@ class RowProjection:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 header = json.loads((handle.metadata() or {})["attribdb"])
-                maps = {m.name: BlockMap(*(handle.get_tensor(f"{m.name}/{key}") for key in ("out", "inp", "inverse_scale")))
-                        for m in layout.modules}
+                stored = set(handle.keys())
+                maps = {m.name: BlockMap(*(handle.get_tensor(f"{m.name}/{key}") if f"{m.name}/{key}" in stored
+                                           else None for key in BlockMap.TENSORS)) for m in layout.modules}
         except Exception as exc:  # safetensors, JSON and missing keys all mean the same: unreadable
             raise StoreError(f"cannot read the row projections {path}: {exc!r}") from exc
-        if header.get("format_version") != PROJECTION_FORMAT_VERSION or header.get("layout", {}).get("blocks") != \
-                layout.to_dict()["blocks"]:
+        stored_layout = header.get("layout", {})
+        if header.get("format_version") != PROJECTION_FORMAT_VERSION or \
+                (stored_layout.get("kind", "block"), stored_layout.get("blocks")) != (layout.kind, layout.to_dict()["blocks"]):
             raise StoreError(f"{path} does not match the manifest's row layout: the database is damaged")
         for module, (k_out, k_in) in zip(layout.modules, layout.blocks):
             block = maps[module.name]
-            if block.out.shape != (module.d_out, k_out) or block.inp.shape != (module.d_in, k_in):
+            shapes = [block.out.shape, block.inp.shape]
+            if layout.kind == "kron":
+                shapes += [None if block.query_out is None else block.query_out.shape,
+                           None if block.query_inp is None else block.query_inp.shape]
+            if shapes != [(module.d_out, k_out), (module.d_in, k_in)] * (2 if layout.kind == "kron" else 1):
                 raise StoreError(f"{path}: the projections of {module.name} have the wrong shape")
         return cls(layout, maps)
 

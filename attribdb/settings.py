@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from attribdb.errors import ConfigError
 from attribdb.factors import FactorConfig
+from attribdb.rows import ROW_KINDS
 
 INDEX_KINDS = ("flat", "hnsw", "ivf")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -37,6 +38,9 @@ class DatabaseSettings:
     fit_seed: int = setting(0, "seeds the fitting sample and the label sampling")
     row_bytes: int = setting(32768, "bytes of each stored row: the EK-FAC-preconditioned gradient's block in the "
                                     "eigenvectors that carry the most expected influence, spent over all modules")
+    row_kind: str = setting("kron", "kron: a random Kronecker projection whose inner products estimate the EK-FAC "
+                                    "score without bias; block: the exact block of the eigen-coordinates with the "
+                                    "most expected influence (tools/eval_compression.py compares them)")
     index_kind: str = setting("flat", "flat (exact) | hnsw | ivf")
     normalized_index: bool = setting(True, "FAISS indexes unit rows, so candidates come by the cosine the default "
                                            "ranking uses (false: by the raw score)")
@@ -52,6 +56,8 @@ class DatabaseSettings:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
         if self.stride is not None and not 0 < self.stride <= self.max_length:
             raise ConfigError(f"stride must be between 1 and max-length ({self.max_length}), not {self.stride}")
+        if self.row_kind not in ROW_KINDS:
+            raise ConfigError(f"unknown row kind {self.row_kind!r}; choose one of {', '.join(ROW_KINDS)}")
         if self.index_kind not in INDEX_KINDS:
             raise ConfigError(f"unknown index kind {self.index_kind!r}; choose one of {', '.join(INDEX_KINDS)}")
         if self.dtype not in DTYPES:

@@ -11,7 +11,7 @@ from attribdb.fitting import fit_factors
 from attribdb.manifest import Manifest, exists
 from attribdb.models import compute_dtype, fingerprint, load_model, resolve_device
 from attribdb.progress import progress_bar, say
-from attribdb.rows import RowProjection, plan_rows
+from attribdb.rows import RowProjection
 from attribdb.settings import DatabaseSettings
 from attribdb.tasks import CausalLMTask, collate_sequences
 from attribdb.tracking import find_tracked_modules
@@ -63,12 +63,13 @@ def fit_database(root: str | Path, spec: CorpusSpec, settings: DatabaseSettings,
     with progress_bar(f"fit {settings.strategy} factors", len(sample) * passes, quiet) as advance:
         factors = fit_factors(model, task, batches, settings.factor_config, modules, device=resolved,
                               dtype=compute_dtype(settings.dtype), progress=advance)
-    plan = plan_rows(factors, settings.row_bytes, settings.normalized_index)
+    projection = RowProjection.fit(factors, settings.row_bytes, settings.row_kind, settings.normalized_index,
+                                   settings.fit_seed)
     # factors, then projections, then the manifest that names the layout: a kill in between leaves a
     # database that is_fitted() calls unfitted, and the next build fits again
     factors.save(layout.factors_path(root))
-    RowProjection.from_plan(factors, plan).save(layout.projection_path(root))
-    manifest.rows = plan.layout.to_dict()
+    projection.save(layout.projection_path(root))
+    manifest.rows = projection.layout.to_dict()
     manifest.save(root)
     return factors
 

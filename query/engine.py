@@ -2,8 +2,8 @@
 
 Three modes answer the same question at different costs:
 
-- *index*: the query's gradient is projected into a row exactly as training
-  sequences were (attribdb/rows.py); FAISS finds ``candidates`` rows per query
+- *index*: the query's gradient is projected into a row (attribdb/rows.py)
+  whose inner products with training rows are their compressed scores; FAISS finds ``candidates`` rows per query
   by inner product with it (for the top and, negated, for the opponents), and
   the candidates' stored rows give their compressed scores per module.
 - *exact*: the index answer, then the top rows' full gradients recomputed
@@ -136,7 +136,11 @@ class QueryEngine:
     def query_rows(self, queries: list[Query]) -> torch.Tensor:
         """(Q, dim) rows of the queries' measurement gradients: what training rows are matched with."""
         captures, _ = self.runtime.runner.measurement_captures(self._query_batch(queries))
-        return self.runtime.projection.encode(captures)
+        return self.runtime.projection.encode_query(captures, self._inverse_hvp)
+
+    def _inverse_hvp(self, captures) -> dict[str, torch.Tensor]:
+        computer = self.runtime.computer
+        return computer.inverse_hvp(computer.precondition(captures))
 
     # ---- index mode ------------------------------------------------------
 

@@ -115,3 +115,39 @@ def test_a_budget_too_small_for_the_modules_is_refused(setup):
     _, _, factors, _ = setup
     with pytest.raises(ConfigError, match="row-bytes"):
         plan_rows(factors, 2 * len(factors.modules) - 1)
+
+
+def test_kron_rows_estimate_the_full_score_without_bias(setup):
+    """Averaged over projection seeds, ⟨query row, training row⟩ converges to the EK-FAC score:
+    the mean's error stays within a few standard errors of the seeds' own spread."""
+    _, tokens, factors, computer = setup
+    query_batch = lm_batches(tokens[:2], 2, score_from=[2, 2])[0]
+    train_batch = lm_batches(tokens[2:10], 8)[0]
+    full = pairwise_scores(computer.query_preconditioned(query_batch), computer.train_preconditioned(train_batch))
+    query_captures = computer.runner.measurement_captures(query_batch)[0]
+    train_captures = computer.runner.train_captures(train_batch)[0]
+
+    def inverse_hvp(captures):
+        return computer.inverse_hvp(computer.precondition(captures))
+
+    estimates = []
+    for seed in range(48):
+        projection = RowProjection.fit(factors, 600, "kron", seed=seed).to(dtype=torch.float64)
+        assert projection.layout.kind == "kron" and projection.layout.bytes_per_row <= 600
+        query_rows = projection.encode_query(query_captures, inverse_hvp)
+        estimates.append(query_rows @ projection.encode(train_captures).T)
+    estimates = torch.stack(estimates)
+    mean, standard_error = estimates.mean(0), estimates.std(0) / len(estimates) ** 0.5
+    assert torch.all((mean - full).abs() <= 4 * standard_error + 1e-9 * full.abs().max())
+    single_error = (estimates - full).pow(2).mean().sqrt()  # one projection's error
+    assert (mean - full).pow(2).mean().sqrt() < 0.3 * single_error  # averaging converges: ~1/√48 of it
+
+
+def test_kron_projections_round_trip_through_their_file(setup, tmp_path):
+    _, _, factors, _ = setup
+    projection = RowProjection.fit(factors, 1024, "kron", seed=3)
+    projection.save(tmp_path / "rows.safetensors")
+    loaded = RowProjection.load(tmp_path / "rows.safetensors", projection.layout)
+    for name, block in projection.maps.items():
+        for key in ("out", "inp", "query_out", "query_inp"):
+            torch.testing.assert_close(getattr(loaded.maps[name], key), getattr(block, key).float())
