@@ -46,3 +46,4 @@ def test_a_failed_mode_is_reported_not_raised():
                                  {"counts": counts, "index q0 hits": CPU, "exhaustive q0 hits": CPU}, 2e-3)
     assert problems == ["index failed on device: ZeroDivisionError: division by zero",
                         "index q0 hits: answered on one side only"]
+
