@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -88,3 +90,7 @@ def test_fused_experts_are_refused_by_name_and_explicit_modules_build(tmp_path, 
         coverage = db.info()["block_coverage"]
     assert 0.05 < coverage < 0.5  # attention only: the experts hold most of the weights
     assert f"{coverage:.1%} of the transformer-block parameters" in _info_text(tmp_path / "db")
+
+    manifest = tmp_path / "db" / "manifest.json"  # a database made before coverage was measured
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "block_coverage"}))
+    assert "not recorded" in _info_text(tmp_path / "db")
