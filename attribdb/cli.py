@@ -153,6 +153,10 @@ def info(db, as_json):
     b = data["bytes"]
     click.echo(f"{data['path']}: {data['sequences']} sequences, {data['documents']} documents, {data['shards']} shards")
     click.echo(f"model      {data['model']['path']} ({data['model']['fingerprint'][:12]})")
+    coverage = data["block_coverage"]
+    click.echo(f"tracked    {data['tracked_modules']} modules, "
+               + (f"{coverage:.1%} of the transformer-block parameters" if coverage is not None
+                  else "share of the block parameters not recorded (database made before it was measured)"))
     click.echo(f"on disk    {b['total'] / mib:.1f} MiB (zarr {b['zarr'] / mib:.1f}, lmdb {b['lmdb'] / mib:.1f}, "
                f"faiss {b['faiss'] / mib:.1f}, factors {b['factors'] / mib:.1f})")
     row = data["row"]

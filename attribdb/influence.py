@@ -57,7 +57,13 @@ class ScoreMatrix:
 
 
 class InfluenceComputer:
-    """Preconditioned gradients of batches under fitted factors."""
+    """Preconditioned gradients of batches under fitted factors.
+
+    It holds the only copy of the factors a process needs, on its device and in
+    its compute dtype; factors given in another dtype or on another device are
+    converted once here (load them with ``Factors.load(path, device, dtype)``
+    to never hold a second copy).
+    """
 
     def __init__(self, model: nn.Module, task: Task, factors: Factors, *,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

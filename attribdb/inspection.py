@@ -53,6 +53,8 @@ def database_info(root: str | Path) -> dict:
         "sequences": rows,
         "documents": sum(g.documents or 0 for g in manifest.generations),
         "shards": len(manifest.shard_ids),
+        "tracked_modules": len(manifest.modules),
+        "block_coverage": manifest.block_coverage,
         "generations": [{"corpus": g.corpus["path"], "state": g.state, "sequences": g.sequences,
                          "malformed": g.malformed} for g in manifest.generations],
         "bytes": sizes | {"total": _size(root)},

@@ -45,6 +45,7 @@ class Manifest:
     modules: list[TrackedModule]
     rows: dict | None = None  # the row layout (rows.RowLayout.to_dict), chosen when the factors are fitted
     generations: list[Generation] = field(default_factory=list)
+    block_coverage: float | None = None  # share of block parameters tracked; None in databases made before it
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
@@ -79,6 +80,7 @@ class Manifest:
                       "tokenizer": self.tokenizer_path},
             "settings": self.settings.to_dict(),
             "modules": [asdict(m) for m in self.modules],
+            "block_coverage": self.block_coverage,
             "rows": self.rows,
             "generations": [asdict(g) for g in self.generations],
         }
@@ -109,6 +111,7 @@ class Manifest:
                 modules=[TrackedModule(**m) for m in data["modules"]],
                 rows=data.get("rows"),
                 generations=[Generation(**g) for g in data["generations"]],
+                block_coverage=data.get("block_coverage"),
                 format_version=data["format_version"],
                 created=data["created"],
             )

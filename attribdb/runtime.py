@@ -46,8 +46,9 @@ class Runtime:
 
     @cached_property
     def computer(self) -> InfluenceComputer:
-        """Full-space EK-FAC scores (exact and exhaustive modes): loads every module's factors."""
-        factors = Factors.load(layout.factors_path(self.root))
+        """Full-space EK-FAC scores (exact and exhaustive modes): loads every module's factors,
+        converted tensor by tensor to the device and compute dtype (one copy, no float64 beside it)."""
+        factors = Factors.load(layout.factors_path(self.root), device=self.device, dtype=self.dtype)
         return InfluenceComputer(self.model, self.task, factors, device=self.device, dtype=self.dtype)
 
     def encoder(self) -> RowEncoder:

@@ -17,14 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import lmdb
 import numpy as np
 
-from attribdb import layout
+from attribdb import layout, metadb
 from attribdb.errors import StoreError
 from attribdb.rows import RowLayout, index_vectors
-
-LMDB_MAP_SIZE = 1 << 38  # address space only (64-bit); the file grows as needed
 
 
 @dataclass
@@ -48,30 +45,6 @@ def _codecs(compress: bool):
     return [zarr.codecs.ZstdCodec(level=1), zarr.codecs.Crc32cCodec()] if compress else [zarr.codecs.Crc32cCodec()]
 
 
-_ENVIRONMENTS: dict[str, list] = {}  # realpath -> [environment, users]: LMDB allows one per process
-
-
-def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
-    key = str(Path(path).resolve())
-    if key in _ENVIRONMENTS:
-        env, users = _ENVIRONMENTS[key]
-        if not readonly and env.flags()["readonly"]:
-            raise StoreError(f"{path} is open read-only in this process; close its readers before writing")
-        _ENVIRONMENTS[key][1] = users + 1
-        return env
-    env = lmdb.open(key, map_size=LMDB_MAP_SIZE, max_dbs=4, readonly=readonly, subdir=True, create=not readonly)
-    _ENVIRONMENTS[key] = [env, 1]
-    return env
-
-
-def _close_env(env: lmdb.Environment) -> None:
-    key = next(k for k, (e, _) in _ENVIRONMENTS.items() if e is env)
-    _ENVIRONMENTS[key][1] -= 1
-    if _ENVIRONMENTS[key][1] == 0:
-        del _ENVIRONMENTS[key]
-        env.close()
-
-
 class ShardWriter:
     """Append-only writer of one shard (one process, one thread)."""
 
@@ -80,7 +53,7 @@ class ShardWriter:
 
         self.path, self.layout, self.capacity, self.commit_rows = Path(path), row_layout, capacity, commit_rows
         self.path.mkdir(parents=True, exist_ok=True)
-        self.env = _open_env(self.path / layout.META_LMDB, readonly=False)
+        self.env = metadb.open_env(self.path / layout.META_LMDB, readonly=False, capacity_rows=capacity)
         self.dbs = {name: self.env.open_db(name) for name in
                     (layout.ROWS_DB, layout.DOCS_DB, layout.JOURNAL_DB, layout.INFO_DB)}
         zarr_path = self.path / layout.GRADS_ZARR
@@ -103,7 +76,7 @@ class ShardWriter:
                                compressors=_codecs(name != layout.ROWS), fill_value=0)
 
     def _info(self, key: bytes) -> bytes | None:
-        with self.env.begin(db=self.dbs[layout.INFO_DB]) as txn:
+        with metadb.read(self.env, db=self.dbs[layout.INFO_DB]) as txn:
             return txn.get(key)
 
     @property
@@ -123,21 +96,25 @@ class ShardWriter:
         rows = slice(start, start + n)
         for name in layout.ROW_ARRAYS:
             self.group[name][rows] = getattr(block, name)
-        with self.env.begin(write=True) as txn:
-            docs = {}
-            for offset, meta in enumerate(block.metadata):
-                row = start + offset
-                txn.put(layout.row_key(row), json.dumps(meta).encode(), db=self.dbs[layout.ROWS_DB])
-                docs.setdefault(meta["doc_id"], []).append(row)
-            for doc_id, doc_rows in docs.items():
-                key = doc_id.encode()
-                previous = txn.get(key, db=self.dbs[layout.DOCS_DB])
-                merged = (json.loads(previous) if previous else []) + doc_rows
-                txn.put(key, json.dumps(merged).encode(), db=self.dbs[layout.DOCS_DB])
-            journal = {"rows_start": start, "rows_end": start + n, "time": time.time()}
-            commit_no = txn.stat(self.dbs[layout.JOURNAL_DB])["entries"]
-            txn.put(layout.row_key(commit_no), json.dumps(journal).encode(), db=self.dbs[layout.JOURNAL_DB])
-            txn.put(b"committed", str(start + n).encode(), db=self.dbs[layout.INFO_DB])
+        metadb.write(self.env, lambda txn: self._record(txn, start, block.metadata))
+
+    def _record(self, txn, start: int, metadata: list[dict]) -> None:
+        """One commit unit's rows, document lists, journal entry and committed count (one transaction)."""
+        docs = {}
+        for offset, meta in enumerate(metadata):
+            row = start + offset
+            txn.put(layout.row_key(row), json.dumps(meta).encode(), db=self.dbs[layout.ROWS_DB])
+            docs.setdefault(meta["doc_id"], []).append(row)
+        for doc_id, doc_rows in docs.items():
+            key = doc_id.encode()
+            previous = txn.get(key, db=self.dbs[layout.DOCS_DB])
+            merged = (json.loads(previous) if previous else []) + doc_rows
+            txn.put(key, json.dumps(merged).encode(), db=self.dbs[layout.DOCS_DB])
+        end = start + len(metadata)
+        journal = {"rows_start": start, "rows_end": end, "time": time.time()}
+        commit_no = txn.stat(self.dbs[layout.JOURNAL_DB])["entries"]
+        txn.put(layout.row_key(commit_no), json.dumps(journal).encode(), db=self.dbs[layout.JOURNAL_DB])
+        txn.put(b"committed", str(end).encode(), db=self.dbs[layout.INFO_DB])
 
     def seal(self, index_kind: str) -> None:
         """Trim the arrays to the committed rows, write the FAISS index, mark sealed."""
@@ -150,11 +127,10 @@ class ShardWriter:
         vectors = index_vectors(self.group[layout.ROWS][:rows], self.group[layout.SELF_INFLUENCE][:rows],
                                 self.layout.normalized_index)
         write_index(build_index(vectors, index_kind, self.layout.normalized_index), self.path / layout.FAISS_FILE)
-        with self.env.begin(write=True) as txn:
-            txn.put(b"sealed", str(rows).encode(), db=self.dbs[layout.INFO_DB])
+        metadb.write(self.env, lambda txn: txn.put(b"sealed", str(rows).encode(), db=self.dbs[layout.INFO_DB]))
 
     def close(self) -> None:
-        _close_env(self.env)
+        metadb.close_env(self.env)
 
 
 class RowChunkFiles:
@@ -217,10 +193,10 @@ class ShardReader:
         meta_path = self.path / layout.META_LMDB
         if not meta_path.is_dir():
             raise StoreError(f"shard {self.path} has no {layout.META_LMDB}")
-        self.env = _open_env(meta_path, readonly=True)
+        self.env = metadb.open_env(meta_path, readonly=True)
         self.dbs = {name: self.env.open_db(name, create=False) for name in
                     (layout.ROWS_DB, layout.DOCS_DB, layout.JOURNAL_DB, layout.INFO_DB)}
-        with self.env.begin(db=self.dbs[layout.INFO_DB]) as txn:
+        with metadb.read(self.env, db=self.dbs[layout.INFO_DB]) as txn:
             self.rows = int(txn.get(b"committed") or 0)
             self.sealed = txn.get(b"sealed") is not None
         self._row_files: dict[str, RowChunkFiles | None] = {}
@@ -249,7 +225,7 @@ class ShardReader:
         return self._whole[name]
 
     def metadata(self, rows) -> list[dict]:
-        with self.env.begin(db=self.dbs[layout.ROWS_DB]) as txn:
+        with metadb.read(self.env, db=self.dbs[layout.ROWS_DB]) as txn:
             out = []
             for row in rows:
                 value = txn.get(layout.row_key(int(row)))
@@ -259,12 +235,12 @@ class ShardReader:
             return out
 
     def document_rows(self, doc_id: str) -> list[int]:
-        with self.env.begin(db=self.dbs[layout.DOCS_DB]) as txn:
+        with metadb.read(self.env, db=self.dbs[layout.DOCS_DB]) as txn:
             value = txn.get(doc_id.encode())
         return [r for r in json.loads(value) if r < self.rows] if value else []
 
     def journal(self) -> list[dict]:
-        with self.env.begin(db=self.dbs[layout.JOURNAL_DB]) as txn:
+        with metadb.read(self.env, db=self.dbs[layout.JOURNAL_DB]) as txn:
             return [json.loads(v) for _, v in txn.cursor()]
 
     def index(self):
@@ -280,4 +256,4 @@ class ShardReader:
         return index_vectors(self.read(layout.ROWS), self.read(layout.SELF_INFLUENCE), self.layout.normalized_index)
 
     def close(self) -> None:
-        _close_env(self.env)
+        metadb.close_env(self.env)

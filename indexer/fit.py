@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from attribdb import layout
+from attribdb.coverage import measure_coverage, refuse_untracked_experts
 from attribdb.errors import ConfigError
 from attribdb.factors import Factors
 from attribdb.fitting import fit_factors
@@ -39,6 +40,9 @@ def fit_database(root: str | Path, spec: CorpusSpec, settings: DatabaseSettings,
     model_fingerprint = fingerprint(model)
     task = CausalLMTask(settings.module_patterns)
     modules = find_tracked_modules(model, task.module_patterns)
+    coverage = measure_coverage(model, modules)
+    if settings.module_patterns is None:
+        refuse_untracked_experts(coverage)
     if exists(root):
         manifest = Manifest.load(root)
         manifest.require_model(model_fingerprint)
@@ -48,7 +52,7 @@ def fit_database(root: str | Path, spec: CorpusSpec, settings: DatabaseSettings,
             raise ConfigError(f"{root} already holds rows computed with its factors; refitting would make them "
                               "inconsistent: build a new database instead")
     else:
-        manifest = Manifest(settings, model_fingerprint, settings.model_path, modules)
+        manifest = Manifest(settings, model_fingerprint, settings.model_path, modules, block_coverage=coverage.share)
         (root / layout.FACTORS_DIR).mkdir(parents=True, exist_ok=True)
         manifest.save(root)
 
