@@ -48,7 +48,7 @@ def test_build_verifies_and_counts_every_sequence(reference_db):
     assert info["sequences"] == generation.sequences and info["documents"] == 260
     row = info["row"]
     assert row["bytes"] == 2 * row["dim"] + 4 <= 4096 and row["bytes"] < row["dense_float32_bytes"]
-    assert all(0 < kept <= 1 for kept in row["expected_kept"].values())
+    assert row["kind"] == "kron" and all(0 < kept <= 1 for kept in row["expected_kept"].values())
     # the row store holds what the layout says a row is, plus chunk and checksum overhead
     assert row["bytes"] - 4 <= info["bytes_per_sequence"]["zarr"] < 1.1 * row["bytes"] + 64
 
@@ -159,11 +159,13 @@ def test_malformed_lines_are_counted_and_reported(tmp_path, model_dir):
     assert info["generations"][0]["malformed"] == 2
 
 
-def test_stored_rows_are_blocks_of_the_dense_preconditioned_gradient(reference_db):
-    """What the build stored (through the row projection, never forming G) equals the block of
-    Ĝ = (Q_Sᵀ G Q_A) ⊘ √(Λ + λ) computed densely from the full factors, on the kept eigenvectors."""
-    runtime = Runtime.load(reference_db)
-    reader = ShardReader(layout.shard_dir(reference_db, 1), runtime.row_layout)
+def test_stored_block_rows_are_blocks_of_the_dense_preconditioned_gradient(tmp_path, big_corpus, model_dir):
+    """What a build of block rows stored (through the row projection, never forming G) equals the
+    block of Ĝ = (Q_Sᵀ G Q_A) ⊘ √(Λ + λ) computed densely from the full factors, on the kept eigenvectors."""
+    db = tmp_path / "db"
+    cli("build", db, "--corpus", big_corpus, "--model", model_dir, "--quiet", *SMALL_SETTINGS, "--row-kind", "block")
+    runtime = Runtime.load(db)
+    reader = ShardReader(layout.shard_dir(db, 1), runtime.row_layout)
     rows = np.arange(10)
     dense = runtime.computer.train_preconditioned(
         collate_sequences([m["token_ids"] for m in reader.metadata(rows)], runtime.tokenizer.pad_token_id))

@@ -1,13 +1,14 @@
 """`attribdb demo`: corpus → tiny model → database → "why did the model say this?".
 
 Every step is cached in the work folder (the corpus by its config, the model
-by config and corpus hash, the database by the model it was built with), so a
-second run only answers the queries.
+by config and corpus hash, the database by the model and the settings it was
+built with), so a second run only answers the queries.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ import click
 
 from attribdb.demo.facts import DemoCorpusConfig, Fact, generate_corpus
 from attribdb.demo.train import CACHE_FILE, DemoModelConfig, train_model
+from attribdb.layout import FORMAT_VERSION
+from attribdb.settings import DatabaseSettings
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,10 @@ def prepare(workdir: Path, config: DemoConfig, label: str, quiet: bool = False) 
     click.echo("2/4 model: training a tiny GPT-2 from scratch (cached after the first run) ...", err=True)
     model_dir = train_model(corpus, workdir / "model", config.model, progress=not quiet)
     model_key = hashlib.sha256((model_dir / CACHE_FILE).read_bytes()).hexdigest()[:12]  # config and corpus
-    db_path = workdir / f"db-{model_key}-{label}"
+    # the database's settings, defaults included: a new default never reuses a database built under the old one
+    settings = DatabaseSettings(model_path=str(model_dir.resolve()), **config.build).to_dict()
+    settings_key = hashlib.sha256(json.dumps([FORMAT_VERSION, settings], sort_keys=True).encode()).hexdigest()[:8]
+    db_path = workdir / f"db-{model_key}-{label}-{settings_key}"
     click.echo(f"3/4 database: building {db_path} (resumable; cached after the first run) ...", err=True)
     api.build(db_path, str(corpus), str(model_dir), quiet=quiet, **config.build)
     return Prepared(corpus, facts, model_dir, db_path)
