@@ -150,10 +150,13 @@ class RowPlan:
     in_index: dict[str, torch.Tensor]
 
 
+def _factor_weights(factors: Factors) -> Callable[[TrackedModule], torch.Tensor]:
+    return lambda m: _coordinate_weights(factors[m.name], m.d_out, m.d_in)
+
+
 def plan_rows(factors: Factors, row_bytes: int, normalized_index: bool = True) -> RowPlan:
     """Spend ``row_bytes`` where the fitted factors expect the self-influence to be."""
-    return plan_from_weights(factors.modules, lambda m: _coordinate_weights(factors[m.name], m.d_out, m.d_in),
-                             row_bytes, normalized_index)
+    return plan_from_weights(factors.modules, _factor_weights(factors), row_bytes, normalized_index)
 
 
 def plan_from_weights(modules: list[TrackedModule], weights: Callable[[TrackedModule], torch.Tensor],
@@ -293,20 +296,31 @@ def _kron_map(factors: ModuleFactors, module: TrackedModule, k_out: int, k_in: i
                     query_out=out_basis @ (r_out / p).T, query_inp=in_basis @ (r_in / q).T)
 
 
-def kron_layout(factors: Factors, row_bytes: int, normalized_index: bool = True) -> RowLayout:
-    """Numbers per module in proportion to its expected self-influence (Σ Λ/(Λ+λ)): a module's
-    estimate is as noisy as its norms are large, and that share is its expected norm², so
-    this spends the budget where the noise is.  Each module's k_out × k_in is near square."""
-    budget = _budget(row_bytes, len(factors.modules))
-    shares = [float(_coordinate_weights(factors[m.name], m.d_out, m.d_in).sum()) for m in factors.modules]
+def kron_layout(modules: list[TrackedModule], weights: Callable[[TrackedModule], torch.Tensor], row_bytes: int,
+                normalized_index: bool = True) -> RowLayout:
+    """Numbers per module in proportion to its expected self-influence (Σ of ``weights``,
+    Λ/(Λ+λ) for fitted factors): a module's estimate is as noisy as its norms are large, and
+    that share is its expected norm², so this spends the budget where the noise is.  Each
+    module's k_out × k_in is near square."""
+    budget = _budget(row_bytes, len(modules))
+    shares = [float(weights(m).sum()) for m in modules]
     total = sum(shares) or 1.0
     blocks = []
-    for module, share in zip(factors.modules, shares):
+    for module, share in zip(modules, shares):
         numbers = max(1, int(budget * share / total))
         k_out = max(1, min(module.d_out, int(numbers ** 0.5)))
         k_in = max(1, min(module.d_in, numbers // k_out))
         blocks.append((k_out, k_in))
-    return RowLayout(tuple(factors.modules), tuple(blocks), tuple(1.0 for _ in blocks), normalized_index, "kron")
+    return RowLayout(tuple(modules), tuple(blocks), tuple(1.0 for _ in blocks), normalized_index, "kron")
+
+
+def layout_from_weights(kind: str, modules: list[TrackedModule], weights: Callable[[TrackedModule], torch.Tensor],
+                        row_bytes: int, normalized_index: bool = True) -> RowLayout:
+    """The layout a fit makes of ``kind`` rows under ``row_bytes``, given each module's coordinate
+    weights: what tools/row_bytes.py predicts without a fitted model."""
+    if kind == "block":
+        return plan_from_weights(modules, weights, row_bytes, normalized_index).layout
+    return kron_layout(modules, weights, row_bytes, normalized_index)
 
 
 def _budget(row_bytes: int, modules: int) -> int:
@@ -334,7 +348,7 @@ class RowProjection:
         """The projection of a new database: ``kind`` rows under ``row_bytes``."""
         if kind == "block":
             return cls.from_plan(factors, plan_rows(factors, row_bytes, normalized_index))
-        row_layout = kron_layout(factors, row_bytes, normalized_index)
+        row_layout = kron_layout(factors.modules, _factor_weights(factors), row_bytes, normalized_index)
         generator = torch.Generator().manual_seed(seed)
         return cls(row_layout, {m.name: _kron_map(factors[m.name], m, k_out, k_in, generator)
                                 for m, (k_out, k_in) in zip(row_layout.modules, row_layout.blocks)})

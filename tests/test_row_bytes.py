@@ -27,7 +27,7 @@ def test_predicted_row_bytes_match_info(tmp_path, width, layers, budget):
     cli("build", db, "--corpus", write_corpus(tmp_path / "c.jsonl", 20), "--model", model_dir, "--quiet", *settings)
     info = json.loads(cli("info", db, "--json").stdout)
     model, _ = load_model(model_dir)
-    predicted = row_bytes.row_cost(find_tracked_modules(model, DEFAULT_LM_PATTERNS), budget)
+    predicted = row_bytes.row_cost(find_tracked_modules(model, DEFAULT_LM_PATTERNS), budget, info["row"]["kind"])
     assert predicted.dense_bytes == info["row"]["dense_float32_bytes"]
     assert predicted.row_store_bytes == pytest.approx(info["row"]["bytes"], rel=0.02)
     assert info["row"]["bytes"] <= budget and predicted.row_store_bytes <= budget

@@ -1,13 +1,13 @@
 """Bytes per row, and per 10⁶ rows, at real model shapes: from the code that lays out a row.
 
 For each shape the tracked modules come from the Hugging Face architecture
-built on the meta device (no weights, no download); the row is planned by
-:func:`attribdb.rows.plan_from_weights`, the function a fit uses, at the
-default ``--row-bytes``.  The plan needs only each coordinate's expected share
-Λ/(Λ+λ); without a fitted model the tool uses a power-law spectrum
-(Λ_ij ∝ (i·j)^-1.5, λ = 0.1 · mean Λ, as the default damping).  The
-bytes hardly depend on it: the plan fills the budget up to the last
-step that fits, whatever the spectrum.  tests/test_row_bytes.py checks these
+built on the meta device (no weights, no download); the row is laid out by
+:func:`attribdb.rows.layout_from_weights`, the function a fit uses, at the
+default ``--row-bytes`` and ``--row-kind``.  The layout needs only each
+coordinate's expected share Λ/(Λ+λ); without a fitted model the tool uses a
+power-law spectrum (Λ_ij ∝ (i·j)^-1.5, λ = 0.1 · mean Λ, as the default
+damping).  The bytes hardly depend on it: a layout fills the budget up to
+rounding, whatever the spectrum.  tests/test_row_bytes.py checks these
 figures against `attribdb info` of real databases on two tiny shapes.
 
 Run: python tools/row_bytes.py [--row-bytes N]
@@ -66,24 +66,25 @@ def power_law_weights(module):
     return spectrum / (spectrum + 0.1 * spectrum.mean())
 
 
-def row_cost(modules, row_bytes: int) -> RowCost:
-    from attribdb.rows import plan_from_weights
+def row_cost(modules, row_bytes: int, kind: str) -> RowCost:
+    from attribdb.rows import layout_from_weights
 
-    row = plan_from_weights(modules, power_law_weights, row_bytes).layout
+    row = layout_from_weights(kind, modules, power_law_weights, row_bytes)
     return RowCost(len(modules), row.dense_bytes_per_row, row.bytes_per_row, 2 * row.dim)
 
 
 def main() -> None:
     from attribdb.settings import DatabaseSettings
 
-    default = DatabaseSettings(model_path="-").row_bytes
+    defaults = DatabaseSettings(model_path="-")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--row-bytes", type=int, default=default)
+    parser.add_argument("--row-bytes", type=int, default=defaults.row_bytes)
+    parser.add_argument("--row-kind", default=defaults.row_kind)
     args = parser.parse_args()
-    print(f"row budget {args.row_bytes} bytes (--row-bytes; default {default})")
+    print(f"{args.row_kind} rows of at most {args.row_bytes} bytes (--row-bytes; default {defaults.row_bytes})")
     print(f"{'shape':<13} {'modules':>7} {'dense Ĝ':>10} {'row store':>10} {'+ FAISS':>10} {'per 10⁶ rows':>13}")
     for name, (model_type, config) in SHAPES.items():
-        cost = row_cost(tracked_modules(model_type, **config), args.row_bytes)
+        cost = row_cost(tracked_modules(model_type, **config), args.row_bytes, args.row_kind)
         print(f"{name:<13} {cost.modules:>7} {cost.dense_bytes / 2**20:>8.0f}Mi {cost.row_store_bytes / 1024:>8.1f}Ki "
               f"{cost.total / 1024:>8.1f}Ki {cost.total * 1e6 / 2**30:>11.1f}Gi")
     print("per row besides: its LMDB record (text, token ids, spans), about the size of the text and tokens")
