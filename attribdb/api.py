@@ -52,21 +52,20 @@ class Database:
         return QueryEngine(Runtime.load(self.path, device=self.device))
 
     def query(self, prompt: str, completion: str, k: int = 10, candidates: int | None = None,
-              opponents: bool = True, rerank: int | None = None, rank_by: str | None = None):
+              opponents: bool = True, rank_by: str | None = None):
         """The k training sequences that most increased (and, as opponents, decreased) the completion's likelihood."""
         return self.query_batch([(prompt, completion)], k=k, candidates=candidates, opponents=opponents,
-                                rerank=rerank, rank_by=rank_by)[0]
+                                rank_by=rank_by)[0]
 
     def query_batch(self, queries: Iterable, k: int = 10, candidates: int | None = None, opponents: bool = True,
-                    rerank: int | None = None, rank_by: str | None = None):
+                    rank_by: str | None = None):
         """Many queries sharing one forward/backward pass; items are (prompt, completion) or dicts.
-        ``rerank``: rows re-scored with the stored tail triplets, if the database has them (default 3k);
+        ``candidates``: rows FAISS hands to rescoring per end (default 128, or k if larger);
         ``rank_by``: "normalized" (the default: the cosine form of the influence) or "score" (the
         paper's influence itself, which favours rows with large gradients)."""
-        _check_count("rerank", rerank, minimum=0)
         candidates = self._candidates(k, candidates)  # checked before the model loads
         return self.engine.query([_as_query(q) for q in queries], k=k, candidates=candidates,
-                                 opponents=opponents, rerank=rerank, rank_by=rank_by)
+                                 opponents=opponents, rank_by=rank_by)
 
     def exact(self, prompt: str, completion: str, k: int = 10, candidates: int | None = None, rank_by: str | None = None):
         """Index answer with the top rows recomputed in full, plus per-token contributions."""
@@ -99,7 +98,7 @@ class Database:
 
         _check_count("k", k)
         _check_count("candidates", candidates)
-        return candidates if candidates is not None else max(DEFAULT_CANDIDATES, 4 * k)
+        return candidates if candidates is not None else DEFAULT_CANDIDATES
 
     def close(self) -> None:
         if "engine" in self.__dict__:

@@ -142,7 +142,7 @@ def append(db, model, device, quiet, **kwargs):
 @db_argument
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def info(db, as_json):
-    """Counts, sizes on disk, settings and the energy kept by the rank."""
+    """Counts, sizes on disk, settings and what a row keeps."""
     from attribdb import api
 
     data = api.open(db).info()
@@ -153,20 +153,28 @@ def info(db, as_json):
     b = data["bytes"]
     click.echo(f"{data['path']}: {data['sequences']} sequences, {data['documents']} documents, {data['shards']} shards")
     click.echo(f"model      {data['model']['path']} ({data['model']['fingerprint'][:12]})")
+    coverage = data["block_coverage"]
+    click.echo(f"tracked    {data['tracked_modules']} modules, "
+               + (f"{coverage:.1%} of the transformer-block parameters" if coverage is not None
+                  else "share of the block parameters not recorded (database made before it was measured)"))
     click.echo(f"on disk    {b['total'] / mib:.1f} MiB (zarr {b['zarr'] / mib:.1f}, lmdb {b['lmdb'] / mib:.1f}, "
                f"faiss {b['faiss'] / mib:.1f}, factors {b['factors'] / mib:.1f})")
+    row = data["row"]
+    if row:
+        kept = list(row["expected_kept"].values())
+        click.echo(f"row        {row['bytes'] / 1024:.1f} KiB: {row['dim']} float16 numbers, "
+                   f"{row['bytes'] / row['dense_float32_bytes']:.4f} of dense float32 Ĝ "
+                   f"({row['dense_float32_bytes'] / 1024:.0f} KiB)")
+        if row["kind"] == "kron":
+            click.echo("           a random Kronecker projection: its inner products estimate the full score "
+                       "without bias")
+        else:
+            click.echo(f"           keeps {min(kept):.3f}–{max(kept):.3f} of each module's expected influence "
+                       f"(mean {sum(kept) / len(kept):.3f})")
     if data["bytes_per_sequence"]:
-        ratio = data["bytes_per_sequence"] / data["dense_float32_bytes_per_sequence"]
-        click.echo(f"per row    {data['bytes_per_sequence'] / 1024:.1f} KiB of gradients "
-                   f"({ratio:.4f} of dense float32 Ĝ, {data['dense_float32_bytes_per_sequence'] / 1024:.0f} KiB)")
-    energies = [v for v in data["energy_kept"].values() if v is not None]
-    if energies:
-        click.echo(f"energy     rank {data['settings']['rank']} keeps {min(energies):.3f}–{max(energies):.3f} "
-                   f"of ‖Ĝ‖² per module (mean {sum(energies) / len(energies):.3f})")
-    if data["energy_kept_with_tail"]:
-        with_tail = list(data["energy_kept_with_tail"].values())
-        click.echo(f"           with the tail (rank {data['settings']['rank'] + data['settings']['tail_rank']}): "
-                   f"{min(with_tail):.3f}–{max(with_tail):.3f} (mean {sum(with_tail) / len(with_tail):.3f})")
+        per = data["bytes_per_sequence"]
+        click.echo(f"per row    {sum(per.values()) / 1024:.1f} KiB on disk (zarr {per['zarr'] / 1024:.1f}, "
+                   f"faiss {per['faiss'] / 1024:.1f}, lmdb {per['lmdb'] / 1024:.1f})")
     for g in data["generations"]:
         click.echo(f"corpus     {g['corpus']}: {g['sequences']} sequences, {g['malformed']} malformed, {g['state']}")
     settings = data["settings"]
@@ -225,19 +233,17 @@ def _load_queries(prompt, completion, queries_file) -> list[dict]:
               help="JSONL file of {\"prompt\", \"completion\"} objects")
 @click.option("-k", "--top", "k", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--candidates", type=click.IntRange(min=1), default=None,
-              help="rows FAISS hands to exact rescoring [default: max(128, 4k)]")
-@click.option("--rerank", type=click.IntRange(min=0), default=None,
-              help="best rows re-scored with the tail triplets, on a database built with --tail-rank [default: 3k]")
+              help="rows FAISS hands to rescoring per end [default: 128, or k if larger]")
 @click.option("--rank-by", type=click.Choice(["normalized", "score"]), default="normalized", show_default=True,
               help="normalized: the cosine form of the influence, which does not favour rows with large "
                    "gradients; score: the influence itself (the paper's ranking)")
 @click.option("--mode", type=click.Choice(["index", "exact", "exhaustive"]), default="index", show_default=True,
-              help="index: FAISS + low-rank rescoring; exact: also recompute the top rows in full with per-token "
+              help="index: FAISS over the stored rows; exact: also recompute the top rows in full with per-token "
                    "contributions; exhaustive: every row on the fly (slow ground truth)")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "html"]), default="table", show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), help="write to this file instead of stdout")
 @device_option
-def query(db, prompt, completion, queries_file, k, candidates, rerank, rank_by, mode, fmt, output, device):
+def query(db, prompt, completion, queries_file, k, candidates, rank_by, mode, fmt, output, device):
     """Which training sequences most influenced COMPLETION after PROMPT?"""
     from attribdb import api
     from query.formats import render
@@ -249,7 +255,7 @@ def query(db, prompt, completion, queries_file, k, candidates, rerank, rank_by, 
         elif mode == "exact":
             results = database.exact_batch(items, k=k, candidates=candidates, rank_by=rank_by)
         else:
-            results = database.query_batch(items, k=k, candidates=candidates, rerank=rerank, rank_by=rank_by)
+            results = database.query_batch(items, k=k, candidates=candidates, rank_by=rank_by)
         text = render(results, fmt)
     if output:
         Path(output).write_text(text + "\n")

@@ -178,7 +178,10 @@ class Factors:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Factors":
+    def load(cls, path: str | Path, device: str | torch.device | None = None,
+             dtype: torch.dtype | None = None) -> "Factors":
+        """Read factors, converting each tensor as it is read: only one float64 tensor is ever
+        held beside the ``dtype`` copies on ``device`` (the file keeps the fit's float64)."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -187,7 +190,7 @@ class Factors:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 header = json.loads(handle.metadata()["attribdb"])
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+                tensors = {key: handle.get_tensor(key).to(device=device, dtype=dtype) for key in handle.keys()}
         except Exception as exc:  # safetensors raises several types for a damaged file
             raise StoreError(f"cannot read factors {path}: {exc}") from exc
         if header.get("format_version") != FACTORS_FORMAT_VERSION:

@@ -1,12 +1,10 @@
 """The FAISS side of a shard: build, save, load and search inner-product indexes.
 
-What is indexed is each row's sketch divided by the norm of its gradient
-(√self-influence), so the inner product estimates the cosine.  A sketch's
-error grows with the norms of the two gradients; on raw sketches the rows
-with the largest gradients crowd the candidate list whatever their direction.
-On the demo's trained model, recall@10 against exhaustive at 128 candidates
-rose from 0.41 to 0.78 ranking by score and from 0.30 to 0.91 by the
-normalized score.  Databases made before keep raw sketches.
+FAISS holds the rows themselves (attribdb/rows.py), unit rows by default, so
+its inner products are the compressed cosines the default ranking uses.  A
+flat index stores them in float16, exactly the values of the row store, at
+the row store's size; the rescoring that follows reads the same values and
+only adds per-module scores and the other ranking.
 """
 
 from __future__ import annotations
@@ -30,31 +28,27 @@ def divide_by_norm(values, squared_norms):
     return np.divide(values, norms, out=np.zeros(np.broadcast(values, norms).shape), where=norms > 0)
 
 
-def index_vectors(sketches: np.ndarray, self_influence: np.ndarray, normalized: bool) -> np.ndarray:
-    """The vectors FAISS holds for these rows (a row with no gradient gets a zero vector)."""
-    sketches = np.asarray(sketches, dtype=np.float32)
-    if not normalized:
-        return sketches
-    return divide_by_norm(sketches, np.asarray(self_influence)[:, None]).astype(np.float32)
-
-
-def build_index(sketches: np.ndarray, kind: str):
-    """An inner-product index over ``sketches`` (N, D) float32, ids 0..N-1."""
-    sketches = np.ascontiguousarray(sketches, dtype=np.float32)
-    dim = sketches.shape[1]
-    if kind == "flat" or len(sketches) < IVF_MIN_POINTS_PER_LIST:
+def build_index(vectors: np.ndarray, kind: str, unit: bool):
+    """An inner-product index over ``vectors`` (N, D) float32, ids 0..N-1.  ``unit`` vectors are
+    float16 rows already, and a flat index stores them so: exact, at half a float32 index; rows
+    scaled by their norms could overflow float16 and stay float32."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    dim = vectors.shape[1]
+    if (kind == "flat" or len(vectors) < IVF_MIN_POINTS_PER_LIST) and unit:
+        index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    elif kind == "flat" or len(vectors) < IVF_MIN_POINTS_PER_LIST:
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 80
     elif kind == "ivf":
-        nlist = max(1, min(int(4 * math.sqrt(len(sketches))), len(sketches) // IVF_MIN_POINTS_PER_LIST))
+        nlist = max(1, min(int(4 * math.sqrt(len(vectors))), len(vectors) // IVF_MIN_POINTS_PER_LIST))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(sketches)
+        index.train(vectors)
     else:
         raise ValueError(f"unknown index kind {kind!r}")
-    if len(sketches):
-        index.add(sketches)
+    if len(vectors):
+        index.add(vectors)
     return index
 
 

@@ -30,8 +30,25 @@ Progress = Callable[[int], None]  # called with the number of sequences just pro
 
 @dataclass
 class _Covariances:
-    acts: torch.Tensor  # Σ a aᵀ (d_in, d_in), float64
-    grads: torch.Tensor  # Σ δ δᵀ (d_out, d_out), float64
+    """Σ a aᵀ (d_in, d_in) and Σ δ δᵀ (d_out, d_out), float64, on the runner's device.
+
+    Each batch's product is computed in the compute dtype (a float64 GEMM is
+    many times slower on a GPU) and only the running sums are float64, so no
+    batch leaves the device and no float64 copy of the captures is made.
+    """
+
+    acts: torch.Tensor
+    grads: torch.Tensor
+
+    @classmethod
+    def zeros(cls, module: TrackedModule, device: torch.device) -> "_Covariances":
+        return cls(torch.zeros(module.d_in, module.d_in, dtype=torch.float64, device=device),
+                   torch.zeros(module.d_out, module.d_out, dtype=torch.float64, device=device))
+
+    def add(self, capture) -> None:
+        acts, grads = capture.acts.flatten(0, 1), capture.grads_out.flatten(0, 1)
+        self.acts += acts.T @ acts
+        self.grads += grads.T @ grads
 
 
 def fit_factors(model: nn.Module, task: Task, batches: Iterable, config: FactorConfig,
@@ -49,8 +66,9 @@ def fit_factors(model: nn.Module, task: Task, batches: Iterable, config: FactorC
         covariances, n_sequences, n_tokens = _covariance_pass(runner, batches, sample, config.seed, progress)
         info.update(n_sequences=n_sequences, n_tokens=n_tokens)
         for m in modules:
-            vals_in, vecs_in = torch.linalg.eigh(covariances[m.name].acts / n_tokens)
-            vals_out, vecs_out = torch.linalg.eigh(covariances[m.name].grads / n_sequences)
+            covariance = covariances.pop(m.name)  # each layer's sums are freed once decomposed
+            vals_in, vecs_in = torch.linalg.eigh(covariance.acts / n_tokens)
+            vals_out, vecs_out = torch.linalg.eigh(covariance.grads / n_sequences)
             eigvecs[m.name] = (vecs_out, vecs_in)
             # eigenvalues are >= 0 in exact arithmetic; clip round-off
             diagonals[m.name] = torch.outer(vals_out.clamp_min(0), vals_in.clamp_min(0))
@@ -74,17 +92,12 @@ def _generator(runner: GradientRunner, seed: int) -> torch.Generator:
 
 def _covariance_pass(runner, batches, sample, seed, progress):
     generator = _generator(runner, seed)
-    covariances = {m.name: _Covariances(torch.zeros(m.d_in, m.d_in, dtype=torch.float64),
-                                        torch.zeros(m.d_out, m.d_out, dtype=torch.float64))
-                   for m in runner.modules}
+    covariances = {m.name: _Covariances.zeros(m, runner.device) for m in runner.modules}
     n_sequences = n_tokens = 0
     for batch in batches:
         captures, mask = runner.train_captures(batch, sample=sample, generator=generator)
         for name, capture in captures.items():
-            acts = capture.acts.flatten(0, 1).double()
-            grads = capture.grads_out.flatten(0, 1).double()
-            covariances[name].acts += (acts.T @ acts).cpu()
-            covariances[name].grads += (grads.T @ grads).cpu()
+            covariances[name].add(capture)
         size = next(iter(captures.values())).acts.shape[0]
         n_sequences += size
         n_tokens += int(mask.sum()) if mask is not None else size
@@ -94,15 +107,15 @@ def _covariance_pass(runner, batches, sample, seed, progress):
 
 
 def _diagonal_pass(runner, batches, bases, sample, seed, progress):
+    """Σ_m (Q_Sᵀ G_m Q_A)² per module, summed in float64 on the runner's device."""
     generator = _generator(runner, seed)
-    sums: dict[str, torch.Tensor] = {}
+    bases = {name: basis.to(device=runner.device, dtype=runner.dtype) for name, basis in bases.items()}
+    sums = {m.name: torch.zeros(m.d_out, m.d_in, dtype=torch.float64, device=runner.device) for m in runner.modules}
     n_sequences = 0
     for batch in batches:
         captures, _ = runner.train_captures(batch, sample=sample, generator=generator)
         for name, capture in captures.items():
-            basis = bases[name].to(device=runner.device, dtype=runner.dtype)
-            squares = (basis.rotated_gradients(capture) ** 2).sum(0).double().cpu()
-            sums[name] = sums[name] + squares if name in sums else squares
+            sums[name] += (bases[name].rotated_gradients(capture) ** 2).sum(0)
         size = next(iter(captures.values())).acts.shape[0]
         n_sequences += size
         if progress:

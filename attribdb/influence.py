@@ -57,30 +57,37 @@ class ScoreMatrix:
 
 
 class InfluenceComputer:
-    """Preconditioned gradients of batches under fitted factors."""
+    """Preconditioned gradients of batches under fitted factors.
+
+    It holds the only copy of the factors a process needs, on its device and in
+    its compute dtype; factors given in another dtype or on another device are
+    converted once here (load them with ``Factors.load(path, device, dtype)``
+    to never hold a second copy).
+    """
 
     def __init__(self, model: nn.Module, task: Task, factors: Factors, *,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         self.runner = GradientRunner(model, task, factors.modules, device=device, dtype=dtype)
         self.factors = factors.to(device=device, dtype=dtype)
 
-    def _precondition(self, captures: dict[str, Capture]) -> Preconditioned:
+    def precondition(self, captures: dict[str, Capture]) -> Preconditioned:
+        """Ĝ of every sequence of a batch from its captures (dense: d_out × d_in per module)."""
         return {name: self.factors[name].half_precondition(self.factors[name].rotated_gradients(capture))
                 for name, capture in captures.items()}
 
     def train_preconditioned(self, batch: Any) -> Preconditioned:
         """Ĝ_m of each training sequence of the batch (its own labels)."""
-        return self._precondition(self.runner.train_captures(batch)[0])
+        return self.precondition(self.runner.train_captures(batch)[0])
 
     def query_preconditioned(self, batch: Any) -> Preconditioned:
         """Ĝ_q of each query of the batch (gradient of the measurement)."""
-        return self._precondition(self.runner.measurement_captures(batch)[0])
+        return self.precondition(self.runner.measurement_captures(batch)[0])
 
-    def query_inverse_hvp(self, batch: Any) -> dict[str, torch.Tensor]:
-        """(F + λ)⁻¹ g_q per module, in parameter layout (B, d_out, d_in)."""
-        captures, _ = self.runner.measurement_captures(batch)
-        return {name: self.factors[name].inverse_hvp(torch.einsum("bto,bti->boi", c.grads_out, c.acts))
-                for name, c in captures.items()}
+    def inverse_hvp(self, preconditioned: Preconditioned) -> dict[str, torch.Tensor]:
+        """(F + λ)⁻¹ g per module, in parameter layout (B, d_out, d_in), from Ĝ: the other half of
+        the preconditioning, rotated back."""
+        return {name: self.factors[name].unrotate(self.factors[name].half_precondition(g))
+                for name, g in preconditioned.items()}
 
     def exhaustive_scores(self, query_batches: Iterable, train_batches: Iterable,
                           progress: Callable[[int], None] | None = None) -> ScoreMatrix:

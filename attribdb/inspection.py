@@ -17,6 +17,7 @@ from attribdb import layout
 from attribdb.errors import StoreError
 from attribdb.factors import Factors
 from attribdb.manifest import Generation, Manifest
+from attribdb.rows import RowProjection
 from attribdb.shard import ShardReader
 
 def _size(path: Path) -> int:
@@ -42,11 +43,11 @@ def existing_shards(root: Path, manifest: Manifest) -> list[tuple[int, Path]]:
 
 
 def database_info(root: str | Path) -> dict:
-    """Counts, sizes on disk, settings and the energy the rank kept, as a JSON-able dict."""
+    """Counts, sizes on disk, settings and the row layout, as a JSON-able dict."""
     root = Path(root)
     manifest = Manifest.load(root)
     sizes = {"factors": _size(root / layout.FACTORS_DIR), "zarr": 0, "lmdb": 0, "faiss": 0}
-    rows, energy_sums, tail_energy_sums = 0, np.zeros(len(manifest.modules)), np.zeros(len(manifest.modules))
+    rows = 0
     for _, path in existing_shards(root, manifest):
         sizes["zarr"] += _size(path / layout.GRADS_ZARR)
         sizes["lmdb"] += _size(path / layout.META_LMDB)
@@ -54,39 +55,37 @@ def database_info(root: str | Path) -> dict:
         reader = ShardReader(path, manifest.row_layout())
         try:
             rows += reader.rows
-            if reader.rows:
-                energy = reader.read(layout.ENERGY).astype(np.float64)
-                energy_sums += energy.sum(0)
-                if manifest.settings.tail_rank:
-                    tail_energy_sums += _energy_with_tail(reader, energy).sum(0)
         finally:
             reader.close()
-    dense_bytes = 4 * sum(m.d_in * m.d_out for m in manifest.modules)
+    row_layout = manifest.row_layout() if manifest.rows is not None else None
     return {
         "path": str(root),
         "model": {"path": manifest.settings.model_path, "fingerprint": manifest.model_fingerprint},
         "sequences": rows,
         "documents": sum(g.documents or 0 for g in manifest.generations),
         "shards": len(manifest.shard_ids),
+        "tracked_modules": len(manifest.modules),
+        "block_coverage": manifest.block_coverage,
         "generations": [{"corpus": g.corpus["path"], "state": g.state, "sequences": g.sequences,
                          "malformed": g.malformed} for g in manifest.generations],
         "bytes": sizes | {"total": _size(root)},
-        "bytes_per_sequence": (sizes["zarr"] / rows) if rows else None,
-        "dense_float32_bytes_per_sequence": dense_bytes,
-        "energy_kept": {m.name: float(energy_sums[i] / rows) if rows else None
-                        for i, m in enumerate(manifest.modules)},
-        "energy_kept_with_tail": {m.name: float(tail_energy_sums[i] / rows)
-                                  for i, m in enumerate(manifest.modules)} if rows and manifest.settings.tail_rank else None,
+        "bytes_per_sequence": {key: sizes[key] / rows for key in ("zarr", "lmdb", "faiss")} if rows else None,
+        "row": _row_info(row_layout) if row_layout else None,
         "settings": manifest.settings.to_dict(),
     }
 
 
-def _energy_with_tail(reader: ShardReader, energy: np.ndarray) -> np.ndarray:
-    """(rows, modules) energy of head and tail together: the head's, scaled by the σ² the tail adds."""
-    head = (reader.read(layout.SIGMA).astype(np.float64) ** 2).sum(-1)
-    tail = (reader.read(layout.TAIL_SIGMA).astype(np.float64) ** 2).sum(-1)
-    scale = np.divide(head + tail, head, out=np.ones_like(head), where=head > 0)
-    return np.minimum(energy * scale, 1.0)
+def _row_info(row_layout) -> dict:
+    """What a row is: its size against the dense gradient, and the share of influence it keeps."""
+    kept = dict(zip((m.name for m in row_layout.modules), row_layout.expected_kept))
+    return {
+        "kind": row_layout.kind,
+        "dim": row_layout.dim,
+        "bytes": row_layout.bytes_per_row,
+        "dense_float32_bytes": row_layout.dense_bytes_per_row,
+        "blocks": {m.name: list(b) for m, b in zip(row_layout.modules, row_layout.blocks)},
+        "expected_kept": kept,
+    }
 
 
 @dataclass
@@ -116,6 +115,7 @@ def verify_database(root: str | Path) -> VerifyReport:
     factors = Factors.load(layout.factors_path(root))
     if [m.name for m in factors.modules] != [m.name for m in manifest.modules]:
         raise StoreError("factors and manifest track different modules")
+    RowProjection.load(layout.projection_path(root), manifest.row_layout())
     total_rows, pending = 0, None
     for generation in manifest.generations:
         rows = sum(_verify_shard(root, manifest, s, generation) for s in generation.shard_ids)
@@ -141,12 +141,14 @@ def _verify_shard(root: Path, manifest: Manifest, shard_id: int, generation: Gen
         name = f"shard {shard_id:05d}"
         if complete and not reader.sealed:
             raise StoreError(f"{name} is not sealed although its build completed")
-        for array_name in layout.row_arrays(manifest.settings.tail_rank):
-            data = _read_checked(reader, array_name, name)
+        arrays = {}
+        for array_name in layout.ROW_ARRAYS:
+            data = arrays[array_name] = _read_checked(reader, array_name, name)
             if len(data) != reader.rows:
                 raise StoreError(f"{name}: {array_name} has {len(data)} rows, LMDB committed {reader.rows}")
             if not np.isfinite(data.astype(np.float64)).all():
                 raise StoreError(f"{name}: {array_name} holds non-finite values")
+        _verify_unit_rows(arrays[layout.ROWS], arrays[layout.SELF_INFLUENCE], name)
         _verify_metadata(reader, name, (shard_id - generation.first_shard) * manifest.settings.shard_size)
         if reader.sealed:
             _verify_index(reader, name)
@@ -167,14 +169,24 @@ def _read_checked(reader: ShardReader, array_name: str, name: str) -> np.ndarray
         rows = np.arange(start, min(start + block, reader.rows))
         try:
             parts.append(reader.read(array_name, rows))
-        except StoreError as exc:  # names the file already
-            raise StoreError(f"{name}: {array_name} rows {rows[0]}-{rows[-1]}: {exc}") from None
+        except StoreError as exc:  # our own direct reads say which file and why
+            raise StoreError(f"{name}: array {array_name!r}, rows {rows[0]}-{rows[-1]}: {exc}") from None
         except Exception as exc:  # the checksum codec and zarr raise several types
             reason = (str(exc).splitlines() or [type(exc).__name__])[0][:80]
-            raise StoreError(f"{name}: {array_name} rows {rows[0]}-{rows[-1]} cannot be read "
+            raise StoreError(f"{name}: array {array_name!r}, rows {rows[0]}-{rows[-1]} cannot be read "
                              f"(corrupted chunk: {reason})") from exc
     array = reader.group[array_name]
     return np.concatenate(parts) if parts else np.zeros((0,) + array.shape[1:], dtype=array.dtype)
+
+
+def _verify_unit_rows(rows: np.ndarray, self_influence: np.ndarray, name: str) -> None:
+    """Stored rows are unit vectors (zero where the gradient was zero): a row of another length was
+    not written by a build, whatever its checksum says."""
+    norms = np.linalg.norm(rows.astype(np.float64), axis=1)
+    expected = (self_influence > 0).astype(np.float64)
+    bad = np.flatnonzero(np.abs(norms - expected) > 1e-2)
+    if len(bad):
+        raise StoreError(f"{name}: row {bad[0]} has norm {norms[bad[0]]:.4f} where {expected[bad[0]]:.0f} was stored")
 
 
 def _verify_metadata(reader: ShardReader, name: str, first_sequence: int) -> None:
@@ -201,6 +213,6 @@ def _verify_index(reader: ShardReader, name: str) -> None:
     index = reader.index()  # missing, failing its checksum or unreadable: a StoreError naming the file
     if index.ntotal != reader.rows:
         raise StoreError(f"{name}: FAISS holds {index.ntotal} vectors, LMDB committed {reader.rows}")
-    if reader.rows and hasattr(index, "reconstruct_n") and type(index).__name__ == "IndexFlatIP":
+    if reader.rows and type(index).__name__ in ("IndexFlatIP", "IndexScalarQuantizer"):
         if not np.array_equal(index.reconstruct_n(0, reader.rows), reader.faiss_vectors()):
-            raise StoreError(f"{name}: FAISS vectors differ from the Zarr sketches")
+            raise StoreError(f"{name}: FAISS vectors differ from the Zarr rows")

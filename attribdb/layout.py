@@ -5,40 +5,30 @@
     mydb/
       manifest.json
       lock                          the writer lock (holder's pid), see writelock.py
-      factors/factors.safetensors   Q_A, Q_S, D, λ per module
-      factors/sketch.safetensors    the sketch projections
-      shards/NNNNN/grads.zarr       low-rank factors, σ, energy, sketch, self-influence
+      factors/factors.safetensors   Q_A, Q_S, D, λ per module (exact and exhaustive queries)
+      factors/rows.safetensors      the row projections: kept eigenvectors and 1/√(Λ+λ) per module
+      shards/NNNNN/grads.zarr       rows (float16 unit vectors) and their self-influence
       shards/NNNNN/meta.lmdb        row metadata, document index, commit journal
-      shards/NNNNN/sketch.faiss     inner-product index over the shard's sketches
+      shards/NNNNN/rows.faiss       inner-product index over the shard's rows
 """
 
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: low-rank factors and CountSketches (read no more)
 MANIFEST = "manifest.json"
 LOCK_FILE = "lock"
 FACTORS_DIR = "factors"
 FACTORS_FILE = "factors.safetensors"
-SKETCH_FILE = "sketch.safetensors"
+PROJECTION_FILE = "rows.safetensors"
 SHARDS_DIR = "shards"
 GRADS_ZARR = "grads.zarr"
 META_LMDB = "meta.lmdb"
-FAISS_FILE = "sketch.faiss"
+FAISS_FILE = "rows.faiss"
 
-# arrays inside grads.zarr
-LOWRANK = "lowrank"  # (rows, P) float16: per module U (r × d_out) then V (r × d_in), flattened
-SIGMA = "sigma"  # (rows, modules, r) float32
-ENERGY = "energy"  # (rows, modules) float32: fraction of ‖Ĝ‖² the rank kept
-TAIL = "tail"  # (rows, P_tail) float16: singular triplets rank+1 .. rank+tail_rank, packed like LOWRANK
-TAIL_SIGMA = "tail_sigma"  # (rows, modules, tail_rank) float32
-SKETCH = "sketch"  # (rows, sketch_dim) float32
-SELF_INFLUENCE = "self_influence"  # (rows,) float32
-
-
-def row_arrays(tail_rank: int) -> tuple[str, ...]:
-    """The arrays every row has a value in."""
-    tail = (TAIL, TAIL_SIGMA) if tail_rank else ()
-    return (LOWRANK, SIGMA, ENERGY, SKETCH, SELF_INFLUENCE) + tail
+# arrays inside grads.zarr (attribdb/rows.py says what a row is)
+ROWS = "rows"  # (rows, dim) float16: each row divided by its norm
+SELF_INFLUENCE = "self_influence"  # (rows,) float32: the row's squared norm
+ROW_ARRAYS = (ROWS, SELF_INFLUENCE)
 
 
 # named databases inside meta.lmdb
@@ -52,13 +42,13 @@ def factors_path(root: Path) -> Path:
     return Path(root) / FACTORS_DIR / FACTORS_FILE
 
 
-def sketch_path(root: Path) -> Path:
-    return Path(root) / FACTORS_DIR / SKETCH_FILE
+def projection_path(root: Path) -> Path:
+    return Path(root) / FACTORS_DIR / PROJECTION_FILE
 
 
 def factor_files(root: Path) -> tuple[Path, ...]:
     """The files a fit writes; the manifest records their sha256 once all are written."""
-    return factors_path(root), sketch_path(root)
+    return factors_path(root), projection_path(root)
 
 
 def shard_dir(root: Path, shard_id: int) -> Path:

@@ -18,7 +18,7 @@ from attribdb import manifest_schema
 from attribdb.errors import ConfigError, ModelMismatchError, StoreError
 from attribdb.layout import FORMAT_VERSION, MANIFEST, factor_files
 from attribdb.settings import DatabaseSettings
-from attribdb.shard import RowLayout
+from attribdb.rows import RowLayout
 from attribdb.tracking import TrackedModule
 
 
@@ -46,9 +46,10 @@ class Manifest:
     model_fingerprint: str
     tokenizer_path: str
     modules: list[TrackedModule]
-    sketch_dim: int
+    rows: dict | None = None  # the row layout (rows.RowLayout.to_dict), chosen when the factors are fitted
     generations: list[Generation] = field(default_factory=list)
     factor_digests: dict[str, str] = field(default_factory=dict)  # factors/ file name -> sha256, once fitted
+    block_coverage: float | None = None  # share of block parameters tracked; None in databases made before it
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
@@ -57,8 +58,10 @@ class Manifest:
         return [s for g in self.generations for s in g.shard_ids]
 
     def row_layout(self) -> RowLayout:
-        return RowLayout(tuple(self.modules), self.settings.rank, self.sketch_dim, self.settings.tail_rank,
-                         self.settings.normalized_index)
+        if self.rows is None:
+            raise StoreError("this database has no row layout yet: its factors were never fitted; "
+                             "run `attribdb build` (or `attribdb fit`) again")
+        return RowLayout.from_dict(self.modules, self.rows)
 
     def building(self) -> Generation | None:
         return next((g for g in self.generations if g.state == "building"), None)
@@ -81,7 +84,8 @@ class Manifest:
                       "tokenizer": self.tokenizer_path},
             "settings": self.settings.to_dict(),
             "modules": [asdict(m) for m in self.modules],
-            "sketch_dim": self.sketch_dim,
+            "block_coverage": self.block_coverage,
+            "rows": self.rows,
             "generations": [asdict(g) for g in self.generations],
             "factor_digests": self.factor_digests,
         }
@@ -90,12 +94,12 @@ class Manifest:
         """Record the sha256 of every factor file: they become one unit, checked on every load."""
         self.factor_digests = {path.name: file_sha256(path) for path in factor_files(root)}
 
-    def check_factor_files(self, root: Path) -> None:
-        """Refuse factor files that are missing or differ from what the fit wrote."""
+    def check_factor_files(self, root: Path, paths: list[Path] | None = None) -> None:
+        """Refuse factor files (all of them, or ``paths``) that are missing or differ from what the fit wrote."""
         if not self.factor_digests:
             raise StoreError(f"{root} has no complete factors (a fit was interrupted): run the same "
                              "`attribdb build` or `attribdb fit` command again")
-        for path in factor_files(root):
+        for path in factor_files(root) if paths is None else paths:
             if not path.is_file():
                 raise StoreError(f"{path} is missing: the database is damaged")
             if file_sha256(path) != self.factor_digests.get(path.name):
@@ -121,8 +125,8 @@ class Manifest:
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise StoreError(f"{path} is not readable JSON ({exc})") from None
         if isinstance(data, dict) and data.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{path} has format version {data.get('format_version')}; "
-                             f"this attribdb reads version {FORMAT_VERSION}")
+            raise StoreError(f"{path} has format version {data.get('format_version')}; this attribdb reads "
+                             f"version {FORMAT_VERSION} only: build the database again")
         data = manifest_schema.check(data, str(path))
         try:
             return cls(
@@ -130,9 +134,10 @@ class Manifest:
                 model_fingerprint=data["model"]["fingerprint"],
                 tokenizer_path=data["model"]["tokenizer"],
                 modules=[TrackedModule(**m) for m in data["modules"]],
-                sketch_dim=data["sketch_dim"],
+                rows=data.get("rows"),
                 generations=[Generation(**g) for g in data["generations"]],
                 factor_digests=data["factor_digests"],
+                block_coverage=data.get("block_coverage"),
                 format_version=data["format_version"],
                 created=data["created"],
             )

@@ -1,7 +1,7 @@
 """What a manifest.json may contain, checked before anything trusts it.
 
 A manifest decides which files a query opens and how many: a key that fell
-back to its default, a shard count of 10**9 or a rank of 7 where 8 were built
+back to its default, a shard count of 10**9 or a row block of 7 where 8 were built
 used to pass unnoticed, or make a query allocate until it was killed.  The
 manifest carries a sha256 of its own canonical JSON, so an edit by hand is
 caught by the checksum; the schema catches what a checksum cannot (a manifest
@@ -17,6 +17,7 @@ import re
 from dataclasses import fields
 
 from attribdb.errors import StoreError
+from attribdb.rows import ROW_KINDS
 
 CHECKSUM_KEY = "checksum"
 STATES = ("building", "complete")
@@ -91,8 +92,8 @@ def check(data, where: str) -> dict:
     from attribdb.settings import DatabaseSettings
 
     c = _Checker(where)
-    c.keys(data, "", {"format_version", "created", "model", "settings", "modules", "sketch_dim", "generations",
-                      "factor_digests", CHECKSUM_KEY})
+    c.keys(data, "", {"format_version", "created", "model", "settings", "modules", "rows", "generations",
+                      "factor_digests", CHECKSUM_KEY}, {"block_coverage"})  # no coverage: made before it was measured
     body = {k: v for k, v in data.items() if k != CHECKSUM_KEY}
     if data[CHECKSUM_KEY] != digest(body):
         raise StoreError(f"{where} fails its checksum: it was edited or damaged (restore it from a backup)")
@@ -117,18 +118,44 @@ def check(data, where: str) -> dict:
         c.integer(module["d_out"], f"modules[{i}].d_out", minimum=1)
         if not isinstance(module["has_bias"], bool):
             c.fail(f"modules[{i}].has_bias", "must be true or false")
-    c.integer(data["sketch_dim"], "sketch_dim", minimum=1)
-    sketch_size = settings.get("sketch_size")
-    if isinstance(sketch_size, int) and data["sketch_dim"] != len(data["modules"]) * sketch_size:
-        c.fail("sketch_dim", f"is {data['sketch_dim']}, but {len(data['modules'])} modules × sketch_size "
-                             f"{sketch_size} make {len(data['modules']) * sketch_size}")
+    _check_rows(c, data["rows"], [m["name"] for m in data["modules"]])
+    coverage = data.get("block_coverage")
+    if coverage is not None and (isinstance(coverage, bool) or not isinstance(coverage, (int, float))
+                                 or not 0 <= coverage <= 1):
+        c.fail("block_coverage", f"must be a share between 0 and 1 or null, not {coverage!r}")
+    c.string(settings.get("row_kind"), "settings.row_kind", choices=ROW_KINDS)
     if not isinstance(data["factor_digests"], dict):
         c.fail("factor_digests", "must be an object")
     for name, value in data["factor_digests"].items():
         if not (isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value)):
             c.fail(f"factor_digests.{name}", f"must be a sha256 in hex, not {value!r}")
+    if data["factor_digests"] and data["rows"] is None:
+        c.fail("rows", "is null although the factors were fitted (their digests are recorded)")
     _check_generations(c, data["generations"], settings.get("shard_size"))
     return body
+
+
+def _check_rows(c: _Checker, rows, module_names: list[str]) -> None:
+    """The row layout (rows.RowLayout.to_dict): null until the fit has written it, then one
+    (k_out, k_in) block of positive sizes per tracked module, and nothing else."""
+    if rows is None:
+        return
+    c.keys(rows, "rows", {"kind", "blocks", "expected_kept", "normalized_index"})
+    c.string(rows["kind"], "rows.kind", choices=ROW_KINDS)
+    if not isinstance(rows["normalized_index"], bool):
+        c.fail("rows.normalized_index", "must be true or false")
+    blocks = c.keys(rows["blocks"], "rows.blocks", set(module_names))
+    for name, block in blocks.items():
+        if not (isinstance(block, list) and len(block) == 2):
+            c.fail(f"rows.blocks.{name}", f"must be a pair [k_out, k_in], not {block!r}")
+        for k in block:
+            c.integer(k, f"rows.blocks.{name}", minimum=1)
+    kept = rows["expected_kept"]
+    if not isinstance(kept, list) or len(kept) not in (0, len(module_names)):
+        c.fail("rows.expected_kept", f"must be a list of one share per module, not {kept!r}")
+    for value in kept:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            c.fail("rows.expected_kept", f"must hold finite numbers, not {value!r}")
 
 
 def _check_generations(c: _Checker, generations, shard_size) -> None:

@@ -70,13 +70,27 @@ def check_context(model: nn.Module, max_length: int) -> None:
                           f"give --max-length {context} or less")
 
 
+CHUNK_BYTES = 1 << 26  # a device tensor crosses to the host this many bytes at a time
+
+
+def _byte_chunks(tensor: torch.Tensor):
+    """The tensor's bytes in memory order, without a host copy of the whole tensor.
+
+    A contiguous CPU tensor is hashed from its own memory; a device tensor
+    streams to the host in chunks of :data:`CHUNK_BYTES`.
+    """
+    raw = tensor.detach().reshape(-1).view(torch.uint8)  # a view when contiguous
+    for start in range(0, raw.numel(), CHUNK_BYTES):
+        yield raw[start:start + CHUNK_BYTES].cpu().numpy()  # .cpu() of a CPU tensor is the tensor itself
+
+
 def fingerprint(model: nn.Module) -> str:
-    """sha256 over every parameter and buffer's name, dtype, shape and bytes."""
+    """sha256 over every parameter and buffer's name, dtype, shape and bytes (in name order)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        for chunk in _byte_chunks(tensor):
+            digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -8,7 +8,14 @@ through this module.
 from __future__ import annotations
 
 import torch  # noqa: F401  (must precede faiss)
-import faiss  # noqa: E402
+
+from attribdb.errors import ConfigError
+
+try:
+    import faiss  # noqa: E402
+except ImportError:
+    raise ConfigError("FAISS is not installed: pip install 'attribdb[cpu]', or 'attribdb[gpu]' on a CUDA machine "
+                      "(one of the two: both provide the same faiss module)") from None
 
 faiss.omp_set_num_threads(torch.get_num_threads())
 

@@ -1,44 +1,39 @@
-"""A database's model, tokenizer, factors and sketch, loaded once and checked.
+"""A database's model, tokenizer and row projection, loaded once and checked.
 
 The build, the query engine and the exhaustive scorer all need the same
 objects; loading them in one place means the model is always checked against
-the manifest's fingerprint before a single gradient is computed.
+the manifest's fingerprint before a single gradient is computed.  The full
+factors (every module's eigenbases) are loaded only when a caller needs them
+(exact and exhaustive queries): the build and index queries need only the row
+projection, a small fraction of their size.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from attribdb import layout
-from attribdb.compression import Sketcher
 from attribdb.encoder import RowEncoder
 from attribdb.factors import Factors
+from attribdb.gradients import GradientRunner
 from attribdb.influence import InfluenceComputer
 from attribdb.manifest import Manifest
 from attribdb.models import compute_dtype, fingerprint, load_model, resolve_device
-from attribdb.shard import RowLayout
+from attribdb.rows import RowLayout, RowProjection
 from attribdb.tasks import CausalLMTask
 
 
-def load_sketcher(root: Path, manifest: Manifest) -> Sketcher:
-    return Sketcher.load(layout.sketch_path(root), manifest.modules)
-
-
-@dataclass
 class Runtime:
-    root: Path
-    manifest: Manifest
-    model: torch.nn.Module
-    tokenizer: object
-    task: CausalLMTask
-    factors: Factors
-    computer: InfluenceComputer
-    sketcher: Sketcher
-    row_layout: RowLayout
-    device: torch.device
+    def __init__(self, root: Path, manifest: Manifest, model: torch.nn.Module, tokenizer, device: torch.device):
+        self.root, self.manifest, self.model, self.tokenizer, self.device = root, manifest, model, tokenizer, device
+        self.row_layout: RowLayout = manifest.row_layout()
+        self.dtype = compute_dtype(manifest.settings.dtype)
+        self.task = CausalLMTask(manifest.settings.module_patterns)
+        self.runner = GradientRunner(model, self.task, manifest.modules, device=device, dtype=self.dtype)
+        self.projection = RowProjection.load(layout.projection_path(root), self.row_layout).to(device, self.dtype)
 
     @classmethod
     def load(cls, root: str | Path, device: str | None = None, model_path: str | None = None) -> "Runtime":
@@ -47,12 +42,17 @@ class Runtime:
         resolved = resolve_device(device)
         model, tokenizer = load_model(model_path or manifest.settings.model_path, resolved, manifest.settings.dtype)
         manifest.require_model(fingerprint(model))
-        manifest.check_factor_files(root)
-        factors = Factors.load(layout.factors_path(root))
-        computer = InfluenceComputer(model, CausalLMTask(manifest.settings.module_patterns), factors,
-                                     device=resolved, dtype=compute_dtype(manifest.settings.dtype))
-        return cls(root, manifest, model, tokenizer, computer.runner.task, factors, computer,
-                   load_sketcher(root, manifest), manifest.row_layout(), resolved)
+        manifest.check_factor_files(root, [layout.projection_path(root)])  # the factors: when first needed
+        return cls(root, manifest, model, tokenizer, resolved)
+
+    @cached_property
+    def computer(self) -> InfluenceComputer:
+        """Full-space EK-FAC scores (exact and exhaustive modes): loads every module's factors,
+        converted tensor by tensor to the device and compute dtype (one copy, no float64 beside it),
+        once their sha256 matches the one the fit recorded."""
+        self.manifest.check_factor_files(self.root, [layout.factors_path(self.root)])
+        factors = Factors.load(layout.factors_path(self.root), device=self.device, dtype=self.dtype)
+        return InfluenceComputer(self.model, self.task, factors, device=self.device, dtype=self.dtype)
 
     def encoder(self) -> RowEncoder:
-        return RowEncoder(self.computer, self.sketcher, self.row_layout, self.tokenizer.pad_token_id)
+        return RowEncoder(self.runner, self.projection, self.tokenizer.pad_token_id)

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 from attribdb.errors import ConfigError
 from attribdb.factors import FactorConfig
+from attribdb.rows import ROW_KINDS
 
 INDEX_KINDS = ("flat", "hnsw", "ivf")
-SKETCH_KINDS = ("countsketch", "kronecker")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
@@ -36,31 +36,28 @@ class DatabaseSettings:
     damping: float | None = setting(None, "absolute λ, overrides damping_factor")
     fit_sample_size: int = setting(512, "sequences sampled from the corpus to fit the factors")
     fit_seed: int = setting(0, "seeds the fitting sample and the label sampling")
-    rank: int = setting(8, "low-rank factors kept per module and sequence")
-    tail_rank: int = setting(0, "further singular triplets per module, stored apart and read only to re-rank a "
-                                "query's best candidates: closer to exhaustive rankings for more disk and build time")
-    sketch_kind: str = setting("countsketch", "countsketch | kronecker: the random map FAISS indexes")
-    sketch_size: int = setting(256, "sketch numbers per module (a square for kronecker)")
-    sketch_seed: int = setting(0, "seeds the sketch projections")
+    row_bytes: int = setting(32768, "bytes of each stored row: the EK-FAC-preconditioned gradient's block in the "
+                                    "eigenvectors that carry the most expected influence, spent over all modules")
+    row_kind: str = setting("kron", "kron: a random Kronecker projection whose inner products estimate the EK-FAC "
+                                    "score without bias; block: the exact block of the eigen-coordinates with the "
+                                    "most expected influence (tools/eval_compression.py compares them)")
     index_kind: str = setting("flat", "flat (exact) | hnsw | ivf")
-    normalized_index: bool = setting(True, "FAISS indexes sketches divided by each row's gradient norm, so "
-                                           "candidates come by direction, not by size (false: raw sketches)")
+    normalized_index: bool = setting(True, "FAISS indexes unit rows, so candidates come by the cosine the default "
+                                           "ranking uses (false: by the raw score)")
     shard_size: int = setting(4096, "rows per shard: the unit of writing and of parallel build")
     commit_rows: int = setting(64, "rows written and committed together (a kill loses at most these)")
     batch_size: int = setting(8, "sequences per forward/backward pass")
     dtype: str = setting("float32", "dtype the model runs in (float32 | float64 | bfloat16 | float16)")
 
     def __post_init__(self):
-        positive = ("max_length", "fit_sample_size", "rank", "sketch_size", "shard_size", "commit_rows", "batch_size")
+        positive = ("max_length", "fit_sample_size", "row_bytes", "shard_size", "commit_rows", "batch_size")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
-        if self.tail_rank < 0:
-            raise ConfigError(f"tail-rank must be 0 or more, not {self.tail_rank}")
         if self.stride is not None and not 0 < self.stride <= self.max_length:
             raise ConfigError(f"stride must be between 1 and max-length ({self.max_length}), not {self.stride}")
-        if self.sketch_kind not in SKETCH_KINDS:
-            raise ConfigError(f"unknown sketch kind {self.sketch_kind!r}; choose one of {', '.join(SKETCH_KINDS)}")
+        if self.row_kind not in ROW_KINDS:
+            raise ConfigError(f"unknown row kind {self.row_kind!r}; choose one of {', '.join(ROW_KINDS)}")
         if self.index_kind not in INDEX_KINDS:
             raise ConfigError(f"unknown index kind {self.index_kind!r}; choose one of {', '.join(INDEX_KINDS)}")
         if self.dtype not in DTYPES:
@@ -82,8 +79,7 @@ class DatabaseSettings:
     @classmethod
     def from_dict(cls, data: dict) -> "DatabaseSettings":
         known = {f.name for f in fields(cls)}
-        values = {"normalized_index": False,  # databases from before the setting indexed raw sketches
-                  **{k: v for k, v in data.items() if k in known}}
+        values = {k: v for k, v in data.items() if k in known}
         if values.get("module_patterns"):
             values["module_patterns"] = tuple(values["module_patterns"])
         return cls(**values)

@@ -12,75 +12,25 @@ build overwrites.  Sealing builds the FAISS index once all rows are in.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
 
-import lmdb
 import numpy as np
 
-from attribdb import faults, layout, records
+from attribdb import faults, layout, metadb, records
 from attribdb.errors import StoreError
-from attribdb.tracking import TrackedModule
-
-LMDB_MAP_SIZE = 1 << 38  # address space only (64-bit); the file grows as needed
-
-
-@dataclass(frozen=True)
-class RowLayout:
-    """Where each module's U and V live in a packed low-rank row."""
-
-    modules: tuple[TrackedModule, ...]
-    rank: int
-    sketch_dim: int
-    tail_rank: int = 0
-    normalized_index: bool = False  # FAISS holds sketches / √self-influence (faiss_index.index_vectors)
-
-    @property
-    def tail(self) -> "RowLayout":
-        """How the tail triplets are packed: like the head, at the tail's rank."""
-        return replace(self, rank=self.tail_rank, tail_rank=0)
-
-    @cached_property
-    def offsets(self) -> dict[str, tuple[int, int, int]]:
-        """module -> (start of U, start of V, end of V) in the packed row."""
-        out, start = {}, 0
-        for m in self.modules:
-            v_start = start + self.rank * m.d_out
-            end = v_start + self.rank * m.d_in
-            out[m.name] = (start, v_start, end)
-            start = end
-        return out
-
-    @property
-    def width(self) -> int:
-        return sum(self.rank * (m.d_out + m.d_in) for m in self.modules)
-
-    def unpack(self, packed: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """(N, r, d_out) U and (N, r, d_in) V of one module from packed rows (N, width)."""
-        m = next(x for x in self.modules if x.name == name)
-        u_start, v_start, end = self.offsets[name]
-        n = packed.shape[0]
-        return (packed[:, u_start:v_start].reshape(n, self.rank, m.d_out),
-                packed[:, v_start:end].reshape(n, self.rank, m.d_in))
+from attribdb.rows import RowLayout, index_vectors
 
 
 @dataclass
 class RowBlock:
     """A commit unit's computed rows, ready to write (numpy arrays, N rows each)."""
 
-    lowrank: np.ndarray  # (N, width) float16
-    sigma: np.ndarray  # (N, modules, r) float32
-    energy: np.ndarray  # (N, modules) float32
-    sketch: np.ndarray  # (N, sketch_dim) float32
-    self_influence: np.ndarray  # (N,) float32
+    rows: np.ndarray  # (N, dim) float16 unit rows (attribdb/rows.py)
+    self_influence: np.ndarray  # (N,) float32 squared norms
     metadata: list[dict]  # per row: doc_id, source, token_span, char_span, text, token_ids
-    tail: np.ndarray | None = None  # (N, tail width) float16, when the layout has a tail
-    tail_sigma: np.ndarray | None = None  # (N, modules, tail_rank) float32
 
     def __len__(self) -> int:
         return len(self.metadata)
@@ -90,32 +40,20 @@ def row_shapes(row_layout: RowLayout) -> dict[str, tuple[int, ...]]:
     """The shape of one row in each array of grads.zarr, as the row layout defines it: what the
     writer creates and what a reader checks the stored arrays against (a manifest that disagrees
     with its shards must fail with one line, not deep in a query)."""
-    n_modules = len(row_layout.modules)
-    shapes = {layout.LOWRANK: (row_layout.width,), layout.SIGMA: (n_modules, row_layout.rank),
-              layout.ENERGY: (n_modules,), layout.SKETCH: (row_layout.sketch_dim,), layout.SELF_INFLUENCE: ()}
-    if row_layout.tail_rank:
-        shapes |= {layout.TAIL: (row_layout.tail.width,), layout.TAIL_SIGMA: (n_modules, row_layout.tail_rank)}
-    return shapes
+    return {layout.ROWS: (row_layout.dim,), layout.SELF_INFLUENCE: ()}
 
 
 def _codecs(compress: bool):
     """A CRC32C over each chunk's stored bytes, so a flipped byte fails the read; zstd before it
-    only where it pays: float16 singular vectors shrink by 6% for 37 µs of decoding per row, the
-    larger part of a query's read time."""
+    only where it pays: float16 rows are near-incompressible noise, and decoding would be the larger
+    part of a query's read time."""
     import zarr
 
     return [zarr.codecs.ZstdCodec(level=1), zarr.codecs.Crc32cCodec()] if compress else [zarr.codecs.Crc32cCodec()]
 
 
-_ENVIRONMENTS: dict[str, list] = {}  # realpath -> [environment, users]: LMDB allows one per process
-
-LMDB_MAGIC = 0xBEEFC0DE
-# offsets in an LMDB meta page (lmdb 0.9, 64-bit): page header 16 bytes, then magic and version,
-# address, map size, two 48-byte db records (the first one's pad holds the page size), last page, txn id
-_META_MAGIC, _META_PAGE_SIZE, _META_LAST_PAGE = 16, 40, 136
-
-
-FAISS_CRC_KEY = b"faiss_crc32c"  # info key: CRC32C of sketch.faiss, written when the shard is sealed
+FAISS_CRC_KEY = b"faiss_crc32c"  # info key: CRC32C of rows.faiss, written when the shard is sealed
+lmdb_errors = metadb.lmdb_errors  # LMDB's own exceptions as a one-line StoreError naming the shard
 
 
 def _file_crc32c(path: Path) -> bytes:
@@ -126,76 +64,6 @@ def _file_crc32c(path: Path) -> bytes:
         for block in iter(lambda: handle.read(1 << 20), b""):
             checksum.update(block)
     return checksum.digest().hex().encode()
-
-
-@contextmanager
-def lmdb_errors(where: str):
-    """LMDB's own exceptions (a damaged file, a map it cannot read) as a one-line StoreError."""
-    try:
-        yield
-    except lmdb.Error as exc:
-        raise StoreError(f"{where}: LMDB cannot read it ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") \
-            from None
-
-
-def check_data_file(path: Path) -> None:
-    """Refuse a data.mdb shorter than its newest meta page says it is, before mapping it.
-
-    LMDB maps the file and reads pages past a truncated end, which kills the process with a
-    bus error instead of raising; the meta pages at the start of the file say how many pages
-    the last commit used."""
-    data = Path(path) / "data.mdb"
-    if not data.is_file():
-        return
-    size = data.stat().st_size
-    with open(data, "rb") as handle:
-        head = handle.read(_META_LAST_PAGE + 16)
-        if len(head) < _META_LAST_PAGE + 16:
-            raise StoreError(f"{data} is truncated ({size} bytes): the shard's metadata is damaged")
-        page_size = int.from_bytes(head[_META_PAGE_SIZE:_META_PAGE_SIZE + 4], "little")
-        if page_size < 512 or page_size & (page_size - 1):
-            raise StoreError(f"{data} is not an LMDB file (page size {page_size}): the shard's metadata is damaged")
-        metas = [head]
-        handle.seek(page_size)
-        metas.append(handle.read(_META_LAST_PAGE + 16))
-    needed = 0
-    for meta in metas:
-        if len(meta) < _META_LAST_PAGE + 16 or int.from_bytes(meta[_META_MAGIC:_META_MAGIC + 4], "little") != LMDB_MAGIC:
-            raise StoreError(f"{data} has a damaged header: the shard's metadata is damaged")
-        needed = max(needed, (int.from_bytes(meta[_META_LAST_PAGE:_META_LAST_PAGE + 8], "little") + 1) * page_size)
-    if size < needed:
-        raise StoreError(f"{data} is truncated ({size} of {needed} bytes): the shard's metadata is damaged")
-
-
-def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
-    key = str(Path(path).resolve())
-    if key in _ENVIRONMENTS:
-        env, users = _ENVIRONMENTS[key]
-        if not readonly and env.flags()["readonly"]:
-            raise StoreError(f"{path} is open read-only in this process; close its readers before writing")
-        _ENVIRONMENTS[key][1] = users + 1
-        return env
-    check_data_file(Path(key))
-    options = dict(map_size=LMDB_MAP_SIZE, max_dbs=4, readonly=readonly, subdir=True, create=not readonly)
-    with lmdb_errors(str(path)):
-        try:
-            env = lmdb.open(key, **options)
-        except lmdb.Error:
-            if not readonly or os.access(key, os.W_OK):
-                raise
-            env = lmdb.open(key, lock=False, **options)  # a read-only copy: no one can be writing it
-    _ENVIRONMENTS[key] = [env, 1]
-    return env
-
-
-def _close_env(env: lmdb.Environment) -> None:
-    key = next(k for k, (e, _) in _ENVIRONMENTS.items() if e is env)
-    _ENVIRONMENTS[key][1] -= 1
-    if _ENVIRONMENTS[key][1] == 0:
-        del _ENVIRONMENTS[key]
-        env.close()
-
-
 class ShardWriter:
     """Append-only writer of one shard (one process, one thread)."""
 
@@ -204,7 +72,7 @@ class ShardWriter:
 
         self.path, self.layout, self.capacity, self.commit_rows = Path(path), row_layout, capacity, commit_rows
         self.path.mkdir(parents=True, exist_ok=True)
-        self.env = _open_env(self.path / layout.META_LMDB, readonly=False)
+        self.env = metadb.open_env(self.path / layout.META_LMDB, readonly=False, capacity_rows=capacity)
         self.dbs = {name: self.env.open_db(name) for name in
                     (layout.ROWS_DB, layout.DOCS_DB, layout.JOURNAL_DB, layout.INFO_DB)}
         zarr_path = self.path / layout.GRADS_ZARR
@@ -217,15 +85,17 @@ class ShardWriter:
         import zarr
 
         group = zarr.open_group(str(zarr_path), mode="w")
-        for name, row_shape in row_shapes(self.layout).items():
-            one_row_chunks = name in (layout.LOWRANK, layout.TAIL)  # read row by row at query time
-            group.create_array(name, shape=(self.capacity,) + row_shape,
-                               chunks=(1 if one_row_chunks else self.commit_rows,) + row_shape,
-                               dtype="float16" if one_row_chunks else "float32",
-                               compressors=_codecs(not one_row_chunks), fill_value=0)
+        cap, unit, dim = self.capacity, self.commit_rows, self.layout.dim
+        specs = {
+            layout.ROWS: ((cap, dim), (1, dim), "float16"),  # one row per chunk: queries read scattered rows
+            layout.SELF_INFLUENCE: ((cap,), (unit,), "float32"),
+        }
+        for name, (shape, chunks, dtype) in specs.items():
+            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype,
+                               compressors=_codecs(name != layout.ROWS), fill_value=0)
 
     def _info(self, key: bytes) -> bytes | None:
-        with self.env.begin(db=self.dbs[layout.INFO_DB]) as txn:
+        with metadb.read(self.env, db=self.dbs[layout.INFO_DB]) as txn:
             return txn.get(key)
 
     @property
@@ -249,28 +119,33 @@ class ShardWriter:
         if start + n > self.capacity:
             raise StoreError(f"shard {self.path} is full ({self.capacity} rows)")
         rows = slice(start, start + n)
-        for name in layout.row_arrays(self.layout.tail_rank):
+        for name in layout.ROW_ARRAYS:
             self.group[name][rows] = getattr(block, name)
         faults.point("unit-written")
-        with self.env.begin(write=True) as txn:
-            self._require_next(start, int(txn.get(b"committed", db=self.dbs[layout.INFO_DB]) or 0))
-            docs = {}
-            for offset, meta in enumerate(block.metadata):
-                row = start + offset
-                key = layout.row_key(row)
-                txn.put(key, records.pack(key, meta), db=self.dbs[layout.ROWS_DB])
-                docs.setdefault(meta["doc_id"], []).append(row)
-            for doc_id, doc_rows in docs.items():
-                key = doc_id.encode()
-                previous = txn.get(key, db=self.dbs[layout.DOCS_DB])
-                merged = (records.unpack(key, previous, f"shard {self.path} document {doc_id!r}")
-                          if previous else []) + doc_rows
-                txn.put(key, records.pack(key, merged), db=self.dbs[layout.DOCS_DB])
-            journal = {"rows_start": start, "rows_end": start + n, "time": time.time()}
-            commit_key = layout.row_key(txn.stat(self.dbs[layout.JOURNAL_DB])["entries"])
-            txn.put(commit_key, records.pack(commit_key, journal), db=self.dbs[layout.JOURNAL_DB])
-            txn.put(b"committed", str(start + n).encode(), db=self.dbs[layout.INFO_DB])
+        metadb.write(self.env, lambda txn: self._record(txn, start, block.metadata))
         faults.point("unit-committed")
+
+    def _record(self, txn, start: int, metadata: list[dict]) -> None:
+        """One commit unit's rows, document lists, journal entry and committed count (one transaction,
+        rerun whole by metadb.write if the map had to grow); every value a checksummed record."""
+        self._require_next(start, int(txn.get(b"committed", db=self.dbs[layout.INFO_DB]) or 0))
+        docs = {}
+        for offset, meta in enumerate(metadata):
+            row = start + offset
+            key = layout.row_key(row)
+            txn.put(key, records.pack(key, meta), db=self.dbs[layout.ROWS_DB])
+            docs.setdefault(meta["doc_id"], []).append(row)
+        for doc_id, doc_rows in docs.items():
+            key = doc_id.encode()
+            previous = txn.get(key, db=self.dbs[layout.DOCS_DB])
+            merged = (records.unpack(key, previous, f"shard {self.path} document {doc_id!r}")
+                      if previous else []) + doc_rows
+            txn.put(key, records.pack(key, merged), db=self.dbs[layout.DOCS_DB])
+        end = start + len(metadata)
+        journal = {"rows_start": start, "rows_end": end, "time": time.time()}
+        commit_key = layout.row_key(txn.stat(self.dbs[layout.JOURNAL_DB])["entries"])
+        txn.put(commit_key, records.pack(commit_key, journal), db=self.dbs[layout.JOURNAL_DB])
+        txn.put(b"committed", str(end).encode(), db=self.dbs[layout.INFO_DB])
 
     def _require_next(self, start: int, committed: int) -> None:
         if start != committed:
@@ -279,22 +154,26 @@ class ShardWriter:
 
     def seal(self, index_kind: str) -> None:
         """Trim the arrays to the committed rows, write the FAISS index, mark sealed."""
-        from attribdb.faiss_index import build_index, index_vectors, write_index
+        from attribdb.faiss_index import build_index, write_index
 
         rows = self.committed
         for name in self.group.array_keys():
             array = self.group[name]
             array.resize((rows,) + array.shape[1:])
-        sketches = self.group[layout.SKETCH][:] if rows else np.zeros((0, self.layout.sketch_dim), np.float32)
-        vectors = index_vectors(sketches, self.group[layout.SELF_INFLUENCE][:rows], self.layout.normalized_index)
-        write_index(build_index(vectors, index_kind), self.path / layout.FAISS_FILE)
-        with self.env.begin(write=True) as txn:
-            txn.put(FAISS_CRC_KEY, _file_crc32c(self.path / layout.FAISS_FILE), db=self.dbs[layout.INFO_DB])
+        vectors = index_vectors(self.group[layout.ROWS][:rows], self.group[layout.SELF_INFLUENCE][:rows],
+                                self.layout.normalized_index)
+        write_index(build_index(vectors, index_kind, self.layout.normalized_index), self.path / layout.FAISS_FILE)
+        crc = _file_crc32c(self.path / layout.FAISS_FILE)
+
+        def mark_sealed(txn) -> None:
+            txn.put(FAISS_CRC_KEY, crc, db=self.dbs[layout.INFO_DB])
             txn.put(b"sealed", str(rows).encode(), db=self.dbs[layout.INFO_DB])
+
+        metadb.write(self.env, mark_sealed)
         faults.point("shard-sealed")
 
     def close(self) -> None:
-        _close_env(self.env)
+        metadb.close_env(self.env)
 
 
 class RowChunkFiles:
@@ -357,12 +236,12 @@ class ShardReader:
         meta_path = self.path / layout.META_LMDB
         if not meta_path.is_dir():
             raise StoreError(f"shard {self.path} has no {layout.META_LMDB}")
-        self.env = _open_env(meta_path, readonly=True)
+        self.env = metadb.open_env(meta_path, readonly=True)
         try:
             with lmdb_errors(f"shard {self.path}"):
                 self.dbs = {name: self.env.open_db(name, create=False) for name in
                             (layout.ROWS_DB, layout.DOCS_DB, layout.JOURNAL_DB, layout.INFO_DB)}
-                with self.env.begin(db=self.dbs[layout.INFO_DB]) as txn:
+                with metadb.read(self.env, db=self.dbs[layout.INFO_DB]) as txn:
                     committed, sealed, self._faiss_crc = (txn.get(key) for key in
                                                           (b"committed", b"sealed", FAISS_CRC_KEY))
             self.rows, self.sealed = int(committed or 0), sealed is not None
@@ -370,11 +249,11 @@ class ShardReader:
                 raise StoreError(f"shard {self.path}: {self.rows} rows committed but {int(sealed)} sealed: "
                                  f"its {layout.META_LMDB} is damaged")
         except ValueError:
-            _close_env(self.env)
+            metadb.close_env(self.env)
             raise StoreError(f"shard {self.path}: its row counts (committed {committed!r}, sealed {sealed!r}) are not "
                              f"numbers: its {layout.META_LMDB} is damaged") from None
         except StoreError:
-            _close_env(self.env)
+            metadb.close_env(self.env)
             raise
         self._row_files: dict[str, RowChunkFiles | None] = {}
         self._whole: dict[str, np.ndarray] = {}
@@ -428,14 +307,14 @@ class ShardReader:
         return array.get_orthogonal_selection((np.asarray(rows, dtype=np.int64),) + (slice(None),) * (array.ndim - 1))
 
     def whole(self, name: str) -> np.ndarray:
-        """A small per-row array (σ, self-influence) read once and kept: a few bytes per row, where
+        """A small per-row array (self-influence) read once and kept: four bytes per row, where
         reading scattered rows through zarr would cost a millisecond per chunk on every query."""
         if name not in self._whole:
             self._whole[name] = self.read(name)
         return self._whole[name]
 
     def metadata(self, rows) -> list[dict]:
-        with lmdb_errors(f"shard {self.path}"), self.env.begin(db=self.dbs[layout.ROWS_DB]) as txn:
+        with lmdb_errors(f"shard {self.path}"), metadb.read(self.env, db=self.dbs[layout.ROWS_DB]) as txn:
             out = []
             for row in rows:
                 key = layout.row_key(int(row))
@@ -447,22 +326,22 @@ class ShardReader:
 
     def document_rows(self, doc_id: str) -> list[int]:
         key = doc_id.encode()
-        with lmdb_errors(f"shard {self.path}"), self.env.begin(db=self.dbs[layout.DOCS_DB]) as txn:
+        with lmdb_errors(f"shard {self.path}"), metadb.read(self.env, db=self.dbs[layout.DOCS_DB]) as txn:
             value = txn.get(key)
         rows = records.unpack(key, value, f"shard {self.path} document {doc_id!r}") if value else []
         return [r for r in rows if r < self.rows]
 
     def journal(self) -> list[dict]:
-        with lmdb_errors(f"shard {self.path}"), self.env.begin(db=self.dbs[layout.JOURNAL_DB]) as txn:
+        with lmdb_errors(f"shard {self.path}"), metadb.read(self.env, db=self.dbs[layout.JOURNAL_DB]) as txn:
             return [records.unpack(bytes(k), v, f"shard {self.path} journal entry {int.from_bytes(k, 'big')}")
                     for k, v in txn.cursor()]
 
     def index(self):
-        """The shard's FAISS index; for an unsealed shard, a flat one over its committed sketches."""
+        """The shard's FAISS index; for an unsealed shard, a flat one over its committed rows."""
         from attribdb.faiss_index import build_index, read_index
 
         if not self.sealed:
-            return build_index(self.faiss_vectors(), "flat")
+            return build_index(self.faiss_vectors(), "flat", self.layout.normalized_index)
         path = self.path / layout.FAISS_FILE
         if not path.is_file():
             raise StoreError(f"{path} is missing: the shard is damaged")
@@ -478,9 +357,7 @@ class ShardReader:
 
     def faiss_vectors(self) -> np.ndarray:
         """What the shard's FAISS index holds, computed from the Zarr arrays."""
-        from attribdb.faiss_index import index_vectors
-
-        return index_vectors(self.read(layout.SKETCH), self.read(layout.SELF_INFLUENCE), self.layout.normalized_index)
+        return index_vectors(self.read(layout.ROWS), self.read(layout.SELF_INFLUENCE), self.layout.normalized_index)
 
     def close(self) -> None:
-        _close_env(self.env)
+        metadb.close_env(self.env)

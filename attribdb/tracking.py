@@ -80,7 +80,9 @@ class Capture:
     """Inputs and output gradients of one module for one batch.
 
     ``acts``: (B, T, d_in[+1]); ``grads_out``: (B, T, d_out).  Inputs of shape
-    (B, d) are stored as T = 1.  Masked (padding) positions are zeroed in both.
+    (B·T, d), which layers of OPT and of MoE shared experts see after the model
+    flattens its tokens, are reshaped back to (B, T, d); other (B, d) inputs are
+    stored as T = 1.  Masked (padding) positions are zeroed in both.
     """
 
     acts: torch.Tensor | None = None
@@ -154,7 +156,8 @@ class ModuleTracker:
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach()
         if x.dim() == 2:
-            x = x.unsqueeze(1)
+            flattened_tokens = self.mask is not None and x.shape[0] == self.mask.numel()
+            x = x.reshape(*self.mask.shape, x.shape[-1]) if flattened_tokens else x.unsqueeze(1)
         return x.to(self.dtype) if self.dtype is not None else x
 
     def _apply_mask(self, x: torch.Tensor) -> torch.Tensor:

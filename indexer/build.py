@@ -27,7 +27,7 @@ from attribdb.shard import ShardWriter
 from indexer import sequences
 from indexer.corpus import CorpusSpec
 from indexer.distributed import World, join, leave
-from indexer.fit import fit_database, open_or_create
+from indexer.fit import fit_database, is_fitted, open_or_create
 from indexer.writing import writing
 
 
@@ -67,7 +67,7 @@ def _build(root, spec, settings, overrides, append, model_path, device, quiet, w
         manifest = open_or_create(root, settings, overrides)
         if append and manifest is None:
             raise ConfigError(f"{root} is not a database: build it before appending")
-        if manifest is None:  # a new database, or the stub of a killed first fit
+        if manifest is None or not is_fitted(root, manifest):  # new, or the stub of a killed first fit
             fit_database(root, spec, settings or manifest.settings, device=device, quiet=quiet)
     world.barrier()
     runtime = Runtime.load(root, device=device, model_path=model_path)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from attribdb import faults, layout
-from attribdb.compression import Sketcher
+from attribdb.coverage import measure_coverage, refuse_untracked_experts
 from attribdb.errors import ConfigError
 from attribdb.factors import Factors
 from attribdb.fitting import fit_factors
 from attribdb.manifest import Manifest, exists
 from attribdb.models import check_context, compute_dtype, fingerprint, load_model, resolve_device
 from attribdb.progress import progress_bar, say
+from attribdb.rows import RowProjection
 from attribdb.settings import DatabaseSettings
 from attribdb.tasks import CausalLMTask, collate_sequences
 from attribdb.tracking import find_tracked_modules
@@ -37,7 +38,7 @@ def is_stub(root: Path, manifest: Manifest) -> bool:
     """A database whose first fit was killed: no rows, and no factor files recorded as whole in the
     manifest.  Nothing in it can be reused, so the next fit or build starts it again, with the
     options it is given."""
-    return not manifest.generations and not manifest.factor_digests
+    return not manifest.generations and not is_fitted(root, manifest)
 
 
 def fit_database(root: str | Path, spec: CorpusSpec, settings: DatabaseSettings, *, device: str | None = None,
@@ -56,6 +57,9 @@ def _fit(root: Path, spec: CorpusSpec, settings: DatabaseSettings, device: str |
     model_fingerprint = fingerprint(model)
     task = CausalLMTask(settings.module_patterns)
     modules = find_tracked_modules(model, task.module_patterns)
+    coverage = measure_coverage(model, modules)
+    if settings.module_patterns is None:
+        refuse_untracked_experts(coverage)
     manifest = Manifest.load(root) if exists(root) else None
     if manifest is not None and not is_stub(root, manifest):
         manifest.require_model(model_fingerprint)
@@ -65,10 +69,9 @@ def _fit(root: Path, spec: CorpusSpec, settings: DatabaseSettings, device: str |
             raise ConfigError(f"{root} already holds rows computed with its factors; refitting would make them "
                               "inconsistent: build a new database instead")
     else:
-        sketch_dim = len(modules) * settings.sketch_size
-        manifest = Manifest(settings, model_fingerprint, settings.model_path, modules, sketch_dim)
+        manifest = Manifest(settings, model_fingerprint, settings.model_path, modules, block_coverage=coverage.share)
         (root / layout.FACTORS_DIR).mkdir(parents=True, exist_ok=True)
-    manifest.factor_digests = {}  # until both files are written: a kill in between leaves a stub
+    manifest.factor_digests, manifest.rows = {}, None  # until both files are written: a kill in between leaves a stub
     manifest.save(root)
 
     say(f"reading {spec.path} ...", quiet)
@@ -82,10 +85,21 @@ def _fit(root: Path, spec: CorpusSpec, settings: DatabaseSettings, device: str |
     with progress_bar(f"fit {settings.strategy} factors", len(sample) * passes, quiet) as advance:
         factors = fit_factors(model, task, batches, settings.factor_config, modules, device=resolved,
                               dtype=compute_dtype(settings.dtype), progress=advance)
+    projection = RowProjection.fit(factors, settings.row_bytes, settings.row_kind, settings.normalized_index,
+                                   settings.fit_seed)
+    # factors, then projections, then the manifest that names the layout and both files' digests: a
+    # kill in between leaves a database that is_fitted() calls unfitted, and the next build fits again
     factors.save(layout.factors_path(root))
     faults.point("factors-saved")
-    Sketcher.create(modules, settings.sketch_kind, settings.sketch_size, settings.sketch_seed).save(
-        layout.sketch_path(root))
+    projection.save(layout.projection_path(root))
+    manifest.rows = projection.layout.to_dict()
     manifest.record_factor_files(root)
     manifest.save(root)
     return factors
+
+
+def is_fitted(root: Path, manifest: Manifest) -> bool:
+    """Factors, row projections, and the manifest's row layout and factor digests all written (the
+    fit's last step); whether the files still match their digests is checked on every load."""
+    return (manifest.rows is not None and bool(manifest.factor_digests) and layout.factors_path(root).is_file()
+            and layout.projection_path(root).is_file())

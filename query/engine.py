@@ -1,10 +1,11 @@
-"""The query engine: query gradient → sketch → FAISS candidates → exact rescoring.
+"""The query engine: query row → FAISS candidates → rescoring from the stored rows.
 
 Three modes answer the same question at different costs:
 
-- *index*: FAISS finds ``candidates`` rows per query by sketch inner product
-  (for the top and, with the negated sketch, for the opponents); their stored
-  low-rank factors are rescored exactly, and the best ``k`` are returned.
+- *index*: the query's gradient is projected into a row (attribdb/rows.py)
+  whose inner products with training rows are their compressed scores; FAISS finds ``candidates`` rows per query
+  by inner product with it (for the top and, negated, for the opponents), and
+  the candidates' stored rows give their compressed scores per module.
 - *exact*: the index answer, then the top rows' full gradients recomputed
   from their stored token ids: the EK-FAC score with no compression, split
   into per-token contributions.
@@ -16,24 +17,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
 
 from attribdb import layout
-from attribdb.compression import low_rank_scores
 from attribdb.errors import QueryError
 from attribdb.faiss_index import divide_by_norm, search
-from attribdb.influence import Preconditioned, per_module_scores, self_influence, token_contributions
+from attribdb.influence import per_module_scores, self_influence, token_contributions
 from attribdb.inspection import existing_shards
 from attribdb.progress import progress_bar
+from attribdb.rows import module_scores
 from attribdb.runtime import Runtime
 from attribdb.shard import ShardReader
 from attribdb.tasks import collate_sequences
 from query.results import Hit, QueryResult
 
-DEFAULT_CANDIDATES = 128  # per end; recall@10 was the same from 96 to 256 (tools/bench_query.py)
+DEFAULT_CANDIDATES = 128  # per end, whatever k is (up to k itself), so a query's top k never depends on k
 
 
 RANK_BY = ("normalized", "score")  # the first is the default
@@ -59,10 +59,6 @@ def _check_rank_by(rank_by: str | None) -> str:
 
 def _ranking_key(scored: "_Scored", self_q: float, rank_by: str) -> np.ndarray:
     return scored.scores if rank_by == "score" else normalized(scored.scores, self_q, scored.self_influence)
-
-
-def _exact_key(hit: Hit, self_q: float, rank_by: str) -> float:
-    return hit.exact_score if rank_by == "score" else float(normalized(hit.exact_score, self_q, hit.self_influence))
 
 
 @dataclass(frozen=True)
@@ -137,35 +133,37 @@ class QueryEngine:
         return collate_sequences([ids for ids, _ in tokenized], self.runtime.tokenizer.pad_token_id,
                                  score_from=[start for _, start in tokenized])
 
-    def preconditioned(self, queries: list[Query]) -> Preconditioned:
-        return self.runtime.computer.query_preconditioned(self._query_batch(queries))
+    def query_rows(self, queries: list[Query]) -> torch.Tensor:
+        """(Q, dim) rows of the queries' measurement gradients: what training rows are matched with."""
+        captures, _ = self.runtime.runner.measurement_captures(self._query_batch(queries))
+        return self.runtime.projection.encode_query(captures, self._inverse_hvp)
+
+    def _inverse_hvp(self, captures) -> dict[str, torch.Tensor]:
+        computer = self.runtime.computer
+        return computer.inverse_hvp(computer.precondition(captures))
 
     # ---- index mode ------------------------------------------------------
 
     def query(self, queries: list[Query], k: int = 10, candidates: int = DEFAULT_CANDIDATES,
-              opponents: bool = True, rerank: int | None = None, rank_by: str | None = None) -> list[QueryResult]:
-        """``rerank`` best (and worst) rows by their head score get their tail triplets added, where
-        the database stores a tail (default 3k); ``rank_by`` orders the rescored candidates."""
+              opponents: bool = True, rank_by: str | None = None) -> list[QueryResult]:
+        """The best ``k`` of ``max(candidates, k)`` FAISS candidates per end, ordered by ``rank_by``.
+        With a flat index the candidates are the best rows by the stored rows' own inner product,
+        so the top k of a query are the first k of any larger k."""
         if not queries:
             return []
-        if k <= 0 or candidates < k:
-            raise QueryError(f"need 0 < k <= candidates, got k={k}, candidates={candidates}")
+        if k <= 0 or candidates <= 0:
+            raise QueryError(f"k and candidates must be positive, got k={k}, candidates={candidates}")
         rank_by = _check_rank_by(rank_by)
-        rerank = 3 * k if rerank is None else rerank
         clock = _Clock()
-        pre = self.preconditioned(queries)
-        sketches = self.runtime.sketcher.sketch(pre).cpu().numpy()
-        self_q = self_influence(pre).cpu().numpy()
+        query_rows = self.query_rows(queries).float()
+        self_q = query_rows.double().pow(2).sum(1).cpu().numpy()
         clock.lap("gradient")
-        top, bottom = self._candidates(sketches, candidates, opponents)
+        top, bottom = self._candidates(query_rows.cpu().numpy(), max(candidates, k), opponents)
         clock.lap("search")
         results = []
         for i, query in enumerate(queries):
-            query_pre = {name: g[i:i + 1] for name, g in pre.items()}
-            scored = self._rescore(query_pre, top[i] + bottom[i])
+            scored = self._rescore(query_rows[i:i + 1], top[i] + bottom[i])
             clock.lap("rescore")
-            self._add_tail(query_pre, scored, _ranking_key(scored, self_q[i], rank_by), rerank, opponents)
-            clock.lap("rerank")
             hits, worst = self._ends(scored, self_q[i], k, rank_by, opponents)
             clock.lap("metadata")
             results.append(QueryResult(query.prompt, query.completion, "index", hits, worst, float(self_q[i]),
@@ -174,11 +172,11 @@ class QueryEngine:
             result.timings_ms = {name: value / len(results) for name, value in clock.total().items()}
         return results
 
-    def _candidates(self, sketches: np.ndarray, candidates: int, opponents: bool) -> tuple[list, list]:
-        """Per query, the best ``candidates`` (sketch score, shard, row) over every shard, and with
+    def _candidates(self, query_rows: np.ndarray, candidates: int, opponents: bool) -> tuple[list, list]:
+        """Per query, the best ``candidates`` (FAISS score, shard, row) over every shard, and with
         ``opponents`` the most negative ones too: both ends come from one scan of each index."""
-        n = len(sketches)
-        both = np.concatenate([sketches, -sketches]) if opponents else sketches
+        n = len(query_rows)
+        both = np.concatenate([query_rows, -query_rows]) if opponents else query_rows
         merged = [[] for _ in range(len(both))]
         for shard_id, index in self.indexes.items():
             scores, ids = search(index, both, candidates)
@@ -187,48 +185,23 @@ class QueryEngine:
         best = [sorted(found, reverse=True)[:candidates] for found in merged]
         return best[:n], (best[n:] if opponents else [[] for _ in range(n)])
 
-    def _rescore(self, pre: Preconditioned, candidates: list[tuple[float, int, int]]) -> _Scored:
-        """Exact scores of candidate rows against their stored low-rank factors."""
+    def _rescore(self, query_row: torch.Tensor, candidates: list[tuple[float, int, int]]) -> _Scored:
+        """Compressed scores, per module, of candidate rows from their stored rows."""
         pairs = sorted({(shard_id, row) for _, shard_id, row in candidates})
         shards = np.array([p[0] for p in pairs], dtype=np.int64)
         rows = np.array([p[1] for p in pairs], dtype=np.int64)
         if not pairs:
             return _Scored(shards, rows, np.zeros(0), np.zeros((0, len(self.modules))), np.zeros(0))
-        module_scores = self._module_scores(pre, shards, rows, layout.LOWRANK, layout.SIGMA, self.runtime.row_layout)
-        self_m = np.concatenate([reader.whole(layout.SELF_INFLUENCE)[wanted]
-                                 for reader, wanted in self._by_shard(shards, rows)])
-        return _Scored(shards, rows, module_scores.sum(1), module_scores, self_m)
-
-    def _add_tail(self, pre: Preconditioned, scored: _Scored, key: np.ndarray, rerank: int, opponents: bool) -> None:
-        """Add the tail triplets' part of the score to the best (and worst) ``rerank`` rows by
-        ``key``: a closer ranking at the top for a few more reads."""
-        row_layout = self.runtime.row_layout
-        if not row_layout.tail_rank or not rerank or not len(scored.rows):
-            return
-        chosen = set(np.argsort(-key, kind="stable")[:rerank].tolist())
-        if opponents:
-            chosen |= set(np.argsort(key, kind="stable")[:rerank].tolist())
-        chosen = np.array(sorted(chosen))  # shard-major order, as the rows are
-        extra = self._module_scores(pre, scored.shards[chosen], scored.rows[chosen], layout.TAIL, layout.TAIL_SIGMA,
-                                    row_layout.tail)
-        scored.module_scores[chosen] += extra
-        scored.scores[chosen] = scored.module_scores[chosen].sum(1)
-
-    def _module_scores(self, pre: Preconditioned, shards: np.ndarray, rows: np.ndarray, packed_name: str,
-                       sigma_name: str, row_layout) -> np.ndarray:
-        """(N, modules) scores of rows against one packed factor array, for shard-major sorted
-        (shard, row) pairs: read shard by shard, scored together, one GEMM per module."""
-        packed, sigma = [], []
+        stored, self_m = [], []
         for reader, wanted in self._by_shard(shards, rows):
-            packed.append(reader.read(packed_name, wanted))
-            sigma.append(reader.whole(sigma_name)[wanted])
-        packed_rows = torch.from_numpy(np.concatenate(packed)).float()  # one conversion, not per module
-        sigmas = torch.from_numpy(np.concatenate(sigma))
-        columns = []
-        for j, name in enumerate(self.modules):
-            u, v = row_layout.unpack(packed_rows, name)
-            columns.append(low_rank_scores(pre[name], u, v, sigmas[:, j])[0])
-        return torch.stack(columns, dim=1).double().cpu().numpy()
+            stored.append(reader.read(layout.ROWS, wanted))
+            self_m.append(reader.whole(layout.SELF_INFLUENCE)[wanted])
+        self_m = np.concatenate(self_m)
+        device = query_row.device
+        per_module = module_scores(self.runtime.row_layout, query_row,
+                                   torch.from_numpy(np.concatenate(stored)).to(device),
+                                   torch.from_numpy(self_m).to(device))[0].double().cpu().numpy()
+        return _Scored(shards, rows, per_module.sum(1), per_module, self_m.astype(np.float64))
 
     def _by_shard(self, shards: np.ndarray, rows: np.ndarray):
         """(reader, its rows) per shard; for shard-major sorted pairs, concatenating the
@@ -264,17 +237,18 @@ class QueryEngine:
     def exact(self, queries: list[Query], k: int = 10, candidates: int = DEFAULT_CANDIDATES,
               refine: int | None = None, rank_by: str | None = None) -> list[QueryResult]:
         """Index answers refined without compression: the best ``refine`` rows (default 3k) by
-        low-rank score are recomputed in full from their tokens, re-ranked by their exact
-        score, and split into per-token contributions."""
+        their stored rows are recomputed in full from their tokens, re-ranked by their exact
+        (normalized) score, and split into per-token contributions."""
         refine = max(k, refine or 3 * k)
         rank_by = _check_rank_by(rank_by)
         results = self.query(queries, k=refine, candidates=max(candidates, refine), rank_by=rank_by)
         computer = self.runtime.computer
         for query, result in zip(queries, results):
             started = time.perf_counter()
-            inverse_hvp = {name: r[0] for name, r in computer.query_inverse_hvp(self._query_batch([query])).items()}
-            self._recompute(result.hits + result.opponents, inverse_hvp)
-            key = partial(_exact_key, self_q=result.query_self_influence, rank_by=rank_by)
+            query_pre = computer.query_preconditioned(self._query_batch([query]))
+            inverse_hvp = {name: r[0] for name, r in computer.inverse_hvp(query_pre).items()}
+            self._recompute(result.hits + result.opponents, inverse_hvp, float(self_influence(query_pre)[0]))
+            key = (lambda h: h.exact_score) if rank_by == "score" else (lambda h: h.exact_normalized_score)
             result.hits = sorted(result.hits, key=key, reverse=True)[:k]
             result.opponents = [h for h in sorted(result.opponents, key=key) if h.exact_score < 0][:k]
             for hits in (result.hits, result.opponents):
@@ -285,28 +259,33 @@ class QueryEngine:
             result.timings_ms["total"] += result.timings_ms["exact"]
         return results
 
-    def _recompute(self, hits: list[Hit], inverse_hvp: dict[str, torch.Tensor]) -> None:
+    def _recompute(self, hits: list[Hit], inverse_hvp: dict[str, torch.Tensor], query_self: float) -> None:
         if not hits:
             return
         metas = [self.shards[h.shard].metadata([h.row])[0] for h in hits]
         token_ids = [m["token_ids"] for m in metas]
         batch = collate_sequences(token_ids, self.runtime.tokenizer.pad_token_id)
-        captures, _ = self.runtime.computer.runner.train_captures(batch)
+        computer = self.runtime.computer
+        captures, _ = computer.runner.train_captures(batch)
         contributions = token_contributions(inverse_hvp, captures).double().cpu()
-        for hit, ids, row in zip(hits, token_ids, contributions):
+        self_m = self_influence(computer.precondition(captures)).double().cpu().numpy()
+        for hit, ids, row, row_self in zip(hits, token_ids, contributions, self_m):
             hit.tokens = [self.runtime.tokenizer.decode([t]) for t in ids]
             hit.token_contributions = row[:len(ids)].tolist()
             hit.exact_score = float(row.sum())
+            hit.exact_normalized_score = float(normalized(hit.exact_score, query_self, row_self))
 
     # ---- exhaustive mode ---------------------------------------------------
 
     def exhaustive(self, queries: list[Query], k: int = 10, batch_size: int | None = None,
                    quiet: bool = True, rank_by: str | None = None) -> list[QueryResult]:
-        """Every stored row recomputed from its token ids and scored: the ground truth."""
+        """Every stored row recomputed from its token ids and scored in full: the ground truth."""
         rank_by = _check_rank_by(rank_by)
         clock = _Clock()
-        pre = self.preconditioned(queries)
-        self_q = self_influence(pre).cpu().numpy()
+        computer = self.runtime.computer
+        pad_id = self.runtime.tokenizer.pad_token_id
+        query_pre = computer.query_preconditioned(self._query_batch(queries))
+        self_q = self_influence(query_pre).cpu().numpy()
         batch_size = batch_size or self.runtime.manifest.settings.batch_size
         parts = []
         with progress_bar("exhaustive", self.rows, quiet) as advance:
@@ -314,20 +293,20 @@ class QueryEngine:
                 for start in range(0, reader.rows, batch_size):
                     rows = np.arange(start, min(start + batch_size, reader.rows))
                     token_ids = [m["token_ids"] for m in reader.metadata(rows)]
-                    train = self.runtime.encoder().preconditioned(token_ids)
-                    per_module = per_module_scores(pre, train)
-                    module_scores = torch.stack([per_module[n] for n in self.modules], dim=-1)  # (Q, B, M)
-                    parts.append((np.full(len(rows), shard_id), rows, module_scores.double().cpu().numpy(),
+                    train = computer.train_preconditioned(collate_sequences(token_ids, pad_id))
+                    per_module = per_module_scores(query_pre, train)
+                    stacked = torch.stack([per_module[n] for n in self.modules], dim=-1)  # (Q, B, M)
+                    parts.append((np.full(len(rows), shard_id), rows, stacked.double().cpu().numpy(),
                                   self_influence(train).double().cpu().numpy()))
                     advance(len(rows))
         clock.lap("score")
         shards = np.concatenate([p[0] for p in parts])
         rows = np.concatenate([p[1] for p in parts])
-        module_scores = np.concatenate([p[2] for p in parts], axis=1)
+        per_row = np.concatenate([p[2] for p in parts], axis=1)
         self_m = np.concatenate([p[3] for p in parts])
         results = []
         for i, query in enumerate(queries):
-            scored = _Scored(shards, rows, module_scores[i].sum(1), module_scores[i], self_m)
+            scored = _Scored(shards, rows, per_row[i].sum(1), per_row[i], self_m)
             hits, worst = self._ends(scored, self_q[i], k, rank_by, opponents=True)
             results.append(QueryResult(query.prompt, query.completion, "exhaustive", hits, worst,
                                        float(self_q[i]), len(rows), {}))

@@ -88,7 +88,8 @@ def _hits_html(title: str, hits: list[Hit]) -> str:
         cards.append(
             f"<div class='hit'><div><span class='score'>#{h.rank} · score {h.score:.4g}{exact}</span>"
             f" <span class='meta'>· normalised {h.normalized_score:.3f} · document {html.escape(h.doc_id)}"
-            f" · {html.escape(h.source)} · tokens {h.token_span[0]}–{h.token_span[1]}</span></div>"
+            f" · {html.escape(h.source)} · tokens {html.escape(str(h.token_span[0]))}–{html.escape(str(h.token_span[1]))}"
+            "</span></div>"
             f"<div class='text'>{_token_html(h)}</div>{_modules_html(h)}</div>")
     return f"<h3>{title}</h3>" + "".join(cards) if hits else ""
 

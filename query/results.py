@@ -13,7 +13,7 @@ class Hit:
     rank: int
     score: float  # g_qᵀ (F + λ)⁻¹ g_m: > 0 means training on it made the completion likelier
     normalized_score: float  # score / sqrt(self_q · self_m)
-    self_influence: float
+    self_influence: float  # of the row as stored (index and exact modes) or uncompressed (exhaustive)
     module_scores: dict[str, float]
     doc_id: str
     source: str
@@ -23,6 +23,7 @@ class Hit:
     shard: int
     row: int
     exact_score: float | None = None  # recomputed with no compression (exact mode)
+    exact_normalized_score: float | None = None  # exact_score / sqrt(self_q · self_m), both uncompressed
     tokens: list[str] | None = None  # the sequence's tokens (exact mode)
     token_contributions: list[float] | None = None  # per-token split of exact_score
 

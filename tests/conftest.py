@@ -21,10 +21,10 @@ def write_corpus(path: Path, n_docs: int, seed: int = 0, start: int = 0) -> Path
     return path
 
 
-def make_model_folder(folder: Path, seed: int = 0, width: int = 32, layers: int = 2) -> Path:
-    import torch
+def write_tokenizer(folder: Path):
+    """A small byte-level BPE tokenizer trained offline on WORDS, saved into ``folder``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -36,6 +36,14 @@ def make_model_folder(folder: Path, seed: int = 0, width: int = 32, layers: int 
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
                                    bos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<unk>")
     fast.save_pretrained(folder)
+    return fast
+
+
+def make_model_folder(folder: Path, seed: int = 0, width: int = 32, layers: int = 2) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    fast = write_tokenizer(folder)
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=len(fast), n_positions=64, n_embd=width, n_layer=layers, n_head=2,
                         bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)

@@ -47,10 +47,13 @@ def test_a_first_fit_killed_between_its_files_is_started_again(tmp_path, corpus,
     db = tmp_path / "db"
     args = ["fit", db, "--corpus", corpus, "--model", model_dir, "--quiet", *FIT_SETTINGS]
     killed = cli(*args, env_extra={"ATTRIBDB_KILL_AT": "factors-saved:1"}, check=False)
-    assert killed.returncode == -9 and layout.factors_path(db).is_file() and not layout.sketch_path(db).exists()
-    cli_here(*args, "--rank", "3")  # other options: nothing of the stub is kept
+    assert killed.returncode == -9 and layout.factors_path(db).is_file() and not layout.projection_path(db).exists()
+    assert Manifest.load(db).rows is None
+    cli_here(*args, "--row-bytes", "2048")  # other options: nothing of the stub is kept
     manifest = Manifest.load(db)
-    assert manifest.settings.rank == 3 and set(manifest.factor_digests) == {p.name for p in layout.factor_files(db)}
+    assert manifest.settings.row_bytes == 2048 and manifest.rows is not None
+    assert set(manifest.factor_digests) == {p.name for p in layout.factor_files(db)} == \
+        {layout.FACTORS_FILE, layout.PROJECTION_FILE}
 
 
 def test_a_model_folder_without_tokenizer_is_refused(tmp_path, corpus, model_dir):

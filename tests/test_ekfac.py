@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -89,7 +91,7 @@ def test_inverse_hvp_and_scores_equal_explicit_solve(mlp, data, reference, strat
     train = (data[0][10:20], data[1][10:20])
     scores = pairwise_scores(computer.query_preconditioned(queries), computer.train_preconditioned(train))
     expected = torch.zeros(3, 10, dtype=torch.float64)
-    ihvp = computer.query_inverse_hvp(queries)
+    ihvp = computer.inverse_hvp(computer.query_preconditioned(queries))
     for name, grads in reference.items():
         f = factors[name]
         damped = f.fisher_matrix() + f.damping * torch.eye(f.diagonal.numel(), dtype=torch.float64)
@@ -167,3 +169,26 @@ def test_default_damping_is_a_tenth_of_mean_eigenvalue(mlp, data):
     for f in factors.per_module.values():
         assert f.damping == pytest.approx(0.1 * float(f.diagonal.mean()))
     assert fit(mlp, data, "ekfac", damping=0.3)["0"].damping == 0.3
+
+
+def test_float32_batches_accumulate_into_float64_factors(mlp, data):
+    """Per-batch products run in the compute dtype; the sums and factors stay float64."""
+    model32 = copy.deepcopy(mlp).float()
+    inputs, targets = data
+    config = FactorConfig(strategy="ekfac", fisher="empirical")
+    single = fit_factors(model32, CLASSIFICATION, batches_of(inputs.float(), targets, 16), config,
+                         find_tracked_modules(model32), dtype=torch.float32)
+    double = fit(mlp, data, "ekfac")
+    for name, f in single.per_module.items():
+        assert f.eigvecs_in.dtype == f.diagonal.dtype == torch.float64
+        torch.testing.assert_close(f.fisher_matrix(), double[name].fisher_matrix(), rtol=1e-4, atol=1e-7)
+
+
+def test_factors_load_in_the_compute_dtype_and_the_computer_keeps_them(mlp, data, tmp_path):
+    fit(mlp, data, "ekfac").save(tmp_path / "f.safetensors")
+    loaded = Factors.load(tmp_path / "f.safetensors", dtype=torch.float32)
+    assert all(getattr(f, key).dtype == torch.float32
+               for f in loaded.per_module.values() for key in ("eigvecs_out", "eigvecs_in", "diagonal"))
+    computer = InfluenceComputer(copy.deepcopy(mlp).float(), CLASSIFICATION, loaded, dtype=torch.float32)
+    for name, f in loaded.per_module.items():  # the same memory: no second copy
+        assert computer.factors[name].eigvecs_in.data_ptr() == f.eigvecs_in.data_ptr()

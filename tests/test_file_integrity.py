@@ -17,12 +17,14 @@ def _flip(path, at: float = 0.5) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("name", [layout.FACTORS_FILE, layout.SKETCH_FILE])
-def test_a_damaged_factor_file_fails_verify_and_queries(tmp_path, built_db, name):
+@pytest.mark.parametrize("name, mode", [(layout.FACTORS_FILE, "exact"), (layout.PROJECTION_FILE, "index")])
+def test_a_damaged_factor_file_fails_verify_and_queries(tmp_path, built_db, name, mode):
+    """Index queries read only the row projections; the full factors are checked when first loaded
+    (exact and exhaustive modes)."""
     db = copy_db(built_db, tmp_path / "db")
     _flip(db / layout.FACTORS_DIR / name, at=1.0)  # the last byte: a float the loader would take as it is
     one_line_error(cli_here("verify", db), name, "sha256 differs")
-    one_line_error(cli_here("query", db, *QUERY), name, "is damaged")
+    one_line_error(cli_here("query", db, *QUERY, "--mode", mode), name, "is damaged")
 
 
 def test_a_damaged_faiss_index_fails_verify_and_queries(tmp_path, built_db):
@@ -32,7 +34,7 @@ def test_a_damaged_faiss_index_fails_verify_and_queries(tmp_path, built_db):
     one_line_error(cli_here("query", db, *QUERY), "00002", layout.FAISS_FILE, "checksum")
 
 
-@pytest.mark.parametrize("array", [layout.SIGMA, layout.LOWRANK])
+@pytest.mark.parametrize("array", [layout.SELF_INFLUENCE, layout.ROWS])
 def test_damaged_zarr_metadata_is_one_line(tmp_path, built_db, array):
     db = copy_db(built_db, tmp_path / "db")
     (layout.shard_dir(db, 1) / layout.GRADS_ZARR / array / "zarr.json").write_text("{not json")
@@ -40,8 +42,8 @@ def test_damaged_zarr_metadata_is_one_line(tmp_path, built_db, array):
     one_line_error(cli_here("query", db, *QUERY), "00001", array)
 
 
-@pytest.mark.parametrize("array, query_reads_it", [(layout.SIGMA, True), (layout.SELF_INFLUENCE, True),
-                                                   (layout.SKETCH, False)])  # a sealed shard's query reads FAISS
+@pytest.mark.parametrize("array, query_reads_it", [(layout.SELF_INFLUENCE, True),
+                                                   (layout.ROWS, False)])  # a query reads only its candidates' rows
 def test_a_missing_multi_row_chunk_is_not_read_as_zeros(tmp_path, built_db, array, query_reads_it):
     db = copy_db(built_db, tmp_path / "db")
     chunk = layout.shard_dir(db, 1) / layout.GRADS_ZARR / array / "c" / "1"  # rows 8-15

@@ -33,6 +33,16 @@ def test_report_is_self_contained_and_escapes_text():
     assert page.count("rgba(46,158,91") >= 7 and "rgba(200,66,59" in page  # green supports, red opposes
 
 
+def test_crafted_metadata_reaches_the_report_escaped():
+    """A row's metadata comes from a file on disk: a token span or a source that carries markup
+    must not become markup in the report."""
+    hit = _hit(1, 1.0)
+    hit.token_span, hit.source, hit.doc_id = ["<script>alert(1)</script>", 3], "<b>src</b>", "<i>doc</i>"
+    page = render_html([QueryResult("p", " c", "index", [hit], [], 1.0, 1, {})])
+    assert "<script>alert" not in page and "<b>src" not in page and "<i>doc" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="Chromium is installed by .ci/run")
 def test_report_renders_in_headless_chromium(tmp_path):
     from PIL import Image, ImageStat

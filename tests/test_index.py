@@ -1,4 +1,4 @@
-"""The index build: resume after kill -9, torchrun, verify, append, malformed input, compression bounds."""
+"""The index build: resume after kill -9, torchrun, verify, append, malformed input, stored rows."""
 
 from __future__ import annotations
 
@@ -16,14 +16,13 @@ import pytest
 import torch
 
 from attribdb import api, layout
-from attribdb.compression import low_rank_scores
 from attribdb.manifest import Manifest
 from attribdb.runtime import Runtime
 from attribdb.shard import ShardReader
+from attribdb.tasks import collate_sequences
 
 from conftest import write_corpus
-from dbtools import (SMALL_SETTINGS, assert_same_database, assert_within_energy_bound, cli, committed_rows,
-                     rewrite_manifest)
+from dbtools import SMALL_SETTINGS, assert_same_database, cli, committed_rows
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +46,11 @@ def test_build_verifies_and_counts_every_sequence(reference_db):
     assert f"ok: {generation.sequences} rows" in out.stdout
     info = json.loads(cli("info", reference_db, "--json").stdout)
     assert info["sequences"] == generation.sequences and info["documents"] == 260
-    assert 0 < info["bytes_per_sequence"] < info["dense_float32_bytes_per_sequence"]
-    assert all(0 < e <= 1 for e in info["energy_kept"].values())
+    row = info["row"]
+    assert row["bytes"] == 2 * row["dim"] + 4 <= 4096 and row["bytes"] < row["dense_float32_bytes"]
+    assert row["kind"] == "kron" and all(0 < kept <= 1 for kept in row["expected_kept"].values())
+    # the row store holds what the layout says a row is, plus chunk and checksum overhead
+    assert row["bytes"] - 4 <= info["bytes_per_sequence"]["zarr"] < 1.1 * row["bytes"] + 64
 
 
 def test_resume_after_kill_equals_uninterrupted_build(tmp_path, big_corpus, model_dir, reference_db):
@@ -89,14 +91,14 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def test_verify_catches_a_flipped_byte_in_a_zarr_chunk(tmp_path, reference_db):
     db = _copy(reference_db, tmp_path / "db")
-    chunk = next(p for p in sorted((layout.shard_dir(db, 1) / layout.GRADS_ZARR / layout.LOWRANK).rglob("*"))
+    chunk = next(p for p in sorted((layout.shard_dir(db, 1) / layout.GRADS_ZARR / layout.ROWS).rglob("*"))
                  if p.is_file() and p.name != "zarr.json")
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x40
     chunk.write_bytes(bytes(data))
     result = cli("verify", db, check=False)
     assert result.returncode == 1
-    assert "shard 00001" in result.stderr and "lowrank" in result.stderr
+    assert "shard 00001" in result.stderr and "'rows'" in result.stderr and "checksum" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
@@ -130,22 +132,15 @@ def test_append_adds_shards_and_refuses_another_model(tmp_path, corpus, model_di
     assert f"{before.generations[0].sequences + after.generations[1].sequences} rows" in report
 
 
-def test_a_database_from_before_normalized_indexes_keeps_raw_sketches(tmp_path, corpus, model_dir):
-    """Its manifest has no normalized_index; its FAISS vectors are the raw sketches, and stay so."""
-    db = tmp_path / "db"
-    cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SMALL_SETTINGS,
-        "--normalized-index", "false")
-    rewrite_manifest(db, lambda manifest: manifest["settings"].pop("normalized_index"))
-    assert Manifest.load(db).settings.normalized_index is False
-    cli("append", db, "--corpus", write_corpus(tmp_path / "extra.jsonl", 20, seed=9, start=1000), "--quiet")
-    refused = cli("build", db, "--corpus", corpus, "--quiet", "--normalized-index", "true", check=False)
-    assert refused.returncode == 1 and "normalized-index" in refused.stderr
-    cli("verify", db)
-    with api.open(db) as database:
-        for shard_id, reader in database.engine.shards.items():
-            held = database.engine.indexes[shard_id].reconstruct_n(0, reader.rows)
-            assert np.array_equal(held, reader.read(layout.SKETCH)), shard_id
-        assert database.query("the cat", " sat").hits
+def test_a_database_of_the_previous_format_is_refused_in_one_line(tmp_path, reference_db):
+    db = tmp_path / "old"
+    (db / "shards").mkdir(parents=True)
+    manifest = json.loads((reference_db / "manifest.json").read_text())
+    (db / "manifest.json").write_text(json.dumps(manifest | {"format_version": 1}))
+    for command in (["info", db], ["query", db, "--prompt", "the cat", "--completion", " sat"], ["verify", db]):
+        refused = cli(*command, check=False)
+        assert refused.returncode == 1 and "format version 1" in refused.stderr, command
+        assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_malformed_lines_are_counted_and_reported(tmp_path, model_dir):
@@ -164,22 +159,25 @@ def test_malformed_lines_are_counted_and_reported(tmp_path, model_dir):
     assert info["generations"][0]["malformed"] == 2
 
 
-def test_low_rank_factors_reproduce_scores_within_kept_energy(reference_db):
-    runtime = Runtime.load(reference_db)
-    reader = ShardReader(layout.shard_dir(reference_db, 0), runtime.row_layout)
-    rows = np.arange(12)
-    token_ids = [m["token_ids"] for m in reader.metadata(rows)]
-    exact = runtime.encoder().preconditioned(token_ids)
-    query = runtime.encoder().preconditioned([reader.metadata([20])[0]["token_ids"]])
-    packed = torch.from_numpy(reader.read(layout.LOWRANK, rows))
-    sigma = torch.from_numpy(reader.read(layout.SIGMA, rows))
-    energy = reader.read(layout.ENERGY, rows)
-    for j, m in enumerate(runtime.manifest.modules):
-        u, v = runtime.row_layout.unpack(packed, m.name)
-        approx = low_rank_scores(query[m.name], u, v, sigma[:, j])[0].double()
-        true = torch.einsum("oi,noi->n", query[m.name][0], exact[m.name]).double()
-        norms = query[m.name][0].norm().double() * exact[m.name].flatten(1).norm(dim=1).double()
-        assert_within_energy_bound(approx, true, norms, torch.from_numpy(energy[:, j]).double(), m.name)
+def test_stored_block_rows_are_blocks_of_the_dense_preconditioned_gradient(tmp_path, big_corpus, model_dir):
+    """What a build of block rows stored (through the row projection, never forming G) equals the
+    block of Ĝ = (Q_Sᵀ G Q_A) ⊘ √(Λ + λ) computed densely from the full factors, on the kept eigenvectors."""
+    db = tmp_path / "db"
+    cli("build", db, "--corpus", big_corpus, "--model", model_dir, "--quiet", *SMALL_SETTINGS, "--row-kind", "block")
+    runtime = Runtime.load(db)
+    reader = ShardReader(layout.shard_dir(db, 1), runtime.row_layout)
+    rows = np.arange(10)
+    dense = runtime.computer.train_preconditioned(
+        collate_sequences([m["token_ids"] for m in reader.metadata(rows)], runtime.tokenizer.pad_token_id))
+    stored = reader.read(layout.ROWS, rows).astype(np.float64) * np.sqrt(reader.read(layout.SELF_INFLUENCE, rows))[:, None]
+    for module in runtime.manifest.modules:
+        factors, block_map = runtime.computer.factors[module.name], runtime.projection.maps[module.name]
+        kept_out = (factors.eigvecs_out.T @ block_map.out.to(factors.eigvecs_out.dtype)).abs().argmax(0)
+        kept_in = (factors.eigvecs_in.T @ block_map.inp.to(factors.eigvecs_in.dtype)).abs().argmax(0)
+        expected = dense[module.name][:, kept_out][:, :, kept_in].flatten(1).double().numpy()
+        got = stored[:, runtime.row_layout.slices[module.name]]
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(got, expected, atol=2e-3 * scale, err_msg=module.name)
     reader.close()
 
 

@@ -9,6 +9,7 @@ import pytest
 from attribdb import layout
 from attribdb.errors import StoreError
 from attribdb.manifest import Manifest
+from attribdb.shard import ShardReader
 
 from dbtools import cli_here, copy_db, one_line_error, rewrite_manifest
 
@@ -16,7 +17,9 @@ from dbtools import cli_here, copy_db, one_line_error, rewrite_manifest
 def test_a_hand_edit_fails_the_checksum(tmp_path, built_db):
     db = copy_db(built_db, tmp_path / "db")
     path = db / layout.MANIFEST
-    path.write_text(path.read_text().replace('"rank": 4', '"rank": 3'))
+    text = path.read_text()
+    assert '"row_bytes": 4096' in text
+    path.write_text(text.replace('"row_bytes": 4096', '"row_bytes": 4095'))
     with pytest.raises(StoreError, match="fails its checksum: it was edited or damaged"):
         Manifest.load(db)
     one_line_error(cli_here("verify", db), "manifest.json fails its checksum")
@@ -43,16 +46,24 @@ def _delete(*keys):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (_set("settings", "rnak", 4), "settings.rnak is not a manifest key"),
-    (_delete("settings", "rank"), "settings.rank is missing"),
-    (_set("settings", "rank", 0), "rank must be positive"),
-    (_set("settings", "rank", "8"), "settings.rank must be an integer"),
+    (_set("settings", "rwo_bytes", 4096), "settings.rwo_bytes is not a manifest key"),
+    (_delete("settings", "row_bytes"), "settings.row_bytes is missing"),
+    (_set("settings", "row_bytes", 0), "row-bytes must be positive"),
+    (_set("settings", "row_bytes", "4096"), "settings.row_bytes must be an integer"),
+    (_set("settings", "row_kind", "dense"), "settings.row_kind must be one of"),
     (_set("settings", "damping_factor", None), "settings.damping_factor must be a finite number"),
     (_set("generations", 0, "shards", 10 ** 9), "generations[0].shards is 1000000000, but"),
     (_set("generations", 0, "sequences", -5), "generations[0].sequences must be at least 1"),
     (_set("generations", 0, "state", "done"), "generations[0].state must be one of building, complete"),
     (_set("generations", 0, "first_shard", 3), "generations[0].first_shard is 3"),
-    (_set("sketch_dim", 7), "sketch_dim is 7, but"),
+    (_delete("rows"), "rows is missing"),
+    (_set("rows", None), "rows is null although the factors were fitted"),
+    (_set("rows", "kind", "dense"), "rows.kind must be one of"),
+    (_set("rows", "blocks", {}), "rows.blocks."),
+    (_set("rows", "sketch_dim", 7), "rows.sketch_dim is not a manifest key"),
+    (_set("sketch_dim", 7), "sketch_dim is not a manifest key"),  # format 1's key
+    (_set("block_coverage", "most"), "block_coverage must be a share"),
+    (_set("block_coverage", 1.5), "block_coverage must be a share"),
     (_set("modules", 0, "d_in", True), "modules[0].d_in must be an integer"),
     (_set("extra", 1), "extra is not a manifest key"),
 ])
@@ -79,9 +90,18 @@ def test_a_query_on_an_absurd_shard_count_fails_at_once(tmp_path, built_db):
                    "generations[0].shards")
 
 
-def test_a_resealed_manifest_that_disagrees_with_its_shards_is_one_line(tmp_path, built_db):
-    """A program that rewrites the manifest consistently (valid checksum) still cannot change the rank."""
+def test_a_resealed_manifest_that_disagrees_with_its_files_is_one_line(tmp_path, built_db):
+    """A program that rewrites the manifest consistently (valid checksum) still cannot change the row
+    layout: the row projections refuse it, and so does every shard's rows array."""
     db = copy_db(built_db, tmp_path / "db")
-    rewrite_manifest(db, _set("settings", "rank", 3))
-    one_line_error(cli_here("verify", db), "lowrank holds rows of shape (32, 4128)", "manifest and shard disagree")
-    one_line_error(cli_here("query", db, "--prompt", "the", "--completion", " cat"), "manifest and shard disagree")
+    manifest = Manifest.load(db)
+    first = manifest.modules[0].name
+    k_out, k_in = manifest.rows["blocks"][first]
+    rewrite_manifest(db, _set("rows", "blocks", first, [k_out, k_in + 1]))
+    one_line_error(cli_here("verify", db), "does not match the manifest's row layout")
+    one_line_error(cli_here("query", db, "--prompt", "the", "--completion", " cat"),
+                   "does not match the manifest's row layout")
+    changed = Manifest.load(db).row_layout()
+    dim = manifest.row_layout().dim
+    with pytest.raises(StoreError, match=rf"rows holds rows of shape \(32, {dim}\).*manifest and shard disagree"):
+        ShardReader(layout.shard_dir(db, 0), changed)

@@ -10,8 +10,10 @@ import textwrap
 import numpy as np
 import pytest
 
+from attribdb import layout
 from attribdb.errors import StoreError
-from attribdb.shard import RowBlock, RowLayout, ShardWriter
+from attribdb.rows import RowLayout
+from attribdb.shard import RowBlock, ShardWriter
 from attribdb.tracking import TrackedModule
 from attribdb.writelock import writer_lock
 
@@ -62,17 +64,14 @@ def test_the_lock_is_reentrant_and_released(tmp_path):
 
 def _block(start: int, n: int, row_layout: RowLayout) -> RowBlock:
     rng = np.random.default_rng(start)
-    modules = len(row_layout.modules)
-    return RowBlock(lowrank=rng.standard_normal((n, row_layout.width)).astype(np.float16),
-                    sigma=rng.random((n, modules, row_layout.rank), dtype=np.float32),
-                    energy=rng.random((n, modules), dtype=np.float32),
-                    sketch=rng.standard_normal((n, row_layout.sketch_dim)).astype(np.float32),
+    rows = rng.standard_normal((n, row_layout.dim))
+    return RowBlock(rows=(rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16),
                     self_influence=rng.random(n, dtype=np.float32),
                     metadata=[{"doc_id": f"d{start + i}", "sequence": start + i} for i in range(n)])
 
 
 def test_a_block_is_written_only_at_its_own_start(tmp_path):
-    row_layout = RowLayout((TrackedModule("m", 3, 2, True),), rank=1, sketch_dim=4)
+    row_layout = RowLayout((TrackedModule("m", 3, 2, True),), blocks=((2, 2),))
     writer = ShardWriter(tmp_path / "shard", row_layout, capacity=8, commit_rows=4)
     try:
         writer.append(_block(0, 4, row_layout), start=0)
@@ -82,6 +81,6 @@ def test_a_block_is_written_only_at_its_own_start(tmp_path):
         assert writer.committed == 4
         writer.append(_block(4, 4, row_layout), start=4)
         assert writer.committed == 8
-        np.testing.assert_array_equal(writer.group["sketch"][4:8], _block(4, 4, row_layout).sketch)
+        np.testing.assert_array_equal(writer.group[layout.ROWS][4:8], _block(4, 4, row_layout).rows)
     finally:
         writer.close()

@@ -1,15 +1,19 @@
-"""Build throughput and storage, as ratios to baselines measured in the same run.
+"""Fit and build cost, as ratios to a plain training step measured in the same run.
 
-- throughput: sequences/s of `attribdb build` (factors already fitted) over
-  sequences/s of a plain forward+backward pass of the same model on the same
-  sequences, same batch size (goal: >= 0.5);
-- storage: Zarr bytes per sequence over the bytes of the dense float32 Ĝ;
-- memory: peak RSS of the build on the corpus and on a corpus twice as large
-  (goal: a ratio near 1, the build streams);
-- the same throughput and storage with ``--tail-rank 24`` (the re-ranking tail
-  that brings index answers within 2% of exhaustive, tools/bench_query.py).
+For each model shape (a tiny 4×128 GPT-2 and a GPT-2-small-shaped 12×768 one,
+random init, small vocabulary: speed and bytes do not depend on training):
 
-Run: python tools/bench_build.py [--docs 1500] [--workdir /tmp/attribdb-bench-build]
+- build throughput: sequences/s of `attribdb build` (factors already fitted,
+  corpus reading, Zarr, LMDB and FAISS included) over sequences/s of a plain
+  forward+backward training step (weight gradients included) on the same
+  sequences and batch size (goal at 12×768: >= 1.0);
+- fit time over the time of the fit sample's own forward+backward steps
+  (goal: <= 3);
+- peak RSS of the build process (goal at 12×768: <= 3 GB), and for the tiny
+  shape the peak on a corpus twice as large (goal: ratio ~1, the build streams);
+- bytes per row in the row store against the dense float32 Ĝ.
+
+Run: python tools/bench_build.py [--shapes tiny,gpt2-small] [--docs 1500] [--small-docs 60]
 """
 
 from __future__ import annotations
@@ -20,13 +24,23 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from benchutil import english_paragraphs, make_model, peak_rss_mib, write_corpus  # noqa: E402
 
-SETTINGS = {"max_length": 128, "batch_size": 8, "commit_rows": 64, "shard_size": 1024, "fit_sample_size": 256}
-TAIL = {"tail_rank": 24}
+SETTINGS = {"max_length": 128, "batch_size": 8, "commit_rows": 64, "shard_size": 1024}
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    width: int
+    fit_sample: int
+
+
+SHAPES = {"tiny": Shape(4, 128, 256), "gpt2-small": Shape(12, 768, 64)}
 
 
 def worker(command: str, db: str, corpus: str, model: str, extra: str) -> None:
@@ -44,12 +58,15 @@ def worker(command: str, db: str, corpus: str, model: str, extra: str) -> None:
 
 def run_worker(command: str, db: Path, corpus: Path, model: Path, extra: dict) -> dict:
     out = subprocess.run([sys.executable, __file__, "--worker", command, str(db), str(corpus), str(model),
-                          json.dumps(extra)], capture_output=True, text=True, check=True)
+                          json.dumps(extra)], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{command} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def forward_backward_rate(model_dir: Path, corpus: Path, n_sequences: int) -> float:
-    """Sequences/s of loss.backward() on the first sequences of the corpus: the floor of any gradient method."""
+def training_step_rate(model_dir: Path, corpus: Path, n_sequences: int) -> float:
+    """Sequences/s of a training step's forward and backward (loss.backward(), weight gradients
+    included) on the corpus's first sequences, in the build's batches."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from attribdb.settings import DatabaseSettings
@@ -62,6 +79,7 @@ def forward_backward_rate(model_dir: Path, corpus: Path, n_sequences: int) -> fl
     settings = DatabaseSettings(model_path=str(model_dir), **SETTINGS)
     token_ids = [list(s.token_ids) for _, s in zip(range(n_sequences),
                                                     sequences.stream(CorpusSpec(str(corpus)), tokenizer, settings))]
+    token_ids.sort(key=len)  # batched by length, as the build batches
     task, size = CausalLMTask(), SETTINGS["batch_size"]
     started = time.perf_counter()
     for i in range(0, len(token_ids), size):
@@ -70,9 +88,34 @@ def forward_backward_rate(model_dir: Path, corpus: Path, n_sequences: int) -> fl
     return len(token_ids) / (time.perf_counter() - started)
 
 
+def measure(name: str, shape: Shape, docs: int, work: Path, twice: bool) -> dict:
+    model = make_model(work / f"model-{name}", english_paragraphs(), layers=shape.layers, width=shape.width)
+    runs = {}
+    for label, n_docs in (("once", docs), ("twice", 2 * docs)) if twice else (("once", docs),):
+        corpus = write_corpus(work / f"corpus-{name}-{label}.jsonl", n_docs)
+        db = work / f"db-{name}-{label}"
+        shutil.rmtree(db, ignore_errors=True)
+        extra = {"fit_sample_size": shape.fit_sample}
+        fit = run_worker("fit", db, corpus, model, extra)
+        build = run_worker("build", db, corpus, model, extra)
+        from attribdb import api
+
+        runs[label] = {"fit": fit, "build": build, "info": api.open(db).info()}
+        print(f"{name} {label}: {runs[label]['info']['sequences']} sequences, fit {fit['seconds']:.1f}s, "
+              f"build {build['seconds']:.1f}s, peak RSS {build['peak_rss_mib']:.0f} MiB", file=sys.stderr)
+    info = runs["once"]["info"]
+    n = info["sequences"]
+    step_rate = training_step_rate(model, work / f"corpus-{name}-once.jsonl", n)
+    return {"runs": runs, "sequences": n, "step_rate": step_rate,
+            "build_ratio": n / runs["once"]["build"]["seconds"] / step_rate,
+            "fit_ratio": runs["once"]["fit"]["seconds"] / (min(shape.fit_sample, n) / step_rate)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=1500)
+    parser.add_argument("--shapes", default="tiny,gpt2-small")
+    parser.add_argument("--docs", type=int, default=1500, help="documents for the tiny shape")
+    parser.add_argument("--small-docs", type=int, default=60, help="documents for the GPT-2-small shape")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/attribdb-bench-build"))
     parser.add_argument("--worker", nargs=5, metavar=("COMMAND", "DB", "CORPUS", "MODEL", "SETTINGS"),
                         help=argparse.SUPPRESS)
@@ -80,48 +123,31 @@ def main() -> None:
     if args.worker:
         return worker(*args.worker)
 
-    work = args.workdir
-    work.mkdir(parents=True, exist_ok=True)
-    model = make_model(work / "model", english_paragraphs())
-    figures = {}
-    for label, docs, extra in (("small", args.docs, {}), ("large", 2 * args.docs, {}), ("tail", args.docs, TAIL)):
-        corpus = write_corpus(work / f"corpus-{label}.jsonl", docs)
-        db = work / f"db-{label}"
-        shutil.rmtree(db, ignore_errors=True)
-        fit = run_worker("fit", db, corpus, model, extra)
-        build = run_worker("build", db, corpus, model, extra)
-        from attribdb import api
-
-        info = api.open(db).info()
-        figures[label] = {"fit": fit, "build": build, "info": info}
-        print(f"{label}: {info['sequences']} sequences, fit {fit['seconds']:.1f}s, build {build['seconds']:.1f}s, "
-              f"peak RSS {build['peak_rss_mib']:.0f} MiB", file=sys.stderr)
-
-    small = figures["small"]
-    n = small["info"]["sequences"]
-    baseline = forward_backward_rate(model, work / "corpus-small.jsonl", n)
-    build_rate = n / small["build"]["seconds"]
-    info = small["info"]
-    storage_ratio = info["bytes_per_sequence"] / info["dense_float32_bytes_per_sequence"]
-    memory_ratio = figures["large"]["build"]["peak_rss_mib"] / small["build"]["peak_rss_mib"]
-    energy = sum(info["energy_kept"].values()) / len(info["energy_kept"])
-    print(f"model: {len(info['energy_kept'])} tracked modules, {info['dense_float32_bytes_per_sequence'] / 2**20:.2f}"
-          f" MiB dense float32 Ĝ per sequence; rank {info['settings']['rank']} keeps {energy:.3f} of ‖Ĝ‖² on average")
-    print(f"forward+backward baseline: {baseline:.1f} seq/s; build (incl. reading and tokenising the corpus, "
-          f"FAISS, LMDB, Zarr): {build_rate:.1f} seq/s")
-    print(f"throughput ratio build / forward+backward: {build_rate / baseline:.3f}  (goal >= 0.5)")
-    print(f"bytes per sequence: {info['bytes_per_sequence'] / 1024:.1f} KiB; ratio to dense float32 Ĝ: "
-          f"{storage_ratio:.4f}")
-    print(f"peak build memory: {small['build']['peak_rss_mib']:.0f} MiB for {n} sequences, "
-          f"{figures['large']['build']['peak_rss_mib']:.0f} MiB for {figures['large']['info']['sequences']}: "
-          f"ratio {memory_ratio:.3f}  (goal ~1: the build streams)")
-    tail = figures["tail"]["info"]
-    with_tail = sum(tail["energy_kept_with_tail"].values()) / len(tail["energy_kept_with_tail"])
-    print(f"with --tail-rank {TAIL['tail_rank']}: throughput ratio "
-          f"{tail['sequences'] / figures['tail']['build']['seconds'] / baseline:.3f}, "
-          f"{tail['bytes_per_sequence'] / 1024:.1f} KiB per sequence "
-          f"({tail['bytes_per_sequence'] / tail['dense_float32_bytes_per_sequence']:.4f} of dense), "
-          f"rank {tail['settings']['rank'] + TAIL['tail_rank']} keeps {with_tail:.3f} of ‖Ĝ‖²")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in args.shapes.split(","):
+        docs = args.docs if name == "tiny" else args.small_docs
+        results[name] = measure(name, SHAPES[name], docs, args.workdir, twice=name == "tiny")
+    for name, r in results.items():
+        info, once = r["runs"]["once"]["info"], r["runs"]["once"]
+        row = info["row"]
+        kept = sum(row["expected_kept"].values()) / len(row["expected_kept"])
+        print(f"[{name}] {len(row['blocks'])} modules; row {row['bytes'] / 1024:.1f} KiB = "
+              f"{row['bytes'] / row['dense_float32_bytes']:.5f} of dense float32 Ĝ "
+              f"({row['dense_float32_bytes'] / 2**20:.1f} MiB), keeps {kept:.3f} of expected influence per module")
+        per = info["bytes_per_sequence"]
+        print(f"[{name}] on disk per row: zarr {per['zarr'] / 1024:.1f} KiB, faiss {per['faiss'] / 1024:.1f} KiB, "
+              f"lmdb {per['lmdb'] / 1024:.1f} KiB")
+        print(f"[{name}] training step {r['step_rate']:.2f} seq/s; build {r['sequences'] / once['build']['seconds']:.2f}"
+              f" seq/s on {r['sequences']} sequences: ratio {r['build_ratio']:.3f}  (goal >= 1.0 at 12×768)")
+        print(f"[{name}] fit {once['fit']['seconds']:.1f}s on {min(SHAPES[name].fit_sample, r['sequences'])} sequences "
+              f"= {r['fit_ratio']:.2f}× their training steps  (goal <= 3)")
+        print(f"[{name}] peak RSS: build {once['build']['peak_rss_mib']:.0f} MiB, fit {once['fit']['peak_rss_mib']:.0f} MiB")
+        if "twice" in r["runs"]:
+            twice = r["runs"]["twice"]
+            print(f"[{name}] build peak RSS for {twice['info']['sequences']} sequences: "
+                  f"{twice['build']['peak_rss_mib']:.0f} MiB, ratio {twice['build']['peak_rss_mib'] / once['build']['peak_rss_mib']:.3f}"
+                  "  (goal ~1: the build streams)")
 
 
 if __name__ == "__main__":

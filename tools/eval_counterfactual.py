@@ -30,7 +30,7 @@ from attribdb.demo.run import DemoConfig, prepare  # noqa: E402
 from attribdb.demo.train import DemoModelConfig, known_facts, train_model  # noqa: E402
 
 CONFIG = DemoConfig(DemoCorpusConfig(facts_per_relation=8, background_docs=400),
-                    DemoModelConfig(train_steps=500), {"max_length": 128, "fit_sample_size": 256, "rank": 8}, 1)
+                    DemoModelConfig(train_steps=500), {"max_length": 128, "fit_sample_size": 256}, 1)
 
 
 def completion_logprob(model_dir: Path, facts) -> torch.Tensor:

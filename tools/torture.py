@@ -51,7 +51,7 @@ CLASSES = ("survived cleanly", "clear error", "traceback or unclear error", "cra
            "silently wrong result", "rows lost")
 OK, CLEAR, UNCLEAR, CRASH, WRONG, LOST = CLASSES
 SETTINGS = ["--max-length", "16", "--shard-size", "32", "--commit-rows", "8", "--batch-size", "8",
-            "--fit-sample-size", "32", "--rank", "4", "--sketch-size", "32"]
+            "--fit-sample-size", "32", "--row-bytes", "4096"]
 QUERIES = [{"prompt": "The default value of the", "completion": " argument is None."},
            {"prompt": "This module provides", "completion": " a way of using operating system functions."},
            {"prompt": "An exception is raised", "completion": " when the object is not callable."}]
@@ -141,7 +141,7 @@ def digest_work(db: Path) -> Callable[[], dict]:
                 reader = ShardReader(layout.shard_dir(db, shard_id), manifest.row_layout())
                 try:
                     digest = hashlib.sha256()
-                    for name in layout.row_arrays(manifest.settings.tail_rank):
+                    for name in layout.ROW_ARRAYS:
                         digest.update(reader.read(name).tobytes())
                     digest.update(json.dumps(reader.metadata(range(reader.rows)), sort_keys=True).encode())
                     shards[str(shard_id)] = [reader.rows, digest.hexdigest()]
@@ -386,15 +386,18 @@ def manifest_scenarios() -> list[Scenario]:
             target[keys[-1]] = value
         return edit
     edits = {
-        "rank 4 -> 3": setter("settings", "rank", value=3),
+        "row_bytes 4096 -> 2048": setter("settings", "row_bytes", value=2048),
+        "a module's row block widened": lambda d: d["rows"]["blocks"][d["modules"][0]["name"]].__setitem__(
+            1, d["rows"]["blocks"][d["modules"][0]["name"]][1] + 1),
         "shards -> 10**9": setter("generations", 0, "shards", value=10 ** 9),
         "shards one fewer": lambda d: d["generations"][0].update(shards=d["generations"][0]["shards"] - 1),
-        "a settings key misspelled": lambda d: d["settings"].update(rnak=d["settings"].pop("rank")),
+        "a settings key misspelled": lambda d: d["settings"].update(rwo_bytes=d["settings"].pop("row_bytes")),
         "an unknown key": setter("extra", value=1),
         "damping_factor a string": setter("settings", "damping_factor", value="0.1"),
         "state complete -> building": setter("generations", 0, "state", value="building"),
         "model fingerprint changed": setter("model", "fingerprint", value="0" * 64),
-        "sketch_dim doubled": lambda d: d.update(sketch_dim=2 * d["sketch_dim"]),
+        "row kind kron <-> block": lambda d: d["rows"].update(kind="block" if d["rows"]["kind"] == "kron" else "kron"),
+        "row layout removed (null)": setter("rows", value=None),
         "emptied to {}": lambda d: d.clear(),
     }
     out = []
@@ -572,10 +575,10 @@ def input_files(where: Path) -> dict[str, Path]:
 def option_scenarios(quick: bool) -> list[Scenario]:
     new = ("build", "{db}", "--corpus", "{corpus}", "--model", "{model}", "--quiet", *SETTINGS)
     bad_options = [("--damping", "inf"), ("--damping", "nan"), ("--damping", "-1"), ("--damping-factor", "nan"),
-                   ("--damping-factor", "inf"), ("--max-length", "65"), ("--max-length", "0"), ("--rank", "0"),
-                   ("--rank", "-2"), ("--shard-size", "20"), ("--stride", "40"), ("--strategy", "magic"),
-                   ("--fisher", "maybe"), ("--sketch-size", "0"), ("--commit-rows", "0"), ("--batch-size", "0"),
-                   ("--index-kind", "tree"), ("--dtype", "int8"), ("--tail-rank", "-1"), ("--sketch-kind", "x")]
+                   ("--damping-factor", "inf"), ("--max-length", "65"), ("--max-length", "0"), ("--row-bytes", "0"),
+                   ("--row-bytes", "-2"), ("--shard-size", "20"), ("--stride", "40"), ("--strategy", "magic"),
+                   ("--fisher", "maybe"), ("--row-kind", "x"), ("--commit-rows", "0"), ("--batch-size", "0"),
+                   ("--index-kind", "tree"), ("--dtype", "int8")]
     if quick:
         bad_options = bad_options[:1]
     out = [Scenario("options", f"build {o} {v}", refused(*new, o, v)) for o, v in bad_options]
@@ -597,7 +600,7 @@ def option_scenarios(quick: bool) -> list[Scenario]:
                                                                     "--quiet", fresh=False)),
         Scenario("inputs", "build another corpus into it", refused("build", "{db}", "--corpus", "{extra}",
                                                                    "--quiet", fresh=False)),
-        Scenario("inputs", "rebuild with another rank", refused("build", "{db}", "--corpus", "{corpus}", "--rank", "5",
+        Scenario("inputs", "rebuild with another row size", refused("build", "{db}", "--corpus", "{corpus}", "--row-bytes", "2048",
                                                                 "--quiet", fresh=False)),
         Scenario("inputs", "fit again without --refit", refused("fit", "{db}", "--corpus", "{corpus}", "--model",
                                                                 "{model}", "--quiet", fresh=False)),
@@ -663,7 +666,7 @@ def scenarios(p: Pristine, quick: bool) -> list[Scenario]:
                    Scenario("damage", "delete shards/00002", remove_tree("shards/00002"))]
         return damaged + lmdb + kill_scenarios(units, True) + concurrency_scenarios(True) + option_scenarios(True)
     removals = [Scenario("damage", f"delete {rel}", remove_tree(rel)) for rel in
-                ("shards/00002", "shards/00001/grads.zarr", "shards/00001/meta.lmdb", "shards/00001/grads.zarr/sigma",
+                ("shards/00002", "shards/00001/grads.zarr", "shards/00001/meta.lmdb", "shards/00001/grads.zarr/rows",
                  "factors")]
     return (damage_scenarios(p, rng, per_kind=2) + removals + lmdb_scenarios() + manifest_scenarios()
             + kill_scenarios(units, False) + concurrency_scenarios(False) + option_scenarios(False))

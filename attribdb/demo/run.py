@@ -1,13 +1,14 @@
 """`attribdb demo`: corpus → tiny model → database → "why did the model say this?".
 
 Every step is cached in the work folder (the corpus by its config, the model
-by config and corpus hash, the database by the model it was built with), so a
-second run only answers the queries.
+by config and corpus hash, the database by the model and the settings it was
+built with), so a second run only answers the queries.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ import click
 
 from attribdb.demo.facts import DemoCorpusConfig, Fact, generate_corpus
 from attribdb.demo.train import CACHE_FILE, DemoModelConfig, train_model
+from attribdb.layout import FORMAT_VERSION
+from attribdb.settings import DatabaseSettings
 
 
 @dataclass(frozen=True)
@@ -27,10 +30,10 @@ class DemoConfig:
 
 
 FULL = DemoConfig(DemoCorpusConfig(), DemoModelConfig(),
-                  {"max_length": 128, "fit_sample_size": 512, "rank": 8, "batch_size": 8}, 1)
+                  {"max_length": 128, "fit_sample_size": 512, "batch_size": 8}, 1)
 QUICK = DemoConfig(DemoCorpusConfig(facts_per_relation=4, background_docs=120),
                    DemoModelConfig(vocab_size=1024, n_layer=1, train_steps=150, batch_size=8, fact_repeats=12),
-                   {"max_length": 64, "fit_sample_size": 64, "rank": 4, "batch_size": 8, "sketch_size": 64}, 1)
+                   {"max_length": 64, "fit_sample_size": 64, "batch_size": 8, "row_bytes": 8192}, 1)
 
 
 def rank_of_first_fact_document(result, fact: Fact) -> int | None:
@@ -72,7 +75,10 @@ def prepare(workdir: Path, config: DemoConfig, label: str, quiet: bool = False) 
     click.echo("2/4 model: training a tiny GPT-2 from scratch (cached after the first run) ...", err=True)
     model_dir = train_model(corpus, workdir / "model", config.model, progress=not quiet)
     model_key = hashlib.sha256((model_dir / CACHE_FILE).read_bytes()).hexdigest()[:12]  # config and corpus
-    db_path = workdir / f"db-{model_key}-{label}"
+    # the database's settings, defaults included: a new default never reuses a database built under the old one
+    settings = DatabaseSettings(model_path=str(model_dir.resolve()), **config.build).to_dict()
+    settings_key = hashlib.sha256(json.dumps([FORMAT_VERSION, settings], sort_keys=True).encode()).hexdigest()[:8]
+    db_path = workdir / f"db-{model_key}-{label}-{settings_key}"
     click.echo(f"3/4 database: building {db_path} (resumable; cached after the first run) ...", err=True)
     api.build(db_path, str(corpus), str(model_dir), quiet=quiet, **config.build)
     return Prepared(corpus, facts, model_dir, db_path)
