@@ -119,6 +119,11 @@ class ModuleFactors:
         """Ĝ = (Q_Sᵀ G Q_A) ⊘ sqrt(D + λ), from an already rotated gradient."""
         return rotated / self._denominator(0.5)
 
+    def rotated_inverse_hvp(self, capture: Capture) -> torch.Tensor:
+        """(F + λI)⁻¹ vec(G) in the eigenbasis, Q_Sᵀ G Q_A ⊘ (D + λ), from captures: no rotation
+        back to parameter coordinates, which costs d_out·d_in·(d_out + d_in) per module."""
+        return self.rotated_gradients(capture) / self._denominator(1.0)
+
     def inverse_hvp(self, grads: torch.Tensor) -> torch.Tensor:
         """(F + λI)⁻¹ vec(G) in parameter layout (d_out, d_in)."""
         return self.unrotate(self.rotate(grads) / self._denominator(1.0))

@@ -83,6 +83,10 @@ class InfluenceComputer:
         """Ĝ_q of each query of the batch (gradient of the measurement)."""
         return self.precondition(self.runner.measurement_captures(batch)[0])
 
+    def rotated_inverse_hvp(self, captures: dict[str, Capture]) -> dict[str, torch.Tensor]:
+        """(F + λ)⁻¹ g per module in the eigenbasis (B, d_out, d_in), from captures."""
+        return {name: self.factors[name].rotated_inverse_hvp(capture) for name, capture in captures.items()}
+
     def inverse_hvp(self, preconditioned: Preconditioned) -> dict[str, torch.Tensor]:
         """(F + λ)⁻¹ g per module, in parameter layout (B, d_out, d_in), from Ĝ: the other half of
         the preconditioning, rotated back."""

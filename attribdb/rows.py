@@ -211,15 +211,15 @@ class BlockMap:
     """One module's maps from captures to its part of a row: ``Σ_t (outᵀ δ_t)(inpᵀ a_t)ᵀ ∘ inverse_scale``.
 
     A kron row's query side is not the training side's: it maps the query's
-    exact inverse-HVP (``query_out``, ``query_inp``), so that the score
-    estimate is unbiased for the full EK-FAC score (see :func:`_kron_map`).
+    exact inverse-HVP in the eigenbasis (``query_out``, ``query_inp``), so that
+    the score estimate is unbiased for the full EK-FAC score (see :func:`_kron_map`).
     """
 
     out: torch.Tensor  # (d_out, k_out)
     inp: torch.Tensor  # (d_in, k_in)
     inverse_scale: torch.Tensor  # (k_out, k_in): 1/√(Λ_block + λ) for a block, ones for kron
-    query_out: torch.Tensor | None = None  # (d_out, k_out), kron only
-    query_inp: torch.Tensor | None = None  # (d_in, k_in), kron only
+    query_out: torch.Tensor | None = None  # (d_out, k_out) on eigen-coordinates, kron only
+    query_inp: torch.Tensor | None = None  # (d_in, k_in) on eigen-coordinates, kron only
 
     TENSORS = ("out", "inp", "inverse_scale", "query_out", "query_inp")
 
@@ -234,7 +234,8 @@ class BlockMap:
         return torch.einsum("bto,bti->boi", grads_out, acts) * self.inverse_scale.to(acts.dtype)
 
     def query_block(self, inverse_hvp: torch.Tensor) -> torch.Tensor:
-        """(B, k_out, k_in) of a kron row's query side, from (B, d_out, d_in) inverse-HVPs."""
+        """(B, k_out, k_in) of a kron row's query side, from (B, d_out, d_in) inverse-HVPs in the
+        eigenbasis."""
         return self.query_out.T.to(inverse_hvp.dtype) @ inverse_hvp @ self.query_inp.to(inverse_hvp.dtype)
 
 
@@ -277,7 +278,7 @@ def _kron_map(factors: ModuleFactors, module: TrackedModule, k_out: int, k_in: i
     variance 1/k, the training row ``R_out diag(p) G̃_m diag(q) R_inᵀ`` costs
     only ``T·(k_out·d_out + k_in·d_in)`` (the maps fold in Q_S and Q_A), and
     the query row ``R_out diag(1/p) (G̃_q ⊘ (Λ+λ)) diag(1/q) R_inᵀ``, made from
-    the query's exact inverse-HVP, makes ``E[⟨row_q, row_m⟩]`` the exact score.
+    the query's exact inverse-HVP in the eigenbasis (never rotated back), makes ``E[⟨row_q, row_m⟩]`` the exact score.
     The separable part only whitens both sides alike, which keeps the
     estimate's variance near that of a projection of the preconditioned
     gradients themselves.
@@ -293,7 +294,7 @@ def _kron_map(factors: ModuleFactors, module: TrackedModule, k_out: int, k_in: i
     r_in = torch.randn(k_in, module.d_in, generator=generator, dtype=torch.float64) / k_in ** 0.5
     return BlockMap(out=out_basis @ (r_out * p).T, inp=in_basis @ (r_in * q).T,
                     inverse_scale=torch.ones(k_out, k_in, dtype=torch.float64),
-                    query_out=out_basis @ (r_out / p).T, query_inp=in_basis @ (r_in / q).T)
+                    query_out=(r_out / p).T, query_inp=(r_in / q).T)
 
 
 def kron_layout(modules: list[TrackedModule], weights: Callable[[TrackedModule], torch.Tensor], row_bytes: int,
@@ -369,7 +370,8 @@ class RowProjection:
     def encode_query(self, captures: dict[str, Capture],
                      inverse_hvp: Callable[[dict[str, Capture]], dict[str, torch.Tensor]]) -> torch.Tensor:
         """(B, dim) query rows: what training rows are matched with.  ``inverse_hvp`` maps captures to
-        (F + λ)⁻¹ g per module; kron rows call it, block rows are symmetric and do not."""
+        (F + λ)⁻¹ g per module in the eigenbasis; kron rows call it, block rows are symmetric and
+        do not."""
         if self.layout.kind == "block":
             return self.encode(captures)
         solved = inverse_hvp(captures)

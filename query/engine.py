@@ -139,8 +139,7 @@ class QueryEngine:
         return self.runtime.projection.encode_query(captures, self._inverse_hvp)
 
     def _inverse_hvp(self, captures) -> dict[str, torch.Tensor]:
-        computer = self.runtime.computer
-        return computer.inverse_hvp(computer.precondition(captures))
+        return self.runtime.computer.rotated_inverse_hvp(captures)
 
     # ---- index mode ------------------------------------------------------
 

@@ -127,14 +127,11 @@ def test_kron_rows_estimate_the_full_score_without_bias(setup):
     query_captures = computer.runner.measurement_captures(query_batch)[0]
     train_captures = computer.runner.train_captures(train_batch)[0]
 
-    def inverse_hvp(captures):
-        return computer.inverse_hvp(computer.precondition(captures))
-
     estimates = []
     for seed in range(48):
         projection = RowProjection.fit(factors, 600, "kron", seed=seed).to(dtype=torch.float64)
         assert projection.layout.kind == "kron" and projection.layout.bytes_per_row <= 600
-        query_rows = projection.encode_query(query_captures, inverse_hvp)
+        query_rows = projection.encode_query(query_captures, computer.rotated_inverse_hvp)
         estimates.append(query_rows @ projection.encode(train_captures).T)
     estimates = torch.stack(estimates)
     mean, standard_error = estimates.mean(0), estimates.std(0) / len(estimates) ** 0.5
