@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 
 from attribdb.errors import QueryError
-from attribdb.inspection import VerifyReport, database_info, verify_database
+from attribdb.inspection import VerifyReport, database_info, verify_database, verify_recomputed
 from attribdb.manifest import Manifest, exists
 
 
@@ -89,8 +89,13 @@ class Database:
     def info(self) -> dict:
         return database_info(self.path)
 
-    def verify(self) -> VerifyReport:
-        return verify_database(self.path)
+    def verify(self, deep: int = 0) -> VerifyReport:
+        """Every checksum and cross-reference; with ``deep``, also that many rows recomputed from
+        their tokens and compared with what is stored."""
+        report = verify_database(self.path)
+        if deep and not report.pending:
+            report.recomputed = verify_recomputed(self.path, deep, self.device)
+        return report
 
     @staticmethod
     def _candidates(k: int, candidates: int | None) -> int:

@@ -186,18 +186,22 @@ VERIFY_PENDING_EXIT = 3
 
 @main.command()
 @db_argument
-def verify(db):
+@click.option("--deep", type=click.IntRange(min=0), default=0, show_default=True,
+              help="also recompute this many rows, spread over the database, from their tokens (loads the model)")
+@device_option
+def verify(db, deep, device):
     """Check that manifest, Zarr, LMDB and FAISS agree and every checksum holds.
 
     Exit status: 0 whole; 1 damaged (one line names the first problem); 3 consistent so far,
     but a build is in progress or was interrupted (the line says how to resume it)."""
     from attribdb import api
 
-    report = api.open(db).verify()
+    report = api.open(db, device=device).verify(deep=deep)
     if report.pending:
         click.echo(f"{report.pending} ({report.rows} rows in {report.shards} shards verified)")
         sys.exit(VERIFY_PENDING_EXIT)
-    click.echo(f"ok: {report.rows} rows in {report.shards} shards verified")
+    recomputed = f"; {report.recomputed} recomputed from their tokens and equal" if deep else ""
+    click.echo(f"ok: {report.rows} rows in {report.shards} shards verified{recomputed}")
 
 
 def _load_queries(prompt, completion, queries_file) -> list[dict]:

@@ -93,6 +93,7 @@ class VerifyReport:
     shards: int
     rows: int
     pending: str | None = None  # an unfinished fit or build: what is committed and how to resume
+    recomputed: int = 0  # rows recomputed from their tokens and found equal (verify --deep)
 
 
 def _resume_command(root: Path, generation: Generation) -> str:
@@ -216,3 +217,39 @@ def _verify_index(reader: ShardReader, name: str) -> None:
     if reader.rows and type(index).__name__ in ("IndexFlatIP", "IndexScalarQuantizer"):
         if not np.array_equal(index.reconstruct_n(0, reader.rows), reader.faiss_vectors()):
             raise StoreError(f"{name}: FAISS vectors differ from the Zarr rows")
+
+
+def verify_recomputed(root: str | Path, sample: int, device: str | None = None) -> int:
+    """Recompute ``sample`` rows, spread evenly over the database, from their stored tokens and
+    compare them with what is stored; return how many were compared.
+
+    Checksums prove that bytes are as written, not that they are right: a row written by another
+    model or projection, or copied over from another row with its checksum, passes them.  Only
+    recomputing it from its tokens tells, at the cost of loading the model."""
+    from attribdb.runtime import Runtime
+
+    runtime = Runtime.load(root, device=device)
+    encoder, batch_size = runtime.encoder(), runtime.manifest.settings.batch_size
+    shards = existing_shards(Path(root), runtime.manifest)
+    readers = [(shard_id, ShardReader(path, runtime.row_layout)) for shard_id, path in shards]
+    try:
+        pairs = [(i, row) for i, (_, reader) in enumerate(readers) for row in range(reader.rows)]
+        chosen = [pairs[int(j)] for j in np.unique(np.linspace(0, len(pairs) - 1, min(sample, len(pairs))).round())]
+        for i in sorted({i for i, _ in chosen}):
+            shard_id, reader = readers[i]
+            rows = np.array([row for j, row in chosen if j == i])
+            metadata = reader.metadata(rows)
+            fresh = encoder.encode([m["token_ids"] for m in metadata], metadata, batch_size)
+            stored_rows = reader.read(layout.ROWS, rows).astype(np.float64)
+            stored_self = reader.read(layout.SELF_INFLUENCE, rows).astype(np.float64)
+            row_error = np.abs(fresh.rows.astype(np.float64) - stored_rows).max(axis=1)
+            self_error = np.abs(fresh.self_influence - stored_self) / np.maximum(np.abs(stored_self), 1e-30)
+            bad = np.flatnonzero((row_error > 4e-3) | (self_error > 1e-3))
+            if len(bad):
+                raise StoreError(f"shard {shard_id:05d}: row {rows[bad[0]]} differs from its recomputation from "
+                                 f"its tokens (largest difference {row_error[bad[0]]:.3g} in the unit row, "
+                                 f"{self_error[bad[0]]:.3g} relative in its self-influence)")
+        return len(chosen)
+    finally:
+        for _, reader in readers:
+            reader.close()

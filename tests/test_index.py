@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,3 +205,22 @@ def test_direct_row_reads_equal_zarr_reads(tmp_path, compressors):
     chunk.write_bytes(bytes(raw))
     with pytest.raises(StoreError, match="checksum"):
         files.read(rows)
+
+
+def test_deep_verify_recomputes_rows_and_catches_a_shard_from_another_model(tmp_path, corpus, model_dir,
+                                                                            other_model_dir):
+    """A shard whose every checksum holds but whose rows another model wrote passes plain verify;
+    recomputing rows from their tokens tells.  (The identity strategy gives both databases the
+    same row layout, whatever their models, so the foreign shard fits every shape check.)"""
+    dbs = {}
+    for name, model in (("db", model_dir), ("other", other_model_dir)):
+        dbs[name] = tmp_path / name
+        cli("build", dbs[name], "--corpus", corpus, "--model", model, "--quiet", *SMALL_SETTINGS,
+            "--strategy", "identity")
+    deep = cli("verify", dbs["db"], "--deep", "12")
+    assert "12 recomputed from their tokens and equal" in deep.stdout
+    shutil.rmtree(layout.shard_dir(dbs["db"], 1))
+    shutil.copytree(layout.shard_dir(dbs["other"], 1), layout.shard_dir(dbs["db"], 1))
+    assert cli("verify", dbs["db"], check=False).returncode == 0  # every byte is as it was written
+    caught = cli("verify", dbs["db"], "--deep", "40", check=False)
+    assert caught.returncode == 1 and "shard 00001" in caught.stderr and "recomputation" in caught.stderr
