@@ -10,7 +10,6 @@ from pathlib import Path
 
 import lmdb
 import numpy as np
-import torch
 import zarr
 
 from attribdb import layout

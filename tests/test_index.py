@@ -14,9 +14,8 @@ from pathlib import Path
 import lmdb
 import numpy as np
 import pytest
-import torch
 
-from attribdb import api, layout
+from attribdb import layout
 from attribdb.manifest import Manifest
 from attribdb.runtime import Runtime
 from attribdb.shard import ShardReader
