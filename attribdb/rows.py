@@ -91,7 +91,7 @@ class RowLayout:
         try:
             blocks = tuple(tuple(int(k) for k in data["blocks"][m.name]) for m in modules)
             return cls(tuple(modules), blocks, tuple(float(x) for x in data.get("expected_kept", ())),
-                       bool(data.get("normalized_index", True)), str(data.get("kind", "block")))
+                       bool(data.get("normalized_index", True)), str(data["kind"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"the manifest's row layout is damaged: {exc!r}") from exc
 
@@ -406,15 +406,15 @@ class RowProjection:
             raise StoreError(f"cannot read the row projections {path}: {exc!r}") from exc
         stored_layout = header.get("layout", {})
         if header.get("format_version") != PROJECTION_FORMAT_VERSION or \
-                (stored_layout.get("kind", "block"), stored_layout.get("blocks")) != (layout.kind, layout.to_dict()["blocks"]):
+                (stored_layout.get("kind"), stored_layout.get("blocks")) != (layout.kind, layout.to_dict()["blocks"]):
             raise StoreError(f"{path} does not match the manifest's row layout: the database is damaged")
         for module, (k_out, k_in) in zip(layout.modules, layout.blocks):
-            block = maps[module.name]
-            shapes = [block.out.shape, block.inp.shape]
+            expected = {"out": (module.d_out, k_out), "inp": (module.d_in, k_in)}
             if layout.kind == "kron":
-                shapes += [None if block.query_out is None else block.query_out.shape,
-                           None if block.query_inp is None else block.query_inp.shape]
-            if shapes != [(module.d_out, k_out), (module.d_in, k_in)] * (2 if layout.kind == "kron" else 1):
+                expected |= {"query_out": (module.d_out, k_out), "query_inp": (module.d_in, k_in)}
+            block = maps[module.name]
+            found = {key: tuple(getattr(block, key).shape) for key in expected if getattr(block, key) is not None}
+            if found != expected:
                 raise StoreError(f"{path}: the projections of {module.name} have the wrong shape")
         return cls(layout, maps)
 

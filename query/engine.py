@@ -3,9 +3,10 @@
 Three modes answer the same question at different costs:
 
 - *index*: the query's gradient is projected into a row (attribdb/rows.py)
-  whose inner products with training rows are their compressed scores; FAISS finds ``candidates`` rows per query
-  by inner product with it (for the top and, negated, for the opponents), and
-  the candidates' stored rows give their compressed scores per module.
+  whose inner products with training rows are their compressed scores; FAISS
+  finds ``candidates`` rows per query by inner product with it (for the top
+  and, negated, for the opponents), and the candidates' stored rows give their
+  compressed scores per module.
 - *exact*: the index answer, then the top rows' full gradients recomputed
   from their stored token ids: the EK-FAC score with no compression, split
   into per-token contributions.
