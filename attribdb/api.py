@@ -52,23 +52,27 @@ class Database:
         return QueryEngine(Runtime.load(self.path, device=self.device))
 
     def query(self, prompt: str, completion: str, k: int = 10, candidates: int | None = None,
-              opponents: bool = True, rank_by: str | None = None):
+              opponents: bool = True, rank_by: str | None = None, rescore: int | None = None):
         """The k training sequences that most increased (and, as opponents, decreased) the completion's likelihood."""
         return self.query_batch([(prompt, completion)], k=k, candidates=candidates, opponents=opponents,
-                                rank_by=rank_by)[0]
+                                rank_by=rank_by, rescore=rescore)[0]
 
     def query_batch(self, queries: Iterable, k: int = 10, candidates: int | None = None, opponents: bool = True,
-                    rank_by: str | None = None):
+                    rank_by: str | None = None, rescore: int | None = None):
         """Many queries sharing one forward/backward pass; items are (prompt, completion) or dicts.
         ``candidates``: rows FAISS hands to rescoring per end (default 128, or k if larger);
         ``rank_by``: "normalized" (the default: the cosine form of the influence) or "score" (the
-        paper's influence itself, which favours rows with large gradients)."""
+        paper's influence itself, which favours rows with large gradients);
+        ``rescore``: how many of each end's best candidates are recomputed in full and ranked by
+        their exact score (default: as many as a fixed compute budget per query allows; 0: none,
+        the compressed answer in milliseconds)."""
         candidates = self._candidates(k, candidates)  # checked before the model loads
+        _check_count("rescore", rescore, minimum=0)
         return self.engine.query([_as_query(q) for q in queries], k=k, candidates=candidates,
-                                 opponents=opponents, rank_by=rank_by)
+                                 opponents=opponents, rank_by=rank_by, rescore=rescore)
 
     def exact(self, prompt: str, completion: str, k: int = 10, candidates: int | None = None, rank_by: str | None = None):
-        """Index answer with the top rows recomputed in full, plus per-token contributions."""
+        """Every candidate recomputed in full and ranked by its exact score, plus per-token contributions."""
         return self.exact_batch([(prompt, completion)], k=k, candidates=candidates, rank_by=rank_by)[0]
 
     def exact_batch(self, queries: Iterable, k: int = 10, candidates: int | None = None, rank_by: str | None = None):

@@ -241,13 +241,16 @@ def _load_queries(prompt, completion, queries_file) -> list[dict]:
 @click.option("--rank-by", type=click.Choice(["normalized", "score"]), default="normalized", show_default=True,
               help="normalized: the cosine form of the influence, which does not favour rows with large "
                    "gradients; score: the influence itself (the paper's ranking)")
+@click.option("--rescore", type=click.IntRange(min=0), default=None,
+              help="index mode: recompute this many of each end's best candidates in full and rank them by their "
+                   "exact score [default: as many as a fixed compute budget per query allows; 0: none]")
 @click.option("--mode", type=click.Choice(["index", "exact", "exhaustive"]), default="index", show_default=True,
-              help="index: FAISS over the stored rows; exact: also recompute the top rows in full with per-token "
-                   "contributions; exhaustive: every row on the fly (slow ground truth)")
+              help="index: FAISS over the stored rows, the best rescored in full; exact: every candidate recomputed "
+                   "in full, with per-token contributions; exhaustive: every row on the fly (slow ground truth)")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "html"]), default="table", show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), help="write to this file instead of stdout")
 @device_option
-def query(db, prompt, completion, queries_file, k, candidates, rank_by, mode, fmt, output, device):
+def query(db, prompt, completion, queries_file, k, candidates, rank_by, rescore, mode, fmt, output, device):
     """Which training sequences most influenced COMPLETION after PROMPT?"""
     from attribdb import api
     from query.formats import render
@@ -259,7 +262,7 @@ def query(db, prompt, completion, queries_file, k, candidates, rank_by, mode, fm
         elif mode == "exact":
             results = database.exact_batch(items, k=k, candidates=candidates, rank_by=rank_by)
         else:
-            results = database.query_batch(items, k=k, candidates=candidates, rank_by=rank_by)
+            results = database.query_batch(items, k=k, candidates=candidates, rank_by=rank_by, rescore=rescore)
         text = render(results, fmt)
     if output:
         Path(output).write_text(text + "\n")

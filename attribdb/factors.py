@@ -102,31 +102,37 @@ class ModuleFactors:
             return rotated
         return self.eigvecs_out @ rotated @ self.eigvecs_in.T
 
-    def rotated_gradients(self, capture: Capture) -> torch.Tensor:
-        """Per-sequence Q_Sᵀ G_m Q_A, rotating δ and a before the token sum (cheaper when T < d)."""
+    def rotated_tokens(self, capture: Capture) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's δ and a in the eigenbases, (B, T, d_out) and (B, T, d_in): a per-sequence
+        gradient rotates as ``Q_Sᵀ G Q_A = Σ_t (Q_Sᵀ δ_t)(Q_Aᵀ a_t)ᵀ``, cheaper than rotating G when T < d."""
         grads_out, acts = capture.grads_out, capture.acts
         if self.eigvecs_out is not None:
             grads_out = grads_out @ self.eigvecs_out.to(grads_out.dtype)
             acts = acts @ self.eigvecs_in.to(acts.dtype)
+        return grads_out, acts
+
+    def rotated_gradients(self, capture: Capture) -> torch.Tensor:
+        """Per-sequence Q_Sᵀ G_m Q_A (B, d_out, d_in)."""
+        grads_out, acts = self.rotated_tokens(capture)
         return torch.einsum("bto,bti->boi", grads_out, acts)
 
-    def _denominator(self, power: float) -> torch.Tensor | float:
+    def denominator(self, power: float) -> torch.Tensor | float:
         if self.diagonal is None:
             return 1.0
         return (self.diagonal + self.damping) ** power
 
     def half_precondition(self, rotated: torch.Tensor) -> torch.Tensor:
         """Ĝ = (Q_Sᵀ G Q_A) ⊘ sqrt(D + λ), from an already rotated gradient."""
-        return rotated / self._denominator(0.5)
+        return rotated / self.denominator(0.5)
 
     def rotated_inverse_hvp(self, capture: Capture) -> torch.Tensor:
         """(F + λI)⁻¹ vec(G) in the eigenbasis, Q_Sᵀ G Q_A ⊘ (D + λ), from captures: no rotation
         back to parameter coordinates, which costs d_out·d_in·(d_out + d_in) per module."""
-        return self.rotated_gradients(capture) / self._denominator(1.0)
+        return self.rotated_gradients(capture) / self.denominator(1.0)
 
     def inverse_hvp(self, grads: torch.Tensor) -> torch.Tensor:
         """(F + λI)⁻¹ vec(G) in parameter layout (d_out, d_in)."""
-        return self.unrotate(self.rotate(grads) / self._denominator(1.0))
+        return self.unrotate(self.rotate(grads) / self.denominator(1.0))
 
     def fisher_matrix(self) -> torch.Tensor:
         """The explicit undamped approximation Q diag(D) Qᵀ (row-major vec); for tests and evals."""

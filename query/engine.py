@@ -1,4 +1,4 @@
-"""The query engine: query row → FAISS candidates → rescoring from the stored rows.
+"""The query engine: query row → FAISS candidates → compressed scores → exact rescoring.
 
 Three modes answer the same question at different costs:
 
@@ -6,10 +6,16 @@ Three modes answer the same question at different costs:
   whose inner products with training rows are their compressed scores; FAISS
   finds ``candidates`` rows per query by inner product with it (for the top
   and, negated, for the opponents), and the candidates' stored rows give their
-  compressed scores per module.
-- *exact*: the index answer, then the top rows' full gradients recomputed
-  from their stored token ids: the EK-FAC score with no compression, split
-  into per-token contributions.
+  compressed scores per module.  The best of them by that score are then
+  *rescored*: recomputed in full from their stored token ids and re-ranked by
+  the uncompressed EK-FAC score.  A few KiB per row cannot hold a gradient's
+  cosines to the precision a top 10 needs (tools/eval_compression.py); the
+  compressed ranking finds the right neighbourhood and recomputation orders
+  it.  How many rows are rescored is ``rescore``; by default as many as fit in
+  a fixed budget of floating-point operations per query (:data:`RESCORE_FLOPS`),
+  so a small model rescores every candidate and a large one on a CPU few or none.
+- *exact*: every candidate rescored, and the top rows' scores split into
+  per-token contributions.
 - *exhaustive*: every row recomputed on the fly (what kronfluence does per
   query batch): the ground truth for tests and benchmarks.
 """
@@ -17,7 +23,7 @@ Three modes answer the same question at different costs:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,7 +31,7 @@ import torch
 from attribdb import layout
 from attribdb.errors import QueryError
 from attribdb.faiss_index import divide_by_norm, search
-from attribdb.influence import per_module_scores, self_influence, token_contributions
+from attribdb.influence import eigenbasis_scores, inverse_hvp_self_influence, token_contributions
 from attribdb.inspection import existing_shards
 from attribdb.progress import progress_bar
 from attribdb.rows import module_scores
@@ -35,6 +41,11 @@ from attribdb.tasks import collate_sequences
 from query.results import Hit, QueryResult
 
 DEFAULT_CANDIDATES = 128  # per end, whatever k is (up to k itself), so a query's top k never depends on k
+# Floating-point operations per query that default rescoring may spend, per device type: about 2 s
+# of one CPU core, or a small fraction of a second of a GPU.  Every candidate of the demo model fits;
+# on GPT-2 small on a CPU, none does (tools/bench_query.py prints the trade-off).
+RESCORE_FLOPS = {"cpu": 1e11, "cuda": 2e13}
+SOLVED_BYTES = 1 << 30  # queries whose inverse-HVPs are held at once are chunked to about this much
 
 
 RANK_BY = ("normalized", "score")  # the first is the default
@@ -58,10 +69,6 @@ def _check_rank_by(rank_by: str | None) -> str:
     return rank_by
 
 
-def _ranking_key(scored: "_Scored", self_q: float, rank_by: str) -> np.ndarray:
-    return scored.scores if rank_by == "score" else normalized(scored.scores, self_q, scored.self_influence)
-
-
 @dataclass(frozen=True)
 class Query:
     prompt: str
@@ -70,13 +77,39 @@ class Query:
 
 @dataclass
 class _Scored:
-    """Scores of candidate rows for one query: parallel arrays."""
+    """Scores of candidate rows for one query: parallel arrays, and the query's own
+    self-influence (its row's, and once rescoring computed it, its exact one).  Rows recomputed
+    in full have ``exact`` set, and come first in the end (top or opponents) that chose them."""
 
     shards: np.ndarray
     rows: np.ndarray
     scores: np.ndarray  # (N,)
     module_scores: np.ndarray  # (N, modules)
     self_influence: np.ndarray  # (N,)
+    query_self: float
+    exact_query_self: float = 0.0
+    exact: np.ndarray = field(default=None)  # (N,) bool
+    exact_scores: np.ndarray = field(default=None)  # (N,)
+    exact_module_scores: np.ndarray = field(default=None)  # (N, modules)
+    exact_self_influence: np.ndarray = field(default=None)  # (N,)
+    first: dict = field(default_factory=dict)  # end ("top" | "bottom") -> (N,) bool: rescored for it
+
+    def __post_init__(self):
+        n = len(self.rows)
+        if self.exact is None:
+            self.exact = np.zeros(n, dtype=bool)
+            self.exact_scores, self.exact_self_influence = np.zeros(n), np.zeros(n)
+            self.exact_module_scores = np.zeros_like(self.module_scores)
+
+    def key(self, rank_by: str) -> np.ndarray:
+        """The compressed ranking key of every row."""
+        return self.scores if rank_by == "score" else normalized(self.scores, self.query_self, self.self_influence)
+
+    def exact_key(self, rank_by: str) -> np.ndarray:
+        """The exact ranking key (meaningful where ``exact``)."""
+        if rank_by == "score":
+            return self.exact_scores
+        return normalized(self.exact_scores, self.exact_query_self, self.exact_self_influence)
 
 
 class _Clock:
@@ -93,6 +126,27 @@ class _Clock:
         return self.laps | {"total": 1000 * (time.perf_counter() - self.start)}
 
 
+class _Solved:
+    """A chunk of queries' inverse-HVPs in the eigenbasis, computed on first need: kron rows need
+    them to make the query rows, rescoring to score recomputed rows; block rows with nothing to
+    rescore never load the full factors."""
+
+    def __init__(self, runtime: Runtime, captures):
+        self.runtime, self.captures = runtime, captures
+        self._value = None
+
+    def __call__(self, _captures=None) -> dict[str, torch.Tensor]:
+        if self._value is None:
+            self._value = self.runtime.computer.rotated_inverse_hvp(self.captures)
+        return self._value
+
+    def one(self, i: int) -> dict[str, torch.Tensor]:
+        return {name: solved[i] for name, solved in self().items()}
+
+    def self_influence(self) -> np.ndarray:
+        return inverse_hvp_self_influence(self.runtime.computer.factors, self()).double().cpu().numpy()
+
+
 class QueryEngine:
     """Holds a database's model, factors and FAISS indexes for query after query."""
 
@@ -105,6 +159,7 @@ class QueryEngine:
                        if shard_ids is None or shard_id in shard_ids}
         self.indexes = {shard_id: reader.index() for shard_id, reader in self.shards.items() if reader.rows}
         self.max_tokens = getattr(runtime.model.config, "max_position_embeddings", None) or 1 << 30
+        self.flops_per_token = self._flops_per_token()
 
     @property
     def rows(self) -> int:
@@ -134,40 +189,69 @@ class QueryEngine:
         return collate_sequences([ids for ids, _ in tokenized], self.runtime.tokenizer.pad_token_id,
                                  score_from=[start for _, start in tokenized])
 
+    def _solve(self, queries: list[Query]) -> _Solved:
+        return _Solved(self.runtime, self.runtime.runner.measurement_captures(self._query_batch(queries))[0])
+
+    def _chunks(self, queries: list[Query]):
+        """Queries in groups whose inverse-HVPs (one float per tracked weight each) fit
+        :data:`SOLVED_BYTES`: a batch of 720 queries on GPT-2 small would otherwise hold 240 GB."""
+        weights = sum(m.d_out * m.d_in for m in self.runtime.manifest.modules)
+        size = max(1, SOLVED_BYTES // (weights * self.runtime.dtype.itemsize))
+        for start in range(0, len(queries), size):
+            yield queries[start:start + size]
+
     def query_rows(self, queries: list[Query]) -> torch.Tensor:
         """(Q, dim) rows of the queries' measurement gradients: what training rows are matched with."""
-        captures, _ = self.runtime.runner.measurement_captures(self._query_batch(queries))
-        return self.runtime.projection.encode_query(captures, self._inverse_hvp)
-
-    def _inverse_hvp(self, captures) -> dict[str, torch.Tensor]:
-        return self.runtime.computer.rotated_inverse_hvp(captures)
+        solved = self._solve(queries)
+        return self.runtime.projection.encode_query(solved.captures, solved)
 
     # ---- index mode ------------------------------------------------------
 
     def query(self, queries: list[Query], k: int = 10, candidates: int = DEFAULT_CANDIDATES,
-              opponents: bool = True, rank_by: str | None = None) -> list[QueryResult]:
-        """The best ``k`` of ``max(candidates, k)`` FAISS candidates per end, ordered by ``rank_by``.
-        With a flat index the candidates are the best rows by the stored rows' own inner product,
-        so the top k of a query are the first k of any larger k."""
+              opponents: bool = True, rank_by: str | None = None, rescore: int | None = None,
+              contributions: bool = False) -> list[QueryResult]:
+        """The best ``k`` of ``max(candidates, k)`` FAISS candidates per end, ordered by ``rank_by``
+        after the best ``rescore`` of each end (default: what :data:`RESCORE_FLOPS` allows) are
+        recomputed in full.  With a flat index the candidates are the best rows by the stored rows'
+        own inner product, so the top k of a query are the first k of any larger k.
+        ``contributions`` splits the returned rows' exact scores over their tokens."""
         if not queries:
             return []
-        if k <= 0 or candidates <= 0:
-            raise QueryError(f"k and candidates must be positive, got k={k}, candidates={candidates}")
+        if k <= 0 or candidates <= 0 or (rescore is not None and rescore < 0):
+            raise QueryError(f"k and candidates must be positive and rescore not negative, "
+                             f"got k={k}, candidates={candidates}, rescore={rescore}")
         rank_by = _check_rank_by(rank_by)
+        return [result for chunk in self._chunks(queries)
+                for result in self._query_chunk(chunk, k, max(candidates, k), opponents, rank_by, rescore,
+                                                contributions)]
+
+    def _query_chunk(self, queries: list[Query], k: int, candidates: int, opponents: bool, rank_by: str,
+                     rescore: int | None, contributions: bool) -> list[QueryResult]:
         clock = _Clock()
-        query_rows = self.query_rows(queries).float()
+        solved = self._solve(queries)
+        query_rows = self.runtime.projection.encode_query(solved.captures, solved).float()
         self_q = query_rows.double().pow(2).sum(1).cpu().numpy()
         clock.lap("gradient")
-        top, bottom = self._candidates(query_rows.cpu().numpy(), max(candidates, k), opponents)
+        top, bottom = self._candidates(query_rows.cpu().numpy(), candidates, opponents)
         clock.lap("search")
+        scored = [self._rescore(query_rows[i:i + 1], top[i] + bottom[i], self_q[i]) for i in range(len(queries))]
+        clock.lap("rescore")
+        for s in scored:
+            s.first = self._to_recompute(s, s.key(rank_by), rescore, opponents)
+        if any(end.any() for s in scored for end in s.first.values()):
+            self._recompute_scores(scored, solved)
+            for s, exact_self in zip(scored, solved.self_influence()):
+                s.exact_query_self = float(exact_self)
+            clock.lap("exact")
         results = []
         for i, query in enumerate(queries):
-            scored = self._rescore(query_rows[i:i + 1], top[i] + bottom[i])
-            clock.lap("rescore")
-            hits, worst = self._ends(scored, self_q[i], k, rank_by, opponents)
-            clock.lap("metadata")
-            results.append(QueryResult(query.prompt, query.completion, "index", hits, worst, float(self_q[i]),
-                                       len(scored.rows), {}))
+            hits, worst = self._ends(scored[i], k, rank_by, opponents)
+            if contributions:
+                self._contribute(hits + worst, solved.one(i))
+            results.append(QueryResult(query.prompt, query.completion, "index", hits, worst,
+                                       scored[i].exact_query_self or scored[i].query_self,
+                                       len(scored[i].rows), {}, rescored=int(scored[i].exact.sum())))
+        clock.lap("metadata")
         for result in results:
             result.timings_ms = {name: value / len(results) for name, value in clock.total().items()}
         return results
@@ -185,13 +269,13 @@ class QueryEngine:
         best = [sorted(found, reverse=True)[:candidates] for found in merged]
         return best[:n], (best[n:] if opponents else [[] for _ in range(n)])
 
-    def _rescore(self, query_row: torch.Tensor, candidates: list[tuple[float, int, int]]) -> _Scored:
+    def _rescore(self, query_row: torch.Tensor, candidates: list[tuple[float, int, int]], query_self: float) -> _Scored:
         """Compressed scores, per module, of candidate rows from their stored rows."""
         pairs = sorted({(shard_id, row) for _, shard_id, row in candidates})
         shards = np.array([p[0] for p in pairs], dtype=np.int64)
         rows = np.array([p[1] for p in pairs], dtype=np.int64)
         if not pairs:
-            return _Scored(shards, rows, np.zeros(0), np.zeros((0, len(self.modules))), np.zeros(0))
+            return _Scored(shards, rows, np.zeros(0), np.zeros((0, len(self.modules))), np.zeros(0), query_self)
         stored, self_m = [], []
         for reader, wanted in self._by_shard(shards, rows):
             stored.append(reader.read(layout.ROWS, wanted))
@@ -201,7 +285,7 @@ class QueryEngine:
         per_module = module_scores(self.runtime.row_layout, query_row,
                                    torch.from_numpy(np.concatenate(stored)).to(device),
                                    torch.from_numpy(self_m).to(device))[0].double().cpu().numpy()
-        return _Scored(shards, rows, per_module.sum(1), per_module, self_m.astype(np.float64))
+        return _Scored(shards, rows, per_module.sum(1), per_module, self_m.astype(np.float64), query_self)
 
     def _by_shard(self, shards: np.ndarray, rows: np.ndarray):
         """(reader, its rows) per shard; for shard-major sorted pairs, concatenating the
@@ -209,71 +293,127 @@ class QueryEngine:
         for shard_id in np.unique(shards):
             yield self.shards[int(shard_id)], rows[shards == shard_id]
 
-    def _ends(self, scored: _Scored, self_q: float, k: int, rank_by: str, opponents: bool) -> tuple[list, list]:
-        """The top ``k`` hits and, with ``opponents``, the ``k`` most negative ones."""
-        key = _ranking_key(scored, self_q, rank_by)
-        hits = self._hits(scored, np.argsort(-key, kind="stable")[:k], self_q)
-        worst = self._hits(scored, np.argsort(key, kind="stable")[:k], self_q) if opponents else []
-        return hits, [h for h in worst if h.score < 0]
+    # ---- rescoring -------------------------------------------------------
 
-    def _hits(self, scored: _Scored, order: np.ndarray, self_q: float) -> list[Hit]:
+    def _flops_per_token(self) -> float:
+        """What recomputing one training token costs: a forward and backward pass (~6 operations
+        per weight) plus, per module, rotating δ and a into the eigenbases and forming the rotated
+        gradient and its products (~2(d_out² + d_in²) + 4·d_out·d_in)."""
+        weights = sum(p.numel() for p in self.runtime.model.parameters())
+        rotations = sum(2 * (m.d_out ** 2 + m.d_in ** 2) + 4 * m.d_out * m.d_in for m in self.runtime.manifest.modules)
+        return 6.0 * weights + rotations
+
+    def _tokens(self, shard_id: int, row: int) -> int:
+        start, end = self.shards[shard_id].metadata([row])[0]["token_span"]
+        return end - start
+
+    def _to_recompute(self, scored: _Scored, key: np.ndarray, rescore: int | None,
+                      opponents: bool) -> dict[str, np.ndarray]:
+        """Per end, a mask of the rows to recompute: its best ``rescore`` by the compressed ``key``,
+        or by default, alternating between the ends best first, as many as the device's
+        :data:`RESCORE_FLOPS` pays for."""
+        orders = {"top": np.argsort(-key, kind="stable")}
+        if opponents:
+            orders["bottom"] = np.argsort(key, kind="stable")
+        first = {end: np.zeros(len(key), dtype=bool) for end in orders}
+        if rescore is not None:
+            for end, order in orders.items():
+                first[end][order[:rescore]] = True
+            return first
+        budget = RESCORE_FLOPS.get(self.runtime.device.type, RESCORE_FLOPS["cpu"])
+        for picks in zip(*orders.values()):
+            for end, i in zip(orders, picks):
+                if not any(mask[i] for mask in first.values()):
+                    budget -= self.flops_per_token * self._tokens(int(scored.shards[i]), int(scored.rows[i]))
+                if budget < 0:
+                    return first
+                first[end][i] = True
+        return first
+
+    def _recompute_scores(self, scored: list[_Scored], solved: _Solved) -> None:
+        """Exact scores of the rows each query chose, each row recomputed once for all the
+        queries that chose it, shortest first so batches carry little padding."""
+        wanted: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (shard, row) -> [(query, index)]
+        for q, s in enumerate(scored):
+            for i in np.flatnonzero(np.logical_or.reduce(list(s.first.values()))):
+                wanted.setdefault((int(s.shards[i]), int(s.rows[i])), []).append((q, int(i)))
+        computer = self.runtime.computer
+        token_ids = {pair: self.shards[pair[0]].metadata([pair[1]])[0]["token_ids"] for pair in wanted}
+        order = sorted(wanted, key=lambda pair: (len(token_ids[pair]), pair))
+        batch_size = self.runtime.manifest.settings.batch_size
+        for start in range(0, len(order), batch_size):
+            pairs = order[start:start + batch_size]
+            batch = collate_sequences([token_ids[p] for p in pairs], self.runtime.tokenizer.pad_token_id)
+            captures, _ = computer.runner.train_captures(batch)
+            exact = eigenbasis_scores(computer.factors, solved(), captures, self.modules)
+            per_module = exact.per_module.double().cpu().numpy()  # (Q, B, M)
+            self_m = exact.self_influence.double().cpu().numpy()
+            for b, pair in enumerate(pairs):
+                for q, i in wanted[pair]:
+                    scored[q].exact[i] = True
+                    scored[q].exact_module_scores[i] = per_module[q, b]
+                    scored[q].exact_scores[i] = per_module[q, b].sum()
+                    scored[q].exact_self_influence[i] = self_m[b]
+
+    def _contribute(self, hits: list[Hit], solved: dict[str, torch.Tensor]) -> None:
+        """Per-token contributions of hits' exact scores (their rows recomputed once more: only the
+        rows shown pay for this)."""
+        if not hits:
+            return
+        token_ids = [self.shards[h.shard].metadata([h.row])[0]["token_ids"] for h in hits]
+        computer = self.runtime.computer
+        captures, _ = computer.runner.train_captures(collate_sequences(token_ids, self.runtime.tokenizer.pad_token_id))
+        split = token_contributions(computer.factors, solved, captures).double().cpu()
+        for hit, ids, row in zip(hits, token_ids, split):
+            hit.tokens = [self.runtime.tokenizer.decode([t]) for t in ids]
+            hit.token_contributions = row[:len(ids)].tolist()
+
+    # ---- ranking ---------------------------------------------------------
+
+    def _ends(self, scored: _Scored, k: int, rank_by: str, opponents: bool) -> tuple[list, list]:
+        """The top ``k`` hits and, with ``opponents``, the ``k`` most negative ones: the rows
+        recomputed for that end first, by their exact key, then the others by their compressed one."""
+        key, exact_key = scored.key(rank_by), scored.exact_key(rank_by)
+        none = np.zeros(len(key), dtype=bool)
+        hits = self._hits(scored, np.lexsort((-key, -exact_key, ~scored.first.get("top", none)))[:k])
+        if not opponents:
+            return hits, []
+        worst = self._hits(scored, np.lexsort((key, exact_key, ~scored.first.get("bottom", none)))[:k])
+        return hits, [h for h in worst if (h.score if h.exact_score is None else h.exact_score) < 0]
+
+    def _hits(self, scored: _Scored, order: np.ndarray) -> list[Hit]:
         hits = []
         for rank, i in enumerate(order, start=1):
             shard_id, row = int(scored.shards[i]), int(scored.rows[i])
             meta = self.shards[shard_id].metadata([row])[0]
             self_m = float(scored.self_influence[i])
+            exact = bool(scored.exact[i])
+            self_q = scored.query_self
+            module_values = scored.exact_module_scores[i] if exact else scored.module_scores[i]
             hits.append(Hit(
                 rank=rank, score=float(scored.scores[i]),
                 normalized_score=float(normalized(scored.scores[i], self_q, self_m)),
                 self_influence=self_m,
-                module_scores={name: float(s) for name, s in zip(self.modules, scored.module_scores[i])},
+                module_scores={name: float(s) for name, s in zip(self.modules, module_values)},
                 doc_id=meta["doc_id"], source=meta["source"], token_span=meta["token_span"],
                 char_span=meta.get("char_span", [0, len(meta["text"])]), text=meta["text"],
-                shard=shard_id, row=row))
+                shard=shard_id, row=row,
+                exact_score=float(scored.exact_scores[i]) if exact else None,
+                exact_normalized_score=float(normalized(scored.exact_scores[i], scored.exact_query_self,
+                                                        scored.exact_self_influence[i])) if exact else None))
         return hits
 
     # ---- exact mode ------------------------------------------------------
 
     def exact(self, queries: list[Query], k: int = 10, candidates: int = DEFAULT_CANDIDATES,
-              refine: int | None = None, rank_by: str | None = None) -> list[QueryResult]:
-        """Index answers refined without compression: the best ``refine`` rows (default 3k) by
-        their stored rows are recomputed in full from their tokens, re-ranked by their exact
-        (normalized) score, and split into per-token contributions."""
-        refine = max(k, refine or 3 * k)
-        rank_by = _check_rank_by(rank_by)
-        results = self.query(queries, k=refine, candidates=max(candidates, refine), rank_by=rank_by)
-        computer = self.runtime.computer
-        for query, result in zip(queries, results):
-            started = time.perf_counter()
-            query_pre = computer.query_preconditioned(self._query_batch([query]))
-            inverse_hvp = {name: r[0] for name, r in computer.inverse_hvp(query_pre).items()}
-            self._recompute(result.hits + result.opponents, inverse_hvp, float(self_influence(query_pre)[0]))
-            key = (lambda h: h.exact_score) if rank_by == "score" else (lambda h: h.exact_normalized_score)
-            result.hits = sorted(result.hits, key=key, reverse=True)[:k]
-            result.opponents = [h for h in sorted(result.opponents, key=key) if h.exact_score < 0][:k]
-            for hits in (result.hits, result.opponents):
-                for rank, hit in enumerate(hits, start=1):
-                    hit.rank = rank
+              rank_by: str | None = None) -> list[QueryResult]:
+        """Every candidate recomputed in full and re-ranked by its exact score, the returned rows
+        split into per-token contributions."""
+        results = self.query(queries, k=k, candidates=candidates, rank_by=rank_by,
+                             rescore=max(candidates, k), contributions=True)
+        for result in results:
             result.mode = "exact"
-            result.timings_ms["exact"] = 1000 * (time.perf_counter() - started)
-            result.timings_ms["total"] += result.timings_ms["exact"]
         return results
-
-    def _recompute(self, hits: list[Hit], inverse_hvp: dict[str, torch.Tensor], query_self: float) -> None:
-        if not hits:
-            return
-        metas = [self.shards[h.shard].metadata([h.row])[0] for h in hits]
-        token_ids = [m["token_ids"] for m in metas]
-        batch = collate_sequences(token_ids, self.runtime.tokenizer.pad_token_id)
-        computer = self.runtime.computer
-        captures, _ = computer.runner.train_captures(batch)
-        contributions = token_contributions(inverse_hvp, captures).double().cpu()
-        self_m = self_influence(computer.precondition(captures)).double().cpu().numpy()
-        for hit, ids, row, row_self in zip(hits, token_ids, contributions, self_m):
-            hit.tokens = [self.runtime.tokenizer.decode([t]) for t in ids]
-            hit.token_contributions = row[:len(ids)].tolist()
-            hit.exact_score = float(row.sum())
-            hit.exact_normalized_score = float(normalized(hit.exact_score, query_self, row_self))
 
     # ---- exhaustive mode ---------------------------------------------------
 
@@ -281,11 +421,16 @@ class QueryEngine:
                    quiet: bool = True, rank_by: str | None = None) -> list[QueryResult]:
         """Every stored row recomputed from its token ids and scored in full: the ground truth."""
         rank_by = _check_rank_by(rank_by)
+        return [result for chunk in self._chunks(queries)
+                for result in self._exhaustive_chunk(chunk, k, batch_size, quiet, rank_by)]
+
+    def _exhaustive_chunk(self, queries: list[Query], k: int, batch_size: int | None, quiet: bool,
+                          rank_by: str) -> list[QueryResult]:
         clock = _Clock()
         computer = self.runtime.computer
         pad_id = self.runtime.tokenizer.pad_token_id
-        query_pre = computer.query_preconditioned(self._query_batch(queries))
-        self_q = self_influence(query_pre).cpu().numpy()
+        solved = self._solve(queries)
+        self_q = solved.self_influence()
         batch_size = batch_size or self.runtime.manifest.settings.batch_size
         parts = []
         with progress_bar("exhaustive", self.rows, quiet) as advance:
@@ -293,11 +438,10 @@ class QueryEngine:
                 for start in range(0, reader.rows, batch_size):
                     rows = np.arange(start, min(start + batch_size, reader.rows))
                     token_ids = [m["token_ids"] for m in reader.metadata(rows)]
-                    train = computer.train_preconditioned(collate_sequences(token_ids, pad_id))
-                    per_module = per_module_scores(query_pre, train)
-                    stacked = torch.stack([per_module[n] for n in self.modules], dim=-1)  # (Q, B, M)
-                    parts.append((np.full(len(rows), shard_id), rows, stacked.double().cpu().numpy(),
-                                  self_influence(train).double().cpu().numpy()))
+                    captures, _ = computer.runner.train_captures(collate_sequences(token_ids, pad_id))
+                    exact = eigenbasis_scores(computer.factors, solved(), captures, self.modules)
+                    parts.append((np.full(len(rows), shard_id), rows, exact.per_module.double().cpu().numpy(),
+                                  exact.self_influence.double().cpu().numpy()))
                     advance(len(rows))
         clock.lap("score")
         shards = np.concatenate([p[0] for p in parts])
@@ -306,8 +450,8 @@ class QueryEngine:
         self_m = np.concatenate([p[3] for p in parts])
         results = []
         for i, query in enumerate(queries):
-            scored = _Scored(shards, rows, per_row[i].sum(1), per_row[i], self_m)
-            hits, worst = self._ends(scored, self_q[i], k, rank_by, opponents=True)
+            scored = _Scored(shards, rows, per_row[i].sum(1), per_row[i], self_m, float(self_q[i]))
+            hits, worst = self._ends(scored, k, rank_by, opponents=True)
             results.append(QueryResult(query.prompt, query.completion, "exhaustive", hits, worst,
                                        float(self_q[i]), len(rows), {}))
         clock.lap("metadata")
@@ -329,8 +473,8 @@ class QueryEngine:
             return []
         self_m = np.concatenate(values)
         scored = _Scored(np.concatenate(shards), np.concatenate(rows), self_m,
-                         np.zeros((len(self_m), len(self.modules))), self_m)
-        hits = self._hits(scored, np.argsort(-self_m, kind="stable")[:top], 0.0)
+                         np.zeros((len(self_m), len(self.modules))), self_m, query_self=0.0)
+        hits = self._hits(scored, np.argsort(-self_m, kind="stable")[:top])
         for hit in hits:
             hit.module_scores = {}
         return hits

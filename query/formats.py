@@ -16,25 +16,32 @@ def _snippet(text: str, width: int = SNIPPET) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def _hit_lines(hits: list[Hit], exact: bool) -> list[str]:
-    score_name = "exact" if exact else "score"
-    lines = [f"  {'rank':>4}  {score_name:>11}  {'norm':>6}  {'document':<18}  text"]
+def _hit_lines(hits: list[Hit]) -> list[str]:
+    """One line per hit: its exact score where it was recomputed (marked ``=``), else the
+    compressed one (marked ``~``)."""
+    lines = [f"  {'rank':>4}  {'score':>12}  {'norm':>6}  {'document':<18}  text"]
     for h in hits:
-        score = h.exact_score if exact and h.exact_score is not None else h.score
-        lines.append(f"  {h.rank:>4}  {score:>11.4g}  {h.normalized_score:>6.3f}  {_snippet(h.doc_id, 18):<18}  "
+        exact = h.exact_score is not None
+        score = h.exact_score if exact else h.score
+        norm = h.exact_normalized_score if h.exact_normalized_score is not None else h.normalized_score
+        lines.append(f"  {h.rank:>4}  {'=' if exact else '~'}{score:>11.4g}  {norm:>6.3f}  {_snippet(h.doc_id, 18):<18}  "
                      f"{_snippet(h.text)}")
     return lines
+
+
+def _summary(r: QueryResult) -> str:
+    return (f"{r.mode}, {r.candidates} rows scored, {r.rescored} recomputed in full, "
+            f"{r.timings_ms.get('total', 0):.1f} ms")
 
 
 def render_table(results: list[QueryResult]) -> str:
     blocks = []
     for r in results:
-        timing = f"{r.timings_ms.get('total', 0):.1f} ms"
-        lines = [f"query: {_snippet(r.prompt, 60)!r} → {_snippet(r.completion, 40)!r}  "
-                 f"[{r.mode}, {r.candidates} rows scored, {timing}]", "most influential (supporting):"]
-        lines += _hit_lines(r.hits, r.mode == "exact")
+        lines = [f"query: {_snippet(r.prompt, 60)!r} → {_snippet(r.completion, 40)!r}  [{_summary(r)}]",
+                 "most influential (supporting):"]
+        lines += _hit_lines(r.hits)
         if r.opponents:
-            lines += ["most negative (opposing):"] + _hit_lines(r.opponents, r.mode == "exact")
+            lines += ["most negative (opposing):"] + _hit_lines(r.opponents)
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -100,8 +107,7 @@ def render_html(results: list[QueryResult]) -> str:
     for r in results:
         sections.append(
             f"<h2>Query</h2><div class='query'><b>prompt</b> {html.escape(r.prompt)}<br>"
-            f"<b>completion</b> {html.escape(r.completion)}<div class='meta'>{r.mode} mode · {r.candidates} rows "
-            f"scored · {r.timings_ms.get('total', 0):.1f} ms</div></div>"
+            f"<b>completion</b> {html.escape(r.completion)}<div class='meta'>{html.escape(_summary(r))}</div></div>"
             + _hits_html("Most influential training sequences", r.hits)
             + _hits_html("Most negative (opposing) sequences", r.opponents))
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>attribdb report</title>"

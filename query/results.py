@@ -22,7 +22,7 @@ class Hit:
     text: str
     shard: int
     row: int
-    exact_score: float | None = None  # recomputed with no compression (exact mode)
+    exact_score: float | None = None  # recomputed with no compression (rescored rows)
     exact_normalized_score: float | None = None  # exact_score / sqrt(self_q · self_m), both uncompressed
     tokens: list[str] | None = None  # the sequence's tokens (exact mode)
     token_contributions: list[float] | None = None  # per-token split of exact_score
@@ -36,8 +36,9 @@ class QueryResult:
     hits: list[Hit]
     opponents: list[Hit]  # most negative: training on them made the completion less likely
     query_self_influence: float
-    candidates: int  # rows rescored (index and exact modes) or scored (exhaustive)
+    candidates: int  # rows scored from the row store (index and exact modes) or recomputed (exhaustive)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    rescored: int = 0  # candidates recomputed in full, whose exact scores rank them (index and exact modes)
 
     def to_dict(self) -> dict:
         return asdict(self)

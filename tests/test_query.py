@@ -53,17 +53,23 @@ def _ids(hits):
     return [(h.shard, h.row) for h in hits]
 
 
+def _ranked_by(hit, rank_by):
+    """The key a hit was ranked by: exact where it was recomputed, compressed otherwise."""
+    if rank_by == "score":
+        return hit.score if hit.exact_score is None else hit.exact_score
+    return hit.normalized_score if hit.exact_normalized_score is None else hit.exact_normalized_score
+
+
 @pytest.mark.parametrize("rank_by", ["normalized", "score"])
 def test_index_answers_agree_with_exhaustive(db, rank_by):
     truths = db.exhaustive(QUERIES, k=10, rank_by=rank_by)
     results = db.query_batch(QUERIES, k=10, candidates=64, rank_by=rank_by)
     recalls = [len(set(_ids(r.hits)) & set(_ids(t.hits))) / 10 for r, t in zip(results, truths)]
     assert sum(recalls) / len(recalls) >= 0.9, recalls
-    field = "score" if rank_by == "score" else "normalized_score"
-    for result, truth in zip(results, truths):
-        keys = [getattr(h, field) for h in result.hits]
+    for result in results:
+        keys = [_ranked_by(h, rank_by) for h in result.hits]
         assert keys == sorted(keys, reverse=True)
-        assert all(h.score <= 0 for h in result.opponents)
+        assert all(_ranked_by(h, "score") <= 0 for h in result.opponents)
 
 
 def _all_stored_rows(db):
@@ -89,7 +95,7 @@ def test_index_answers_equal_a_brute_force_scan_of_the_stored_rows(db, rank_by):
     query_rows = db.engine.query_rows([api._as_query(q) for q in QUERIES]).double().numpy()
     cosines = query_rows @ unit.T / np.linalg.norm(query_rows, axis=1, keepdims=True)
     keys = cosines if rank_by == "normalized" else cosines * np.linalg.norm(query_rows, axis=1, keepdims=True) * np.sqrt(squared)
-    results = db.query_batch(QUERIES, k=10, rank_by=rank_by)
+    results = db.query_batch(QUERIES, k=10, rank_by=rank_by, rescore=0)
     position = {pair: i for i, pair in enumerate(pairs)}
     for result, key in zip(results, keys):
         got = key[[position[pair] for pair in _ids(result.hits)]]  # in the order the index returned them
@@ -101,7 +107,7 @@ def test_compression_error_is_bounded_by_what_the_rows_leave_out(db):
     √((‖Ĝ_q‖² − ‖block_q‖²)(‖Ĝ_m‖² − ‖block_m‖²)): full self-influences from the exhaustive pass,
     stored ones from the rows."""
     truths = db.exhaustive(QUERIES, k=10_000)
-    index = {(h.shard, h.row): h for h in db.query_batch(QUERIES[:1], k=150, candidates=10_000)[0].hits}
+    index = {(h.shard, h.row): h for h in db.query_batch(QUERIES[:1], k=150, candidates=10_000, rescore=0)[0].hits}
     query_row = db.engine.query_rows([api._as_query(QUERIES[0])]).double()
     block_q = float(query_row.pow(2).sum())
     assert block_q <= truths[0].query_self_influence * (1 + 1e-3)
@@ -125,6 +131,30 @@ def test_a_query_top_k_is_the_prefix_of_a_larger_k(db):
         assert _ids(a.opponents) == _ids(b.opponents)[:len(a.opponents)]
 
 
+def test_rescoring_every_candidate_gives_the_exhaustive_answer(db, ground_truth):
+    results = db.query_batch(QUERIES, k=10, candidates=10_000, rescore=10_000)
+    for result, truth in zip(results, ground_truth):
+        assert _ids(result.hits) == _ids(truth.hits)
+        assert [h.exact_score for h in result.hits] == pytest.approx([h.score for h in truth.hits], rel=1e-4)
+        assert [h.exact_normalized_score for h in result.hits] == pytest.approx(
+            [h.normalized_score for h in truth.hits], rel=1e-4)
+        assert result.rescored == db.engine.rows
+
+
+@pytest.mark.parametrize("budget, rescored", [(0.0, "none"), (1e30, "all")])
+def test_default_rescoring_spends_the_compute_budget(db, monkeypatch, budget, rescored):
+    import query.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "RESCORE_FLOPS", {"cpu": budget})
+    result = db.query(**QUERIES[0], k=10, candidates=32)
+    compressed = db.query(**QUERIES[0], k=10, candidates=32, rescore=0)
+    if rescored == "none":
+        assert result.rescored == 0 and _ids(result.hits) == _ids(compressed.hits)
+        assert all(h.exact_score is None for h in result.hits)
+    else:  # every candidate of both ends
+        assert result.rescored == result.candidates and all(h.exact_score is not None for h in result.hits)
+
+
 def test_faiss_holds_the_unit_rows(db):
     import numpy as np
 
@@ -139,9 +169,9 @@ def test_normalized_ranking_agrees_with_exhaustive(db):
     truth = db.exhaustive(QUERIES, k=10, rank_by="normalized")
     results = db.query_batch(QUERIES, k=10, candidates=64, rank_by="normalized")
     for result in truth + results:
-        values = [h.normalized_score for h in result.hits]
+        values = [_ranked_by(h, "normalized") for h in result.hits]
         assert values == sorted(values, reverse=True)
-        assert all(abs(h.normalized_score) <= 1 + 1e-6 for h in result.hits)  # a cosine
+        assert all(abs(v) <= 1 + 1e-6 for v in values)  # a cosine
     recalls = [len(set(_ids(r.hits)) & set(_ids(t.hits))) / 10 for r, t in zip(results, truth)]
     assert sum(recalls) / len(recalls) >= 0.8, recalls
     exact = db.exact(QUERIES[0]["prompt"], QUERIES[0]["completion"], k=5, rank_by="normalized")
