@@ -158,7 +158,7 @@ def info(db, as_json):
                + (f"{coverage:.1%} of the transformer-block parameters" if coverage is not None
                   else "share of the block parameters not recorded (database made before it was measured)"))
     click.echo(f"on disk    {b['total'] / mib:.1f} MiB (zarr {b['zarr'] / mib:.1f}, lmdb {b['lmdb'] / mib:.1f}, "
-               f"faiss {b['faiss'] / mib:.1f}, factors {b['factors'] / mib:.1f})")
+               f"faiss {b['faiss'] / mib:.1f}, text {b['text'] / mib:.1f}, factors {b['factors'] / mib:.1f})")
     row = data["row"]
     if row:
         kept = list(row["expected_kept"].values())
@@ -174,7 +174,7 @@ def info(db, as_json):
     if data["bytes_per_sequence"]:
         per = data["bytes_per_sequence"]
         click.echo(f"per row    {sum(per.values()) / 1024:.1f} KiB on disk (zarr {per['zarr'] / 1024:.1f}, "
-                   f"faiss {per['faiss'] / 1024:.1f}, lmdb {per['lmdb'] / 1024:.1f})")
+                   f"faiss {per['faiss'] / 1024:.1f}, lmdb {per['lmdb'] / 1024:.1f}, text {per['text'] / 1024:.1f})")
     for g in data["generations"]:
         click.echo(f"corpus     {g['corpus']}: {g['sequences']} sequences, {g['malformed']} malformed, {g['state']}")
     settings = data["settings"]

@@ -6,7 +6,8 @@ step resumes to the same database without relying on timing.  Unset, a point
 costs one dictionary lookup.  The points: factors-saved (between the two
 factor files), generation-registered (manifest saved, no shard yet),
 unit-written (Zarr chunks written, LMDB commit not yet), unit-committed,
-shard-sealed.
+indexes-written (a shard's FAISS and text indexes written, the shard not yet
+marked sealed), shard-sealed.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """`attribdb info` and `attribdb verify`: what a database holds, and whether it is whole.
 
 ``verify`` reads everything: every Zarr chunk (their CRC32C codec fails on a
-flipped byte), every LMDB row, the journal and the FAISS index, and checks
-that manifest, Zarr, LMDB and FAISS agree; it stops at the first problem.
+flipped byte), every LMDB row, the journal, the FAISS index and the full-text
+index, and checks that manifest, Zarr, LMDB, FAISS and the text index agree;
+it stops at the first problem.
 """
 
 from __future__ import annotations
@@ -46,12 +47,13 @@ def database_info(root: str | Path) -> dict:
     """Counts, sizes on disk, settings and the row layout, as a JSON-able dict."""
     root = Path(root)
     manifest = Manifest.load(root)
-    sizes = {"factors": _size(root / layout.FACTORS_DIR), "zarr": 0, "lmdb": 0, "faiss": 0}
+    stores = {"zarr": layout.GRADS_ZARR, "lmdb": layout.META_LMDB, "faiss": layout.FAISS_FILE,
+              "text": layout.TEXT_FILE}
+    sizes = {"factors": _size(root / layout.FACTORS_DIR)} | dict.fromkeys(stores, 0)
     rows = 0
     for _, path in existing_shards(root, manifest):
-        sizes["zarr"] += _size(path / layout.GRADS_ZARR)
-        sizes["lmdb"] += _size(path / layout.META_LMDB)
-        sizes["faiss"] += _size(path / layout.FAISS_FILE)
+        for store, name in stores.items():
+            sizes[store] += _size(path / name)
         reader = ShardReader(path, manifest.row_layout())
         try:
             rows += reader.rows
@@ -69,7 +71,7 @@ def database_info(root: str | Path) -> dict:
         "generations": [{"corpus": g.corpus["path"], "state": g.state, "sequences": g.sequences,
                          "malformed": g.malformed} for g in manifest.generations],
         "bytes": sizes | {"total": _size(root)},
-        "bytes_per_sequence": {key: sizes[key] / rows for key in ("zarr", "lmdb", "faiss")} if rows else None,
+        "bytes_per_sequence": {key: sizes[key] / rows for key in stores} if rows else None,
         "row": _row_info(row_layout) if row_layout else None,
         "settings": manifest.settings.to_dict(),
     }
@@ -153,6 +155,8 @@ def _verify_shard(root: Path, manifest: Manifest, shard_id: int, generation: Gen
         _verify_metadata(reader, name, (shard_id - generation.first_shard) * manifest.settings.shard_size)
         if reader.sealed:
             _verify_index(reader, name)
+        if reader.has_text_index:
+            _verify_text_index(reader, name)
         return reader.rows
     finally:
         reader.close()
@@ -217,6 +221,19 @@ def _verify_index(reader: ShardReader, name: str) -> None:
     if reader.rows and type(index).__name__ in ("IndexFlatIP", "IndexScalarQuantizer"):
         if not np.array_equal(index.reconstruct_n(0, reader.rows), reader.faiss_vectors()):
             raise StoreError(f"{name}: FAISS vectors differ from the Zarr rows")
+
+
+def _verify_text_index(reader: ShardReader, name: str) -> None:
+    """The stored full-text index passes its checksum and indexes exactly the rows' text in LMDB
+    (the same terms, row counts and row lengths as an index built from it now)."""
+    stored = reader.text_index()  # missing, failing its checksum, unreadable or miscounted: a StoreError
+    fresh = reader.fresh_text_index()
+    try:
+        if not stored.same_entries(fresh):
+            raise StoreError(f"{name}: its text index differs from the text of its rows in LMDB")
+    finally:
+        stored.close()
+        fresh.close()
 
 
 def verify_recomputed(root: str | Path, sample: int, device: str | None = None) -> int:

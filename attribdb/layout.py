@@ -10,6 +10,7 @@
       shards/NNNNN/grads.zarr       rows (float16 unit vectors) and their self-influence
       shards/NNNNN/meta.lmdb        row metadata, document index, commit journal
       shards/NNNNN/rows.faiss       inner-product index over the shard's rows
+      shards/NNNNN/text.sqlite      SQLite FTS5 index of the rows' text (BM25), see text_index.py
 """
 
 from pathlib import Path
@@ -24,6 +25,7 @@ SHARDS_DIR = "shards"
 GRADS_ZARR = "grads.zarr"
 META_LMDB = "meta.lmdb"
 FAISS_FILE = "rows.faiss"
+TEXT_FILE = "text.sqlite"
 
 # arrays inside grads.zarr (attribdb/rows.py says what a row is)
 ROWS = "rows"  # (rows, dim) float16: each row divided by its norm

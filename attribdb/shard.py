@@ -6,7 +6,9 @@ transaction records the rows' metadata, a journal entry and the new committed
 count.  Every Zarr chunk is aligned to commit units (the low-rank array has
 one row per chunk, for random reads), so a chunk is written once and a kill
 can only leave garbage in rows that were never committed, which a resumed
-build overwrites.  Sealing builds the FAISS index once all rows are in.
+build overwrites.  Sealing builds the FAISS index and the full-text index once
+all rows are in; the transaction that marks the shard sealed records both
+files' checksums, so a kill before it leaves a shard that a resume seals again.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attribdb import faults, layout, metadb, records
+from attribdb import faults, layout, metadb, records, text_index
 from attribdb.errors import StoreError
 from attribdb.rows import RowLayout, index_vectors
 
@@ -53,6 +55,7 @@ def _codecs(compress: bool):
 
 
 FAISS_CRC_KEY = b"faiss_crc32c"  # info key: CRC32C of rows.faiss, written when the shard is sealed
+TEXT_CRC_KEY = b"text_crc32c"  # info key: CRC32C of text.sqlite, written when the shard is sealed
 lmdb_errors = metadb.lmdb_errors  # LMDB's own exceptions as a one-line StoreError naming the shard
 
 
@@ -64,6 +67,19 @@ def _file_crc32c(path: Path) -> bytes:
         for block in iter(lambda: handle.read(1 << 20), b""):
             checksum.update(block)
     return checksum.digest().hex().encode()
+
+
+def row_texts(env, rows_db, where: str, rows: int):
+    """(row, text) of the first ``rows`` rows, from their checksummed LMDB records: what the
+    full-text index holds."""
+    with lmdb_errors(where), metadb.read(env, db=rows_db) as txn:
+        for key, value in txn.cursor():
+            row = int.from_bytes(key, "big")
+            if row >= rows:
+                break
+            yield row, records.unpack(bytes(key), value, f"{where} row {row}")["text"]
+
+
 class ShardWriter:
     """Append-only writer of one shard (one process, one thread)."""
 
@@ -153,7 +169,7 @@ class ShardWriter:
                              f"{committed}: another process is writing this database")
 
     def seal(self, index_kind: str) -> None:
-        """Trim the arrays to the committed rows, write the FAISS index, mark sealed."""
+        """Trim the arrays to the committed rows, write the FAISS and full-text indexes, mark sealed."""
         from attribdb.faiss_index import build_index, write_index
 
         rows = self.committed
@@ -163,10 +179,15 @@ class ShardWriter:
         vectors = index_vectors(self.group[layout.ROWS][:rows], self.group[layout.SELF_INFLUENCE][:rows],
                                 self.layout.normalized_index)
         write_index(build_index(vectors, index_kind, self.layout.normalized_index), self.path / layout.FAISS_FILE)
-        crc = _file_crc32c(self.path / layout.FAISS_FILE)
+        text_index.write(row_texts(self.env, self.dbs[layout.ROWS_DB], f"shard {self.path}", rows),
+                         self.path / layout.TEXT_FILE)
+        checksums = {FAISS_CRC_KEY: _file_crc32c(self.path / layout.FAISS_FILE),
+                     TEXT_CRC_KEY: _file_crc32c(self.path / layout.TEXT_FILE)}
+        faults.point("indexes-written")
 
         def mark_sealed(txn) -> None:
-            txn.put(FAISS_CRC_KEY, crc, db=self.dbs[layout.INFO_DB])
+            for key, crc in checksums.items():
+                txn.put(key, crc, db=self.dbs[layout.INFO_DB])
             txn.put(b"sealed", str(rows).encode(), db=self.dbs[layout.INFO_DB])
 
         metadb.write(self.env, mark_sealed)
@@ -242,8 +263,8 @@ class ShardReader:
                 self.dbs = {name: self.env.open_db(name, create=False) for name in
                             (layout.ROWS_DB, layout.DOCS_DB, layout.JOURNAL_DB, layout.INFO_DB)}
                 with metadb.read(self.env, db=self.dbs[layout.INFO_DB]) as txn:
-                    committed, sealed, self._faiss_crc = (txn.get(key) for key in
-                                                          (b"committed", b"sealed", FAISS_CRC_KEY))
+                    committed, sealed, self._faiss_crc, self._text_crc = (
+                        txn.get(key) for key in (b"committed", b"sealed", FAISS_CRC_KEY, TEXT_CRC_KEY))
             self.rows, self.sealed = int(committed or 0), sealed is not None
             if sealed is not None and int(sealed) != self.rows:
                 raise StoreError(f"shard {self.path}: {self.rows} rows committed but {int(sealed)} sealed: "
@@ -336,17 +357,22 @@ class ShardReader:
             return [records.unpack(bytes(k), v, f"shard {self.path} journal entry {int.from_bytes(k, 'big')}")
                     for k, v in txn.cursor()]
 
+    def _sealed_file(self, name: str, crc: bytes | None) -> Path:
+        """A file the seal wrote, present and passing the checksum the seal recorded."""
+        path = self.path / name
+        if not path.is_file():
+            raise StoreError(f"{path} is missing: the shard is damaged")
+        if crc is not None and _file_crc32c(path) != bytes(crc):
+            raise StoreError(f"{path} fails its checksum: the index is damaged")
+        return path
+
     def index(self):
         """The shard's FAISS index; for an unsealed shard, a flat one over its committed rows."""
         from attribdb.faiss_index import build_index, read_index
 
         if not self.sealed:
             return build_index(self.faiss_vectors(), "flat", self.layout.normalized_index)
-        path = self.path / layout.FAISS_FILE
-        if not path.is_file():
-            raise StoreError(f"{path} is missing: the shard is damaged")
-        if self._faiss_crc is not None and _file_crc32c(path) != bytes(self._faiss_crc):
-            raise StoreError(f"{path} fails its checksum: the index is damaged")
+        path = self._sealed_file(layout.FAISS_FILE, self._faiss_crc)
         try:
             index = read_index(path)
         except RuntimeError as exc:
@@ -354,6 +380,28 @@ class ShardReader:
         if index.ntotal != self.rows:
             raise StoreError(f"{path} holds {index.ntotal} vectors for {self.rows} committed rows: the shard is damaged")
         return index
+
+    @property
+    def has_text_index(self) -> bool:
+        """Whether the seal stored a full-text index (shards sealed before attribdb indexed text have none)."""
+        return self.sealed and self._text_crc is not None
+
+    def text_index(self) -> text_index.TextIndex:
+        """The shard's full-text index; for a shard without one (unsealed, or sealed before attribdb
+        indexed text), one built in memory from its committed rows' text, as FAISS is for unsealed shards."""
+        if not self.has_text_index:
+            return self.fresh_text_index()
+        index = text_index.TextIndex.open(self._sealed_file(layout.TEXT_FILE, self._text_crc))
+        if index.rows != self.rows:
+            index.close()
+            raise StoreError(f"{self.path / layout.TEXT_FILE} holds {index.rows} rows for {self.rows} committed "
+                             "rows: the shard is damaged")
+        return index
+
+    def fresh_text_index(self) -> text_index.TextIndex:
+        """A full-text index of the committed rows' text, built in memory now."""
+        where = f"shard {self.path}"
+        return text_index.TextIndex.in_memory(row_texts(self.env, self.dbs[layout.ROWS_DB], where, self.rows), where)
 
     def faiss_vectors(self) -> np.ndarray:
         """What the shard's FAISS index holds, computed from the Zarr arrays."""

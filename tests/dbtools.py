@@ -70,7 +70,7 @@ def committed_rows(shard: Path) -> int:
 
 
 def assert_same_database(a: Path, b: Path) -> None:
-    """Same shards, bit-identical arrays, metadata, factors and FAISS answers."""
+    """Same shards, bit-identical arrays, metadata, factors, text indexes and FAISS answers."""
     manifest_a, manifest_b = Manifest.load(a), Manifest.load(b)
     assert manifest_a.shard_ids == manifest_b.shard_ids
     assert [g.sequences for g in manifest_a.generations] == [g.sequences for g in manifest_b.generations]
@@ -85,6 +85,8 @@ def assert_same_database(a: Path, b: Path) -> None:
         for name in group_a.array_keys():
             np.testing.assert_array_equal(group_a[name][:], group_b[name][:], err_msg=f"shard {shard_id} {name}")
         assert lmdb_rows(shard_a) == lmdb_rows(shard_b)
+        text_a, text_b = (shard / layout.TEXT_FILE for shard in (shard_a, shard_b))
+        assert text_a.read_bytes() == text_b.read_bytes(), f"shard {shard_id} {layout.TEXT_FILE}"
         index_a = read_index(shard_a / layout.FAISS_FILE)
         index_b = read_index(shard_b / layout.FAISS_FILE)
         probes = group_a[layout.ROWS][:5].astype(np.float32)

@@ -445,7 +445,8 @@ def kill_scenarios(units: int, quick: bool) -> list[Scenario]:
                 Scenario("kill", f"unit-committed:{n}", kill_and_resume("unit-committed", n))]
     shards = max(1, units // 4)
     for n in sorted({1, 2, shards // 2, shards}):
-        out.append(Scenario("kill", f"shard-sealed:{n}", kill_and_resume("shard-sealed", n)))
+        out += [Scenario("kill", f"{point}:{n}", kill_and_resume(point, n)) for point in
+                ("indexes-written", "shard-sealed")]
     out += [Scenario("kill", f"twice unit-committed:{n}", kill_and_resume("unit-committed", n, twice=True))
             for n in (2, units // 2)]
     return out
