@@ -13,20 +13,24 @@ from pathlib import Path
 from attribdb.errors import QueryError
 from attribdb.inspection import VerifyReport, database_info, verify_database, verify_recomputed
 from attribdb.manifest import Manifest, exists
+from attribdb.text_index import valid_text
 
 
 def _as_query(item):
+    """A Query from a Query, a dict or a pair; its text valid Unicode (a lone surrogate made the
+    tokenizer raise a TypeError)."""
     from query.engine import Query
 
     if isinstance(item, Query):
-        return item
-    if isinstance(item, dict):
+        prompt, completion = item.prompt, item.completion
+    elif isinstance(item, dict):
         try:
-            return Query(str(item["prompt"]), str(item["completion"]))
+            prompt, completion = str(item["prompt"]), str(item["completion"])
         except KeyError as exc:
             raise QueryError(f"a query needs 'prompt' and 'completion', this one has {sorted(item)}") from exc
-    prompt, completion = item
-    return Query(prompt, completion)
+    else:
+        prompt, completion = item
+    return Query(valid_text(prompt), valid_text(completion))
 
 
 def _check_count(name: str, value, minimum: int = 1) -> None:
@@ -80,6 +84,36 @@ class Database:
         return self.engine.exact([_as_query(q) for q in queries], k=k, candidates=candidates,
                                  rank_by=rank_by)
 
+    @cached_property
+    def text_search(self):
+        from query.text import TextSearch
+
+        return TextSearch(self.path)
+
+    def text(self, prompt: str, completion: str = "", k: int = 10, bm25_query: str | None = None):
+        """The k rows that best match the query's words by BM25 (no model needed): text retrieval
+        to set against influence.  ``bm25_query``: "prompt+completion" (the default) or "prompt"."""
+        return self.text_batch([(prompt, completion)], k=k, bm25_query=bm25_query)[0]
+
+    def text_batch(self, queries: Iterable, k: int = 10, bm25_query: str | None = None):
+        _check_count("k", k)
+        return self.text_search.search([_as_query(q) for q in queries], k=k, bm25_query=bm25_query)
+
+    def prefilter(self, prompt: str, completion: str, n: int = 100, k: int = 10, rank_by: str | None = None,
+                  bm25_query: str | None = None):
+        """Influence computed exactly (full EK-FAC, from the stored tokens) on the BM25 top ``n`` rows
+        only, ranked by ``rank_by``: the TF-IDF filter of Grosse et al. (2023) for large corpora."""
+        return self.prefilter_batch([(prompt, completion)], n=n, k=k, rank_by=rank_by, bm25_query=bm25_query)[0]
+
+    def prefilter_batch(self, queries: Iterable, n: int = 100, k: int = 10, rank_by: str | None = None,
+                        bm25_query: str | None = None):
+        from query.text import prefiltered
+
+        _check_count("k", k)
+        _check_count("n", n)
+        return prefiltered(self.engine, self.text_search, [_as_query(q) for q in queries], n=n, k=k,
+                           rank_by=rank_by, bm25_query=bm25_query)
+
     def exhaustive(self, queries: Iterable, k: int = 10, quiet: bool = True, rank_by: str | None = None):
         """Every row recomputed on the fly: slow, exact, the ground truth."""
         _check_count("k", k)
@@ -110,9 +144,9 @@ class Database:
         return candidates if candidates is not None else DEFAULT_CANDIDATES
 
     def close(self) -> None:
-        if "engine" in self.__dict__:
-            self.engine.close()
-            del self.__dict__["engine"]
+        for name in ("engine", "text_search"):
+            if name in self.__dict__:
+                self.__dict__.pop(name).close()
 
     def __enter__(self) -> "Database":
         return self

@@ -229,6 +229,16 @@ def _load_queries(prompt, completion, queries_file) -> list[dict]:
     return [{"prompt": prompt, "completion": completion}]
 
 
+def _prefilter_size(ctx, param, value: str | None) -> int | None:
+    """N of ``--prefilter bm25:N``."""
+    if value is None:
+        return None
+    kind, _, size = value.partition(":")
+    if kind != "bm25" or not size.isdecimal() or int(size) < 1:
+        raise click.BadParameter(f"expected bm25:N with N a positive whole number (e.g. bm25:100), not {value!r}")
+    return int(size)
+
+
 @main.command()
 @db_argument
 @click.option("--prompt", help="the prompt the model saw")
@@ -244,20 +254,37 @@ def _load_queries(prompt, completion, queries_file) -> list[dict]:
 @click.option("--rescore", type=click.IntRange(min=0), default=None,
               help="index mode: recompute this many of each end's best candidates in full and rank them by their "
                    "exact score [default: as many as a fixed compute budget per query allows; 0: none]")
-@click.option("--mode", type=click.Choice(["index", "exact", "exhaustive"]), default="index", show_default=True,
+@click.option("--mode", type=click.Choice(["index", "exact", "exhaustive", "text"]), default="index",
+              show_default=True,
               help="index: FAISS over the stored rows, the best rescored in full; exact: every candidate recomputed "
-                   "in full, with per-token contributions; exhaustive: every row on the fly (slow ground truth)")
+                   "in full, with per-token contributions; exhaustive: every row on the fly (slow ground truth); "
+                   "text: BM25 over the rows' text alone (no influence, no model)")
+@click.option("--prefilter", callback=_prefilter_size, metavar="bm25:N",
+              help="compute influence exactly on the BM25 top N rows only (the paper's TF-IDF filter), then rank "
+                   "them by --rank-by")
+@click.option("--bm25-query", type=click.Choice(["prompt+completion", "prompt"]), default="prompt+completion",
+              show_default=True, help="the text BM25 searches with (--mode text and --prefilter)")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "html"]), default="table", show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), help="write to this file instead of stdout")
 @device_option
-def query(db, prompt, completion, queries_file, k, candidates, rank_by, rescore, mode, fmt, output, device):
+def query(db, prompt, completion, queries_file, k, candidates, rank_by, rescore, mode, prefilter, bm25_query, fmt,
+          output, device):
     """Which training sequences most influenced COMPLETION after PROMPT?"""
     from attribdb import api
     from query.formats import render
 
+    if prefilter and mode in ("exhaustive", "text"):
+        raise click.UsageError(f"--prefilter picks the rows that exact influence scores; it does not go with "
+                               f"--mode {mode}")
+    if mode == "text" and completion is None:
+        completion = ""  # BM25 alone can search with a prompt only
     items = _load_queries(prompt, completion, queries_file)
     with api.open(db, device=device) as database:
-        if mode == "exhaustive":
+        if prefilter:
+            results = database.prefilter_batch(items, n=prefilter, k=k, rank_by=rank_by, bm25_query=bm25_query)
+        elif mode == "text":
+            results = database.text_batch(items, k=k, bm25_query=bm25_query)
+        elif mode == "exhaustive":
             results = database.exhaustive(items, k=k, quiet=False, rank_by=rank_by)
         elif mode == "exact":
             results = database.exact_batch(items, k=k, candidates=candidates, rank_by=rank_by)

@@ -390,14 +390,11 @@ class QueryEngine:
             exact = bool(scored.exact[i])
             self_q = scored.query_self
             module_values = scored.exact_module_scores[i] if exact else scored.module_scores[i]
-            hits.append(Hit(
-                rank=rank, score=float(scored.scores[i]),
+            hits.append(Hit.from_metadata(
+                meta, shard_id, row, rank=rank, score=float(scored.scores[i]),
                 normalized_score=float(normalized(scored.scores[i], self_q, self_m)),
                 self_influence=self_m,
                 module_scores={name: float(s) for name, s in zip(self.modules, module_values)},
-                doc_id=meta["doc_id"], source=meta["source"], token_span=meta["token_span"],
-                char_span=meta.get("char_span", [0, len(meta["text"])]), text=meta["text"],
-                shard=shard_id, row=row,
                 exact_score=float(scored.exact_scores[i]) if exact else None,
                 exact_normalized_score=float(normalized(scored.exact_scores[i], scored.exact_query_self,
                                                         scored.exact_self_influence[i])) if exact else None))
@@ -414,6 +411,29 @@ class QueryEngine:
         for result in results:
             result.mode = "exact"
         return results
+
+    def exact_on(self, query: Query, rows: list[tuple[int, int]], k: int = 10,
+                 rank_by: str | None = None) -> QueryResult:
+        """Exact mode on candidates chosen elsewhere (the BM25 prefilter, query/text.py): every
+        (shard, row) in ``rows`` recomputed in full, the best ``k`` and most negative ``k`` by
+        their exact score returned with per-token contributions."""
+        rank_by = _check_rank_by(rank_by)
+        clock = _Clock()
+        solved = self._solve([query])
+        query_row = self.runtime.projection.encode_query(solved.captures, solved).float()
+        scored = self._rescore(query_row, [(0.0, shard, row) for shard, row in rows],
+                               float(query_row.double().pow(2).sum()))
+        every = np.ones(len(scored.rows), dtype=bool)
+        scored.first = {"top": every, "bottom": every}
+        if every.any():
+            self._recompute_scores([scored], solved)
+        scored.exact_query_self = float(solved.self_influence()[0])
+        clock.lap("exact")
+        hits, worst = self._ends(scored, k, rank_by, opponents=True)
+        self._contribute(hits + worst, solved.one(0))
+        clock.lap("metadata")
+        return QueryResult(query.prompt, query.completion, "exact", hits, worst, scored.exact_query_self,
+                           len(scored.rows), clock.total(), rescored=int(scored.exact.sum()))
 
     # ---- exhaustive mode ---------------------------------------------------
 

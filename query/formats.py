@@ -16,15 +16,21 @@ def _snippet(text: str, width: int = SNIPPET) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
+def _normalized(value: float | None) -> str:
+    """A normalized score, or "-" where a mode has none (text mode ranks by BM25 alone)."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _hit_lines(hits: list[Hit]) -> list[str]:
     """One line per hit: its exact score where it was recomputed (marked ``=``), else the
-    compressed one (marked ``~``)."""
+    compressed one (marked ``~``), or in text mode its BM25 score (unmarked)."""
     lines = [f"  {'rank':>4}  {'score':>12}  {'norm':>6}  {'document':<18}  text"]
     for h in hits:
         exact = h.exact_score is not None
         score = h.exact_score if exact else h.score
         norm = h.exact_normalized_score if h.exact_normalized_score is not None else h.normalized_score
-        lines.append(f"  {h.rank:>4}  {'=' if exact else '~'}{score:>11.4g}  {norm:>6.3f}  {_snippet(h.doc_id, 18):<18}  "
+        mark = "=" if exact else "~" if norm is not None else " "
+        lines.append(f"  {h.rank:>4}  {mark}{score:>11.4g}  {_normalized(norm):>6}  {_snippet(h.doc_id, 18):<18}  "
                      f"{_snippet(h.text)}")
     return lines
 
@@ -38,7 +44,7 @@ def render_table(results: list[QueryResult]) -> str:
     blocks = []
     for r in results:
         lines = [f"query: {_snippet(r.prompt, 60)!r} → {_snippet(r.completion, 40)!r}  [{_summary(r)}]",
-                 "most influential (supporting):"]
+                 "best text matches (BM25):" if r.mode == "text" else "most influential (supporting):"]
         lines += _hit_lines(r.hits)
         if r.opponents:
             lines += ["most negative (opposing):"] + _hit_lines(r.opponents)
@@ -94,7 +100,7 @@ def _hits_html(title: str, hits: list[Hit]) -> str:
         exact = f" · exact {h.exact_score:.4g}" if h.exact_score is not None else ""
         cards.append(
             f"<div class='hit'><div><span class='score'>#{h.rank} · score {h.score:.4g}{exact}</span>"
-            f" <span class='meta'>· normalised {h.normalized_score:.3f} · document {html.escape(h.doc_id)}"
+            f" <span class='meta'>· normalised {_normalized(h.normalized_score)} · document {html.escape(h.doc_id)}"
             f" · {html.escape(h.source)} · tokens {html.escape(str(h.token_span[0]))}–{html.escape(str(h.token_span[1]))}"
             "</span></div>"
             f"<div class='text'>{_token_html(h)}</div>{_modules_html(h)}</div>")

@@ -11,9 +11,9 @@ class Hit:
     """One training sequence and its influence on a query."""
 
     rank: int
-    score: float  # g_qᵀ (F + λ)⁻¹ g_m: > 0 means training on it made the completion likelier
-    normalized_score: float  # score / sqrt(self_q · self_m)
-    self_influence: float  # of the row as stored (index and exact modes) or uncompressed (exhaustive)
+    score: float  # g_qᵀ (F + λ)⁻¹ g_m: > 0 means training on it made the completion likelier (text mode: BM25)
+    normalized_score: float | None  # score / sqrt(self_q · self_m); None in text mode, which has no influence
+    self_influence: float  # of the row as stored (index, exact, prefilter, text) or uncompressed (exhaustive)
     module_scores: dict[str, float]
     doc_id: str
     source: str
@@ -26,19 +26,28 @@ class Hit:
     exact_normalized_score: float | None = None  # exact_score / sqrt(self_q · self_m), both uncompressed
     tokens: list[str] | None = None  # the sequence's tokens (exact mode)
     token_contributions: list[float] | None = None  # per-token split of exact_score
+    bm25: float | None = None  # the row's BM25 score for the query's text (text mode and the BM25 prefilter)
+
+    @classmethod
+    def from_metadata(cls, meta: dict, shard: int, row: int, **scores) -> "Hit":
+        """A hit for a row's LMDB metadata, with the scores a mode gives it."""
+        return cls(doc_id=meta["doc_id"], source=meta["source"], token_span=meta["token_span"],
+                   char_span=meta.get("char_span", [0, len(meta["text"])]), text=meta["text"], shard=shard, row=row,
+                   **scores)
 
 
 @dataclass
 class QueryResult:
     prompt: str
     completion: str
-    mode: str  # index | exact | exhaustive
+    mode: str  # index | exact | exhaustive | text | prefilter
     hits: list[Hit]
     opponents: list[Hit]  # most negative: training on them made the completion less likely
     query_self_influence: float
-    candidates: int  # rows scored from the row store (index and exact modes) or recomputed (exhaustive)
+    candidates: int  # rows scored from the row store (index, exact, prefilter), recomputed (exhaustive),
+    #                  or holding a query term (text)
     timings_ms: dict[str, float] = field(default_factory=dict)
-    rescored: int = 0  # candidates recomputed in full, whose exact scores rank them (index and exact modes)
+    rescored: int = 0  # candidates recomputed in full, whose exact scores rank them (index, exact, prefilter)
 
     def to_dict(self) -> dict:
         return asdict(self)
