@@ -98,6 +98,21 @@ def test_bm25_over_shards_equals_fts5_bm25_of_one_index_of_every_row(db):
     assert got == pytest.approx({pairs[i]: score for i, score in expected}, rel=1e-9)
 
 
+def test_terms_in_more_than_half_the_rows_count_only_when_nothing_else_matches():
+    """FTS5 floors their weight at 10⁻⁶; leaving them out moves a score by a few millionths at most."""
+    rows = [(0, "common rare"), (1, "common"), (2, "common other"), (3, "other words")]
+    index = text_index.TextIndex.in_memory(rows, "test")
+    fts5 = {row: -score for row, score in index.connection.execute(
+        f"SELECT rowid, bm25({text_index.TABLE}) FROM {text_index.TABLE} WHERE {text_index.TABLE} MATCH "
+        "'\"common\" OR \"rare\"'")}
+    found, matched = text_index.bm25_top({0: index}, ["common", "rare"], 10)
+    assert matched == 1 and [(shard, row) for _, shard, row in found] == [(0, 0)]
+    assert found[0][0] == pytest.approx(fts5[0], abs=1e-5)
+    found, matched = text_index.bm25_top({0: index}, ["common"], 10)
+    assert matched == 3 and [row for _, _, row in found] == [1, 0, 2]  # the shorter row first, as in FTS5
+    index.close()
+
+
 def test_prefilter_scores_are_the_exhaustive_scores_of_the_bm25_top_n(db):
     prompt, completion = f"the {RARE} sat near", " the river"
     bm25 = db.text(prompt, completion, k=20)
