@@ -48,8 +48,8 @@ class TextSearch:
 
     def __init__(self, root: str | Path, quiet: bool = False):
         manifest = Manifest.load(Path(root))
-        row_layout = manifest.row_layout()
-        self.readers = {shard_id: ShardReader(path, row_layout) for shard_id, path in existing_shards(Path(root), manifest)}
+        self.readers = {shard_id: ShardReader(path, manifest.row_layout())
+                        for shard_id, path in existing_shards(Path(root), manifest)}
         unindexed = [reader for reader in self.readers.values() if reader.sealed and not reader.has_text_index]
         if unindexed:
             say(f"{len(unindexed)} of {len(self.readers)} shards of {root} were built before attribdb indexed text: "

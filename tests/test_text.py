@@ -117,7 +117,7 @@ def test_prefilter_scores_are_the_exhaustive_scores_of_the_bm25_top_n(db):
     prompt, completion = f"the {RARE} sat near", " the river"
     bm25 = db.text(prompt, completion, k=20)
     result = db.prefilter(prompt, completion, n=20, k=20)
-    assert result.mode == "prefilter" and result.candidates == 20
+    assert result.mode == "prefilter" and result.candidates == result.rescored == 20
     assert {(h.shard, h.row) for h in result.hits} == {(h.shard, h.row) for h in bm25.hits}
     assert {(h.shard, h.row): h.bm25 for h in result.hits} == {(h.shard, h.row): h.score for h in bm25.hits}
     truth = db.exhaustive([(prompt, completion)], k=10_000)[0]
@@ -127,14 +127,14 @@ def test_prefilter_scores_are_the_exhaustive_scores_of_the_bm25_top_n(db):
     scale = max(abs(h.score) for h in truth.hits)
     for hit in result.hits + result.opponents:
         same = exhaustive[(hit.shard, hit.row)]
-        assert hit.score == hit.exact_score == pytest.approx(same.score, rel=1e-4, abs=1e-4 * scale)
-        assert hit.normalized_score == pytest.approx(same.normalized_score, rel=1e-4, abs=1e-5)
-        assert sum(hit.token_contributions) == pytest.approx(hit.score, rel=1e-6, abs=1e-9)
-    keys = [h.normalized_score for h in result.hits]
+        assert hit.exact_score == pytest.approx(same.score, rel=1e-4, abs=1e-4 * scale)
+        assert hit.exact_normalized_score == pytest.approx(same.normalized_score, rel=1e-4, abs=1e-5)
+        assert sum(hit.token_contributions) == pytest.approx(hit.exact_score, rel=1e-4, abs=1e-4 * scale)
+    keys = [h.exact_normalized_score for h in result.hits]
     assert keys == sorted(keys, reverse=True)
-    assert all(h.score < 0 for h in result.opponents)
+    assert all(h.exact_score < 0 for h in result.opponents)
     by_score = db.prefilter(prompt, completion, n=20, k=5, rank_by="score")
-    assert [h.score for h in by_score.hits] == sorted((h.score for h in result.hits), reverse=True)[:5]
+    assert [h.exact_score for h in by_score.hits] == sorted((h.exact_score for h in result.hits), reverse=True)[:5]
 
 
 def test_a_kill_between_writing_the_indexes_and_sealing_resumes_to_the_same_text_index(
@@ -171,7 +171,8 @@ def _replace_text_index(db: Path, shard: int, data: bytes, record_crc: bool) -> 
     path = layout.shard_dir(db, shard) / layout.TEXT_FILE
     path.write_bytes(data)
     if record_crc:
-        edit_lmdb(layout.shard_dir(db, shard), layout.INFO_DB, lambda txn, info: txn.put(TEXT_CRC_KEY, _file_crc32c(path), db=info))
+        edit_lmdb(layout.shard_dir(db, shard), layout.INFO_DB,
+                  lambda txn, info: txn.put(TEXT_CRC_KEY, _file_crc32c(path), db=info))
 
 
 def test_verify_catches_a_damaged_missing_or_foreign_text_index(tmp_path, db_path):
@@ -211,7 +212,7 @@ def test_cli_text_mode_prints_bm25_matches(db_path):
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].startswith(f"query: 'a {RARE}' → ''  [text, ") and lines[1] == "best text matches (BM25):"
-    assert lines[2].split() == ["rank", "bm25", "norm", "document", "text"]
+    assert lines[2].split() == ["rank", "score", "norm", "document", "text"]
     assert all(line.split()[2] == "-" and "rare" in line.split()[3] for line in lines[3:6]) and len(lines) == 6
     out = cli_here("query", db_path, "--mode", "text", "--prompt", "the cat", "--completion", " sat",
                    "--bm25-query", "prompt", "--format", "json", "-k", "4").stdout
@@ -224,7 +225,7 @@ def test_cli_prefilter_and_its_option_errors(db_path):
                    "--format", "json", "-k", "3").stdout
     obj = json.loads(out)
     assert obj["mode"] == "prefilter" and obj["candidates"] == 8 and len(obj["hits"]) == 3
-    assert all(h["exact_score"] == h["score"] and h["bm25"] > 0 for h in obj["hits"])
+    assert all(h["exact_score"] is not None and h["tokens"] and h["bm25"] > 0 for h in obj["hits"])
     for bad in ("bm25", "bm25:0", "bm25:-3", "tfidf:10", "bm25:ten"):
         refused = cli_here("query", db_path, "--prompt", "a", "--completion", " b", "--prefilter", bad)
         assert refused.returncode == 2 and "bm25:N" in refused.stderr, bad
