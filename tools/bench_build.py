@@ -13,7 +13,7 @@ random init, small vocabulary: speed and bytes do not depend on training):
   shape the peak on a corpus twice as large (goal: ratio ~1, the build streams);
 - bytes per row in the row store against the dense float32 Ĝ.
 
-Run: python tools/bench_build.py [--shapes tiny,gpt2-small] [--docs 1500] [--small-docs 60]
+Run: python tools/bench_build.py [--shapes tiny,gpt2-small] [--docs 1500] [--small-docs 400]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Shape:
     fit_sample: int
 
 
-SHAPES = {"tiny": Shape(4, 128, 256), "gpt2-small": Shape(12, 768, 64)}
+SHAPES = {"tiny": Shape(4, 128, 256), "gpt2-small": Shape(12, 768, 512)}
 
 
 def worker(command: str, db: str, corpus: str, model: str, extra: str) -> None:
@@ -115,7 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="tiny,gpt2-small")
     parser.add_argument("--docs", type=int, default=1500, help="documents for the tiny shape")
-    parser.add_argument("--small-docs", type=int, default=60, help="documents for the GPT-2-small shape")
+    parser.add_argument("--small-docs", type=int, default=400, help="documents for the GPT-2-small shape (enough for its fit sample of 512)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/attribdb-bench-build"))
     parser.add_argument("--worker", nargs=5, metavar=("COMMAND", "DB", "CORPUS", "MODEL", "SETTINGS"),
                         help=argparse.SUPPRESS)
