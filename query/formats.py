@@ -27,8 +27,7 @@ def _hit_lines(hits: list[Hit]) -> list[str]:
     lines = [f"  {'rank':>4}  {'score':>12}  {'norm':>6}  {'document':<18}  text"]
     for h in hits:
         exact = h.exact_score is not None
-        score = h.exact_score if exact else h.score
-        norm = h.exact_normalized_score if h.exact_normalized_score is not None else h.normalized_score
+        score, norm = h.final_score, h.final_normalized_score
         mark = "=" if exact else "~" if norm is not None else " "
         lines.append(f"  {h.rank:>4}  {mark}{score:>11.4g}  {_normalized(norm):>6}  {_snippet(h.doc_id, 18):<18}  "
                      f"{_snippet(h.text)}")

@@ -28,6 +28,15 @@ class Hit:
     token_contributions: list[float] | None = None  # per-token split of exact_score
     bm25: float | None = None  # the row's BM25 score for the query's text (text mode and the BM25 prefilter)
 
+    @property
+    def final_score(self) -> float:
+        """The score the hit was ranked by: exact where its row was recomputed, else compressed."""
+        return self.score if self.exact_score is None else self.exact_score
+
+    @property
+    def final_normalized_score(self) -> float | None:
+        return self.normalized_score if self.exact_normalized_score is None else self.exact_normalized_score
+
     @classmethod
     def from_metadata(cls, meta: dict, shard: int, row: int, **scores) -> "Hit":
         """A hit for a row's LMDB metadata, with the scores a mode gives it."""

@@ -54,10 +54,7 @@ def _ids(hits):
 
 
 def _ranked_by(hit, rank_by):
-    """The key a hit was ranked by: exact where it was recomputed, compressed otherwise."""
-    if rank_by == "score":
-        return hit.score if hit.exact_score is None else hit.exact_score
-    return hit.normalized_score if hit.exact_normalized_score is None else hit.exact_normalized_score
+    return hit.final_score if rank_by == "score" else hit.final_normalized_score
 
 
 @pytest.mark.parametrize("rank_by", ["normalized", "score"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,8 +81,24 @@ def prepare(workdir: Path, config: DemoConfig, label: str, quiet: bool = False) 
     settings_key = hashlib.sha256(json.dumps([FORMAT_VERSION, settings], sort_keys=True).encode()).hexdigest()[:8]
     db_path = workdir / f"db-{model_key}-{label}-{settings_key}"
     click.echo(f"3/4 database: building {db_path} (resumable; cached after the first run) ...", err=True)
+    _drop_unreadable_cache(db_path)
     api.build(db_path, str(corpus), str(model_dir), quiet=quiet, **config.build)
     return Prepared(corpus, facts, model_dir, db_path)
+
+
+def _drop_unreadable_cache(db_path: Path) -> None:
+    """The demo's database is a cache: one an older attribdb wrote, which this one refuses to
+    read, is built again rather than stopping the demo."""
+    from attribdb.errors import StoreError
+    from attribdb.manifest import Manifest, exists
+
+    if not exists(db_path):
+        return
+    try:
+        Manifest.load(db_path)
+    except StoreError as exc:
+        click.echo(f"    the cached database cannot be read by this version ({exc}); building it again", err=True)
+        shutil.rmtree(db_path)
 
 
 def run_demo(workdir: Path, quick: bool = False, quiet: bool = False) -> list[tuple[Fact, int | None]]:
@@ -105,7 +122,7 @@ def run_demo(workdir: Path, quick: bool = False, quiet: bool = False) -> list[tu
                        f"({result.timings_ms['total']:.0f} ms; documents stating the fact: {', '.join(fact.doc_ids)})")
             for hit in result.hits[:5]:
                 mark = "*" if hit.doc_id in fact.doc_ids else " "
-                click.echo(f"  {mark} {hit.rank:>2}. cosine {hit.normalized_score:>6.3f}  score {hit.score:>10.4g}  "
+                click.echo(f"  {mark} {hit.rank:>2}. cosine {hit.final_normalized_score:>6.3f}  score {hit.final_score:>10.4g}  "
                            f"{hit.doc_id:<16} "
                            f"{' '.join(hit.text.split())[:70]}")
             click.echo(f"  rank of the first document that states the fact: {rank if rank else 'not in top 30'}")
