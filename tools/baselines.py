@@ -1,9 +1,15 @@
-"""Attribution baselines for the evaluations: BM25 text retrieval, representation similarity, gradient cosine."""
+"""Every attribution method the evaluations compare, as one ranking of documents per fact.
+
+tools/eval_facts.py scores the rankings against the documents that state each fact;
+tools/eval_counterfactual.py removes their top documents and retrains.  Both call ``method_rankings``
+so that the two evaluations judge exactly the same lists.
+"""
 
 from __future__ import annotations
 
 import math
 import re
+import time
 from collections import Counter
 
 import torch
@@ -66,6 +72,98 @@ def attribdb_rankings(db, facts, k: int, rank_by: str) -> list[list[str]]:
     field = "final_score" if rank_by == "score" else "final_normalized_score"  # exact where rescored
     results = db.query_batch([(f.prompt, f.completion) for f in facts], k=k, rank_by=rank_by)
     return [rank_documents([(h.doc_id, getattr(h, field)) for h in r.hits]) for r in results]
+
+
+BM25_FILTER = 100  # documents the "BM25 top N + influence" method scores
+
+
+def bm25_rankings(bm25: BM25, doc_ids: list[str], texts: list[str]) -> list[list[str]]:
+    out = []
+    for text in texts:
+        scores = bm25.scores(text)
+        out.append([doc_ids[i] for i in sorted(range(len(doc_ids)), key=lambda i: -scores[i])])
+    return out
+
+
+def identity_computer(runtime):
+    from attribdb.factors import FactorConfig, Factors, ModuleFactors
+    from attribdb.influence import InfluenceComputer
+
+    modules = runtime.manifest.modules
+    plain = Factors(FactorConfig("identity"), modules, {m.name: ModuleFactors(None, None, None, 0.0) for m in modules})
+    return InfluenceComputer(runtime.model, runtime.task, plain)
+
+
+def flat(pre: dict) -> torch.Tensor:
+    return torch.cat([g.flatten(1) for g in pre.values()], dim=1)
+
+
+def gradient_cosine_rows(engine, facts) -> list[list[tuple[str, float]]]:
+    """Per fact, (doc id, cosine) of every stored row, from raw gradients recomputed on the fly."""
+    from attribdb.tasks import collate_sequences
+
+    runtime = engine.runtime
+    computer = identity_computer(runtime)
+    tokenizer = runtime.tokenizer
+    query_ids = [(tokenizer(f.prompt)["input_ids"], tokenizer(f.completion)["input_ids"]) for f in facts]
+    batch = collate_sequences([p + c for p, c in query_ids], tokenizer.pad_token_id, [len(p) for p, _ in query_ids])
+    queries = torch.nn.functional.normalize(flat(computer.query_preconditioned(batch)), dim=1)
+    rows: list[list[tuple[str, float]]] = [[] for _ in facts]
+    for reader in engine.shards.values():
+        for start in range(0, reader.rows, 16):
+            metas = reader.metadata(range(start, min(start + 16, reader.rows)))
+            train = collate_sequences([m["token_ids"] for m in metas], tokenizer.pad_token_id)
+            cosines = queries @ torch.nn.functional.normalize(flat(computer.train_preconditioned(train)), dim=1).T
+            for i in range(len(facts)):
+                rows[i] += [(m["doc_id"], float(c)) for m, c in zip(metas, cosines[i])]
+    return rows
+
+
+def method_rankings(db, docs: list[dict], facts, index_k: int = 200,
+                    timings: dict[str, float] | None = None) -> dict[str, list[list[str]]]:
+    """Per method, per fact, document ids best first.
+
+    attribdb through its index (the default cosine ranking and ``--rank-by score``, ``index_k``
+    deep), exhaustive EK-FAC influence under both rankings, influence restricted to the BM25 top
+    ``BM25_FILTER`` documents (the paper's TF-IDF filter: exact influence on the filtered set is the
+    exhaustive score restricted to it, so it is read off the exhaustive pass), BM25 on prompt +
+    completion and on the prompt alone, gradient cosine and representation similarity.
+    """
+    timings = {} if timings is None else timings
+    doc_ids = [d["id"] for d in docs]
+    out: dict[str, list[list[str]]] = {}
+
+    def timed(method: str, compute) -> None:
+        started = time.time()
+        out[method] = compute()
+        timings[method] = time.time() - started
+
+    queries = [(f.prompt, f.completion) for f in facts]
+    timed("attribdb index", lambda: attribdb_rankings(db, facts, index_k, "normalized"))
+    timed("attribdb index, by score", lambda: attribdb_rankings(db, facts, index_k, "score"))
+    started = time.time()
+    every_row = db.exhaustive(queries, k=db.engine.rows)
+    out["attribdb exhaustive"] = [rank_documents([(h.doc_id, h.normalized_score) for h in r.hits]) for r in every_row]
+    out["attribdb exhaustive, by score"] = [rank_documents([(h.doc_id, h.score) for h in r.hits]) for r in every_row]
+    timings["attribdb exhaustive"] = timings["attribdb exhaustive, by score"] = time.time() - started
+    bm25 = BM25([d["text"] for d in docs])
+    timed("BM25", lambda: bm25_rankings(bm25, doc_ids, [f.prompt + f.completion for f in facts]))
+    timed("BM25, prompt only", lambda: bm25_rankings(bm25, doc_ids, [f.prompt for f in facts]))
+    out[f"BM25 top {BM25_FILTER} + influence"] = [
+        [d for d in ranked if d in allowed]
+        for ranked, allowed in zip(out["attribdb exhaustive"], (set(t[:BM25_FILTER]) for t in out["BM25"]))]
+    timings[f"BM25 top {BM25_FILTER} + influence"] = timings["BM25"] + timings["attribdb exhaustive"]
+
+    def representation() -> list[list[str]]:
+        runtime = db.engine.runtime
+        max_length = runtime.manifest.settings.max_length
+        doc_vectors = mean_hidden_states(runtime.model, runtime.tokenizer, [d["text"] for d in docs], max_length)
+        query_vectors = mean_hidden_states(runtime.model, runtime.tokenizer, [p + c for p, c in queries], max_length)
+        return [[doc_ids[i] for i in torch.argsort(-row).tolist()] for row in query_vectors @ doc_vectors.T]
+
+    timed("representation similarity", representation)
+    timed("gradient cosine", lambda: [rank_documents(rows) for rows in gradient_cosine_rows(db.engine, facts)])
+    return out
 
 
 def mrr_and_recall(ranking: list[str], relevant: set[str], k: int = 10) -> tuple[float, float]:

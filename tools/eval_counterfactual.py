@@ -1,20 +1,23 @@
 """Counterfactual: remove the documents a method ranks highest, retrain, and see what the model forgot.
 
-On a reduced demo (invented facts in real English text), each method names
-its top-k documents for every fact; the union is removed from the corpus and
-the tiny model is retrained from the same seed with the same tokenizer.  The
-figure is how much the log-probability of each fact's completion (held-out
-prompt) drops against the model trained on everything, for attribdb (ranked
-by its normalised form, the default, and by score), BM25 text retrieval, and k random
-documents per fact; over all facts and split by whether the full model
-completes the fact (known) or not.
+Fact tracing asks whether a method finds the documents that *state* a fact; this asks whether it
+finds the documents the model's answer *depends on*, which is what influence claims to measure.
+On an evaluation world (tools/worlds.py), each method of ``baselines.method_rankings`` (plus k
+random documents) names its top-k documents for every query; their union is removed from the
+corpus and the model is retrained with the same seed and tokenizer.  Per query: the drop of
+log p(completion | held-out prompt) against the model trained on everything, and whether a
+completion the full model answered greedily is no longer answered (a flip).  Each seed trains the
+world's model anew, ranks, removes and retrains; tables give mean ± standard deviation over seeds
+of the per-seed means.  A retrained model is cached by the exact set of documents removed, so
+methods that remove the same set share one training, and a rerun reuses every finished one.
 
-Run: python tools/eval_counterfactual.py [--workdir /tmp/attribdb-counterfactual] [--k 3]
+Run: python tools/eval_counterfactual.py [--world demo-small] [--seeds 0] [--k 3] [--workdir attribdb-eval]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import sys
@@ -23,14 +26,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from baselines import BM25, attribdb_rankings  # noqa: E402
+from baselines import method_rankings  # noqa: E402
+from worlds import WORLDS, commit, mean_spread, prepare_world, seeded  # noqa: E402
 
-from attribdb.demo.facts import DemoCorpusConfig  # noqa: E402
-from attribdb.demo.run import DemoConfig, prepare  # noqa: E402
-from attribdb.demo.train import DemoModelConfig, known_facts, train_model  # noqa: E402
-
-CONFIG = DemoConfig(DemoCorpusConfig(facts_per_relation=8, background_docs=400),
-                    DemoModelConfig(train_steps=500), {"max_length": 128, "fit_sample_size": 256}, 1)
+SKIPPED = ("BM25, prompt only",)  # a fact-tracing reference, not one of the methods judged here
 
 
 def completion_logprob(model_dir: Path, facts) -> torch.Tensor:
@@ -50,52 +49,73 @@ def completion_logprob(model_dir: Path, facts) -> torch.Tensor:
     return torch.stack(out)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/attribdb-counterfactual"))
-    parser.add_argument("--k", type=int, default=3, help="documents removed per fact and method")
-    args = parser.parse_args()
-
+def evaluate_seed(world: str, workdir: Path, seed: int, ks: list[int], methods: list[str] | None) -> dict:
+    """Per (method, k): per-query drops, flips, and how many removed documents state a queried fact."""
     from attribdb import api
+    from attribdb.demo.train import known_facts, train_model
 
-    prepared = prepare(args.workdir, CONFIG, "counterfactual")
+    prepared = prepare_world(world, workdir, seed)
+    folder = prepared.db_path.parent
     facts = prepared.facts
     docs = [json.loads(line) for line in prepared.corpus.read_text().splitlines()]
-    doc_ids = [d["id"] for d in docs]
-
-    removals = {}
     with api.open(prepared.db_path) as db:
-        for method, rank_by in (("attribdb", "normalized"), ("attribdb by score", "score")):
-            removals[method] = [ranked[: args.k] for ranked in attribdb_rankings(db, facts, 100, rank_by)]
-    bm25 = BM25([d["text"] for d in docs])
-    removals["BM25"] = []
-    for fact in facts:
-        scores = bm25.scores(fact.prompt + fact.completion)
-        removals["BM25"].append([doc_ids[i] for i in sorted(range(len(docs)), key=lambda i: -scores[i])[: args.k]])
-    rng = random.Random(0)
-    removals["random"] = [rng.sample(doc_ids, args.k) for _ in facts]
+        rankings = {m: r for m, r in method_rankings(db, docs, facts, index_k=100).items() if m not in SKIPPED}
+    rng = random.Random(seed)
+    rankings["random"] = [rng.sample([d["id"] for d in docs], max(ks)) for _ in facts]
+    if methods:
+        rankings = {m: rankings[m] for m in methods}
 
     base = completion_logprob(prepared.model_dir, facts)
-    drops = {}
-    for method, per_fact in removals.items():
-        removed = {d for chosen in per_fact for d in chosen}
-        corpus = args.workdir / f"without-{method}.jsonl"
-        corpus.write_text("".join(json.dumps(d, sort_keys=True) + "\n" for d in docs if d["id"] not in removed))
-        model = train_model(corpus, args.workdir / f"model-without-{method}", CONFIG.model,
-                            tokenizer_from=prepared.model_dir)
-        drops[method] = base - completion_logprob(model, facts)
-        stated = sum(len(set(chosen) & set(f.doc_ids)) for chosen, f in zip(per_fact, facts))
-        print(f"{method}: removed {len(removed)} documents, {stated} of them state a queried fact", file=sys.stderr)
-
     known = torch.tensor(known_facts(prepared.model_dir, facts))
-    print(f"{len(facts)} facts ({int(known.sum())} known: the full model completes them), top-{args.k} documents "
-          "removed per fact and method, model retrained from the same seed")
-    print(f"{'method':<20} {'mean drop of log p(completion)':>32} {'median':>8} {'facts where drop > BM25':>24} "
-          f"{'mean drop, known':>17} {'mean drop, unknown':>19}")
-    for method, drop in drops.items():
-        wins = float((drop > drops["BM25"]).double().mean())
-        print(f"{method:<20} {float(drop.mean()):>32.3f} {float(drop.median()):>8.3f} {wins:>24.2f} "
-              f"{float(drop[known].mean()):>17.3f} {float(drop[~known].mean()):>19.3f}")
+    stating = {d for f in facts for d in f.doc_ids}
+    out = {"known": known, "once": torch.tensor([len(f.doc_ids) == 1 for f in facts]), "cells": {}}
+    for k in ks:
+        for method, ranked in rankings.items():
+            removed = sorted({d for r in ranked for d in r[:k]})
+            key = hashlib.sha256(json.dumps(removed).encode()).hexdigest()[:12]
+            corpus = folder / f"without-{key}.jsonl"
+            corpus.write_text("".join(json.dumps(d, sort_keys=True) + "\n" for d in docs if d["id"] not in set(removed)))
+            model = train_model(corpus, folder / f"model-without-{key}", seeded(world, seed).model, progress=False,
+                                tokenizer_from=prepared.model_dir)
+            drop = base - completion_logprob(model, facts)
+            flips = known & ~torch.tensor(known_facts(model, facts))
+            out["cells"][method, k] = {"drop": drop, "flips": flips, "removed": len(removed),
+                                       "stating": len(stating & set(removed))}
+            print(f"world {world} seed {seed} k={k} {method}: removed {len(removed)} documents "
+                  f"({len(stating & set(removed))} state a queried fact), mean drop {float(drop.mean()):.3f}, "
+                  f"flips {int(flips.sum())}/{int(known.sum())}", file=sys.stderr, flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", choices=sorted(WORLDS), default="demo-small")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the world's model")
+    parser.add_argument("--k", type=int, nargs="+", default=[3], help="documents removed per query and method")
+    parser.add_argument("--methods", nargs="+", help="only these methods (each costs one training per k and seed; "
+                        "BM25 is needed for the '> BM25' column); default: all")
+    parser.add_argument("--workdir", type=Path, default=Path("attribdb-eval"))
+    args = parser.parse_args()
+
+    runs = [evaluate_seed(args.world, args.workdir, seed, args.k, args.methods) for seed in args.seeds]
+    queries, once = len(runs[0]["known"]), runs[0]["once"]
+    print(f"world {args.world}, commit {commit()}, seeds {args.seeds}: {queries} queries "
+          f"({', '.join(str(int(r['known'].sum())) for r in runs)} known per seed"
+          + (f"; {int(once.sum())} of facts stated once" if once.any() else "") + "); top-k documents per query "
+          "removed per method, model retrained from the same seed; mean ± sd over seeds of per-seed means")
+    for k in args.k:
+        print(f"\nk = {k}")
+        print(f"{'method':<30} {'drop of log p':>15} {'median':>15} {'flipped (known)':>16} {'> BM25 (share)':>15}"
+              + (f" {'drop, once':>15} {'drop, many':>15}" if once.any() else "") + f" {'removed':>8} {'stating':>8}")
+        for method in dict.fromkeys(m for m, kk in runs[0]["cells"] if kk == k):
+            cells = [r["cells"][method, k] for r in runs]
+            line = (f"{method:<30} {mean_spread([float(c['drop'].mean()) for c in cells]):>15} "
+                    f"{mean_spread([float(c['drop'].median()) for c in cells]):>15} "
+                    f"{mean_spread([float(c['flips'].sum() / r['known'].sum()) for c, r in zip(cells, runs)]):>16} "
+                    f"{mean_spread([float((c['drop'] > r['cells']['BM25', k]['drop']).double().mean()) for c, r in zip(cells, runs)]):>15}")
+            if once.any():
+                line += "".join(f" {mean_spread([float(c['drop'][mask].mean()) for c in cells]):>15}" for mask in (once, ~once))
+            print(line + f" {sum(c['removed'] for c in cells) / len(cells):>8.0f} {sum(c['stating'] for c in cells) / len(cells):>8.0f}")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,15 @@
 """Fact tracing: does attribution find the documents that state a queried fact?
 
-On the demo corpus (invented facts, each stated by several paraphrases; the
-queries use a phrasing no document uses), for every fact: rank the training
-documents by each method and report MRR (of the first document that states
-the fact) and recall@10 (of all of them), over all facts and separately over
-those the model completes correctly and those it does not, for
+On an evaluation world (tools/worlds.py: invented facts stated by paraphrases in real English
+text; each query uses a phrasing no document uses for that fact), for every query: rank the
+training documents by each method of ``baselines.method_rankings`` and report MRR (of the first
+document that states the fact) and recall@10 (of all of them), over all queries, over those the
+model completes correctly (known) and those it does not (unknown), and, where the world has both,
+over facts stated once and facts stated many times.  Each seed trains the world's model anew; the
+tables give mean ± standard deviation over seeds.  Also: how many rows of the exhaustive top 10
+the index answer returns (index fidelity on this trained model).
 
-- attribdb (EK-FAC influence through the index), ranked by its normalised
-  (cosine) form, the default, and by the score itself,
-- BM25 over the documents (text retrieval on prompt + completion),
-- representation similarity (cosine of the model's mean last hidden state),
-- gradient cosine (cosine of the raw, unpreconditioned gradients).
-
-Run: python tools/eval_facts.py [--workdir attribdb-demo]   (reuses the demo's model and database)
+Run: python tools/eval_facts.py [--world demo] [--seeds 0] [--workdir attribdb-eval]
 """
 
 from __future__ import annotations
@@ -23,45 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from baselines import BM25, attribdb_rankings, mean_hidden_states, mrr_and_recall, rank_documents  # noqa: E402
+from baselines import attribdb_rankings, method_rankings, mrr_and_recall  # noqa: E402
 from benchutil import recall  # noqa: E402
-
-
-def identity_computer(runtime):
-    from attribdb.factors import FactorConfig, Factors, ModuleFactors
-    from attribdb.influence import InfluenceComputer
-
-    modules = runtime.manifest.modules
-    plain = Factors(FactorConfig("identity"), modules, {m.name: ModuleFactors(None, None, None, 0.0) for m in modules})
-    return InfluenceComputer(runtime.model, runtime.task, plain)
-
-
-def flat(pre: dict) -> torch.Tensor:
-    return torch.cat([g.flatten(1) for g in pre.values()], dim=1)
-
-
-def gradient_cosine_rows(engine, facts) -> list[list[tuple[str, float]]]:
-    """Per fact, (doc id, cosine) of every stored row, from raw gradients recomputed on the fly."""
-    from attribdb.tasks import collate_sequences
-
-    runtime = engine.runtime
-    computer = identity_computer(runtime)
-    tokenizer = runtime.tokenizer
-    query_ids = [(tokenizer(f.prompt)["input_ids"], tokenizer(f.completion)["input_ids"]) for f in facts]
-    batch = collate_sequences([p + c for p, c in query_ids], tokenizer.pad_token_id, [len(p) for p, _ in query_ids])
-    queries = torch.nn.functional.normalize(flat(computer.query_preconditioned(batch)), dim=1)
-    rows: list[list[tuple[str, float]]] = [[] for _ in facts]
-    for reader in engine.shards.values():
-        for start in range(0, reader.rows, 16):
-            metas = reader.metadata(range(start, min(start + 16, reader.rows)))
-            train = collate_sequences([m["token_ids"] for m in metas], tokenizer.pad_token_id)
-            cosines = queries @ torch.nn.functional.normalize(flat(computer.train_preconditioned(train)), dim=1).T
-            for i in range(len(facts)):
-                rows[i] += [(m["doc_id"], float(c)) for m, c in zip(metas, cosines[i])]
-    return rows
+from worlds import WORLDS, commit, mean_spread, prepare_world  # noqa: E402
 
 
 def index_recall(db, facts, k: int = 10) -> dict[str, float]:
@@ -72,67 +34,66 @@ def index_recall(db, facts, k: int = 10) -> dict[str, float]:
             for rank_by in ("normalized", "score")}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=Path("attribdb-demo"))
-    args = parser.parse_args()
+def subsets(facts, known: list[bool]) -> dict[str, list[bool]]:
+    """Query subsets worth a column: all, known/unknown, and stated once/many when the world has both."""
+    out = {"all": [True] * len(facts), "known": known, "unknown": [not k for k in known],
+           "once": [len(f.doc_ids) == 1 for f in facts], "many": [len(f.doc_ids) > 1 for f in facts]}
+    return {name: chosen for name, chosen in out.items() if any(chosen) and (name != "many" or any(out["once"]))}
 
+
+def evaluate_seed(world: str, workdir: Path, seed: int) -> dict:
+    """One trained model: per method and subset, (MRR, recall@10); plus known counts and index fidelity."""
     from attribdb import api
-    from attribdb.demo.run import FULL, prepare
     from attribdb.demo.train import known_facts
 
-    prepared = prepare(args.workdir, FULL, "full")
+    prepared = prepare_world(world, workdir, seed)
     facts = prepared.facts
     docs = [json.loads(line) for line in prepared.corpus.read_text().splitlines()]
-    doc_ids = [d["id"] for d in docs]
-    rankings: dict[str, list[list[str]]] = {}
     timings: dict[str, float] = {}
-
-    db = api.open(prepared.db_path)
-    # the default query path first (k=10, default candidates), then deeper lists for MRR past rank 10
-    for method, rank_by, k in (("attribdb default (k=10)", "normalized", 10),
-                               ("attribdb (k=200)", "normalized", 200),
-                               ("attribdb, --rank-by score (k=200)", "score", 200)):
+    with api.open(prepared.db_path) as db:
+        # the default query path (k=10, default candidates) first; the others rank deeper, for MRR past rank 10
         started = time.time()
-        rankings[method] = attribdb_rankings(db, facts, k, rank_by)
-        timings[method] = time.time() - started
-
-    started = time.time()
-    bm25 = BM25([d["text"] for d in docs])
-    rankings["BM25 text retrieval"] = [
-        [doc_ids[i] for i in sorted(range(len(docs)), key=lambda i, s=bm25.scores(f.prompt + f.completion): -s[i])]
-        for f in facts]
-    timings["BM25 text retrieval"] = time.time() - started
-
-    started = time.time()
-    runtime = db.engine.runtime
-    max_length = runtime.manifest.settings.max_length
-    doc_vectors = mean_hidden_states(runtime.model, runtime.tokenizer, [d["text"] for d in docs], max_length)
-    query_vectors = mean_hidden_states(runtime.model, runtime.tokenizer, [f.prompt + f.completion for f in facts],
-                                       max_length)
-    similarity = query_vectors @ doc_vectors.T
-    rankings["representation similarity"] = [[doc_ids[i] for i in torch.argsort(-row).tolist()] for row in similarity]
-    timings["representation similarity"] = time.time() - started
-
-    started = time.time()
-    rankings["gradient cosine"] = [rank_documents(rows) for rows in gradient_cosine_rows(db.engine, facts)]
-    timings["gradient cosine"] = time.time() - started
-
-    fidelity = index_recall(db, facts)
+        rankings = {"attribdb default (k=10)": attribdb_rankings(db, facts, 10, "normalized")}
+        timings["attribdb default (k=10)"] = time.time() - started
+        rankings.update(method_rankings(db, docs, facts, timings=timings))
+        fidelity = index_recall(db, facts)
     known = known_facts(prepared.model_dir, facts)
-    subsets = {"all": [True] * len(facts), "known": known, "unknown": [not k for k in known]}
-    print(f"{len(facts)} facts, {len(docs)} documents; the model completes {sum(known)} of the held-out prompts "
-          f"(known), not the other {len(facts) - sum(known)} (unknown: influence then explains what it predicts "
-          "instead, and the documents stating the fact need not be behind that)")
-    print(f"{'method':<32}" + "".join(f" {f'MRR {n}':>12} {f'R@10 {n}':>13}" for n in subsets) + f" {'seconds':>8}")
+    table = {}
     for method, ranked in rankings.items():
-        line = f"{method:<32}"
-        for chosen in subsets.values():
+        for name, chosen in subsets(facts, known).items():
             pairs = [mrr_and_recall(r, set(f.doc_ids)) for r, f, keep in zip(ranked, facts, chosen) if keep]
-            line += f" {sum(p[0] for p in pairs) / max(len(pairs), 1):>12.3f} {sum(p[1] for p in pairs) / max(len(pairs), 1):>13.3f}"
-        print(line + f" {timings[method]:>8.1f}")
-    print("index answers vs exhaustive on this trained model, recall@10 of rows: "
-          + ", ".join(f"{rank_by} {recall:.3f}" for rank_by, recall in fidelity.items()))
+            table[method, name] = (sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs))
+    return {"table": table, "known": sum(known), "queries": len(facts), "documents": len(docs),
+            "fidelity": fidelity, "timings": timings, "subsets": {n: sum(c) for n, c in subsets(facts, known).items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", choices=sorted(WORLDS), default="demo")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the world's model")
+    parser.add_argument("--workdir", type=Path, default=Path("attribdb-eval"))
+    args = parser.parse_args()
+
+    runs = {seed: evaluate_seed(args.world, args.workdir, seed) for seed in args.seeds}
+    first = runs[args.seeds[0]]
+    print(f"world {args.world}, commit {commit()}, seeds {args.seeds}: {first['queries']} queries, "
+          f"{first['documents']} documents; the model completes "
+          + ", ".join(f"{r['known']}" for r in runs.values()) + f" of the {first['queries']} held-out phrasings "
+          "(known; per seed). Unknown queries: influence explains what the model predicts instead")
+    names = list(first["subsets"])
+    print("query subsets (seed " + str(args.seeds[0]) + "): " + ", ".join(f"{n} {c}" for n, c in first["subsets"].items()))
+    methods = list(dict.fromkeys(m for m, _ in first["table"]))
+    for column, label in ((0, "MRR"), (1, "recall@10")):
+        print(f"\n{label}, mean ± sd over {len(runs)} seed(s)")
+        print(f"{'method':<32}" + "".join(f" {n:>16}" for n in names) + f" {'seconds':>8}")
+        for method in methods:
+            cells = [mean_spread([r["table"][method, n][column] for r in runs.values() if (method, n) in r["table"]])
+                     for n in names]
+            seconds = sum(r["timings"].get(method, 0.0) for r in runs.values()) / len(runs)
+            print(f"{method:<32}" + "".join(f" {c:>16}" for c in cells) + f" {seconds:>8.1f}")
+    print("\nindex answers vs exhaustive on these trained models, recall@10 of rows: "
+          + ", ".join(f"{rank_by} {mean_spread([r['fidelity'][rank_by] for r in runs.values()])}"
+                      for rank_by in ("normalized", "score")))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from attribdb.settings import DatabaseSettings
 
 @dataclass(frozen=True)
 class DemoConfig:
-    corpus: DemoCorpusConfig
+    corpus: DemoCorpusConfig  # or another world's corpus config, with its generator passed to prepare
     model: DemoModelConfig
     build: dict  # DatabaseSettings fields
     queries_per_relation: int
@@ -65,14 +65,16 @@ class Prepared:
     db_path: Path
 
 
-def prepare(workdir: Path, config: DemoConfig, label: str, quiet: bool = False) -> Prepared:
-    """Corpus, trained model and database in ``workdir``, each reused when already made."""
+def prepare(workdir: Path, config: DemoConfig, label: str, quiet: bool = False,
+            generate=generate_corpus) -> Prepared:
+    """Corpus, trained model and database in ``workdir``, each reused when already made.
+    ``generate(out_dir, config.corpus)`` writes the corpus (another world's generator for the evaluations)."""
     from attribdb import api
 
     workdir.mkdir(parents=True, exist_ok=True)
     click.echo(f"1/4 corpus: writing {workdir / 'corpus'} ...", err=True)
-    corpus, facts = generate_corpus(workdir / "corpus", config.corpus)
-    click.echo(f"    {sum(1 for _ in open(corpus))} documents, {len(facts)} invented facts", err=True)
+    corpus, facts = generate(workdir / "corpus", config.corpus)
+    click.echo(f"    {sum(1 for _ in open(corpus))} documents, {len(facts)} fact queries", err=True)
     click.echo("2/4 model: training a tiny GPT-2 from scratch (cached after the first run) ...", err=True)
     model_dir = train_model(corpus, workdir / "model", config.model, progress=not quiet)
     model_key = hashlib.sha256((model_dir / CACHE_FILE).read_bytes()).hexdigest()[:12]  # config and corpus

@@ -1,0 +1,75 @@
+"""The evaluation worlds that tools/eval_facts.py and tools/eval_counterfactual.py run on.
+
+A result that holds on one generator's corpus only is not evidence, so each evaluation takes
+``--world`` and ``--seeds``: a world is a corpus generator with its corpus, model and database
+settings; a seed is the model's training seed (the corpus stays the same), so the spread over seeds
+is the spread of training.
+
+- ``demo``: the corpus, model and database of ``attribdb demo`` (2×128 GPT-2, 600 steps of 16).
+- ``demo-small``: the demo's generator at 24 facts, with the small model below.
+- ``world2``: ``attribdb.demo.world2``: facts inside longer real paragraphs, two facts per person,
+  stated once or four times, queried by two held-out phrasings each; the small model.
+
+The small model (2×64, vocabulary 1,024, 800 steps of 8 × 128 tokens) exists for the
+counterfactual, which retrains once per method, k and seed: about 1–2 minutes a training on one
+thread, where the demo's model takes about 5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from attribdb.demo.facts import DemoCorpusConfig, generate_corpus
+from attribdb.demo.run import FULL, DemoConfig, Prepared, prepare
+from attribdb.demo.train import DemoModelConfig
+from attribdb.demo.world2 import World2Config, generate_world
+
+SMALL_MODEL = DemoModelConfig(vocab_size=1024, n_embd=64, batch_size=8, train_steps=800, fact_repeats=24,
+                              learning_rate=5e-3)
+SMALL_BUILD = {"max_length": 128, "fit_sample_size": 256}
+
+
+@dataclass(frozen=True)
+class World:
+    config: DemoConfig
+    generate: object  # (out_dir, corpus config) -> (corpus.jsonl, facts)
+
+
+WORLDS = {
+    "demo": World(FULL, generate_corpus),
+    "demo-small": World(DemoConfig(DemoCorpusConfig(facts_per_relation=8, background_docs=150), SMALL_MODEL,
+                                   SMALL_BUILD, 1), generate_corpus),
+    "world2": World(DemoConfig(World2Config(), SMALL_MODEL, SMALL_BUILD, 1), generate_world),
+}
+
+
+def seeded(name: str, seed: int) -> DemoConfig:
+    config = WORLDS[name].config
+    return replace(config, model=replace(config.model, seed=seed))
+
+
+def prepare_world(name: str, workdir: Path, seed: int) -> Prepared:
+    """Corpus, model trained with ``seed`` and its database, in ``workdir/name/seed-N`` (cached)."""
+    return prepare(workdir / name / f"seed-{seed}", seeded(name, seed), name, quiet=True,
+                   generate=WORLDS[name].generate)
+
+
+def commit() -> str:
+    """The git commit the figures come from (``+dirty`` when the tree has changes), printed with them."""
+    import subprocess
+
+    here = Path(__file__).parent
+    def git(*words: str) -> str:
+        return subprocess.run(["git", *words], cwd=here, capture_output=True, text=True, check=False).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def mean_spread(values: list[float]) -> str:
+    """"mean ± sample standard deviation" over seeds; the mean alone for one seed."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{mean:.3f}"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.3f} ± {std:.3f}"
