@@ -3,15 +3,15 @@
 On a world and seed of tools/worlds.py (the cached model and database), for every query the model
 completes (known), every row is recomputed without compression (exact mode over all rows: EK-FAC
 scores with per-token contributions), documents are ranked by their best row's cosine score, and
-the queries are split into those whose first stating document is in the top 10 (found) and the
-rest (missed).  For each group:
+the stating documents are split into those in the top 10 and those missed.  For each group:
 
 - memorisation: the percentile of the stating rows' self-influence among all rows (a fitted
-  sequence has a small gradient, so a small self-influence), and of the stating rows' loss on the
-  fact's value;
+  sequence has a small gradient, so a small self-influence), and the model's loss on the fact's
+  value inside them;
 - split windows: the share of stating documents whose statement no single row holds whole;
-- where the score sits: the share of a stating row's score carried by the statement's own tokens,
-  and the share of the best-ranked row's score carried by common tokens (those in ≥ 20% of rows);
+- where the score sits: the share of a stating row's score carried by the statement's own tokens
+  and by common tokens (those in ≥ 20% of rows), and the common tokens' share in the best
+  non-stating row;
 - the completion: MRR of the exhaustive cosine ranking with the whole completion against its
   first token only.
 
@@ -60,29 +60,28 @@ def percentile(value: float, population: list[float]) -> float:
     return sum(v < value for v in population) / len(population)
 
 
-def study_query(fact, hits, common_ids: set[int], by_row: dict, model) -> dict:
-    """The numbers of one query, from its exact hits over every row."""
+def study_query(fact, hits, common_ids: set[int], by_row: dict, model) -> tuple[list[dict], dict]:
+    """From one query's exact hits over every row: a record per stating document, and the query's own."""
     ranking = rank_documents([(h.doc_id, h.exact_normalized_score) for h in hits])
-    found = mrr_and_recall(ranking, set(fact.doc_ids))[0] >= 0.1
     selfs = [h.self_influence for h in hits]
-    stating = [h for h in hits if h.doc_id in fact.doc_ids]
-    out = {"found": found, "self percentile": [], "statement share": [], "split": [],
-           "value loss": [value_loss(model, by_row[h.shard, h.row]["token_ids"], fact, h) for h in stating]}
-    out["value loss"] = [v for v in out["value loss"] if v is not None]
+    common = {(h.shard, h.row): [i in common_ids for i in by_row[h.shard, h.row]["token_ids"]] for h in hits}
+    documents = []
     for doc_id in fact.doc_ids:
-        rows = [h for h in stating if h.doc_id == doc_id]
-        whole = [h for h in rows if statement_of(fact, "".join(h.tokens))]
-        out["split"].append(not whole)
-        for h in whole:
-            start, end = statement_of(fact, "".join(h.tokens))
-            inside = [s < end and e > start for s, e in token_chars(h.tokens)]
-            out["statement share"].append(share(h.token_contributions, inside))
-            out["self percentile"].append(percentile(h.self_influence, selfs))
-    top = max(hits, key=lambda h: h.exact_normalized_score)
-    out["top common share"] = share(top.token_contributions,
-                                    [i in common_ids for i in by_row[top.shard, top.row]["token_ids"]])
-    out["top states"] = top.doc_id in fact.doc_ids
-    return out
+        rows = [h for h in hits if h.doc_id == doc_id]
+        best = max(rows, key=lambda h: h.exact_normalized_score)
+        whole = statement_of(fact, "".join(best.tokens))
+        record = {"found": ranking.index(doc_id) < 10, "split": not any(statement_of(fact, "".join(h.tokens))
+                                                                       for h in rows),
+                  "self percentile": percentile(best.self_influence, selfs),
+                  "common share": share(best.token_contributions, common[best.shard, best.row])}
+        if whole:
+            inside = [s < whole[1] and e > whole[0] for s, e in token_chars(best.tokens)]
+            record["statement share"] = share(best.token_contributions, inside)
+            record["value loss"] = value_loss(model, by_row[best.shard, best.row]["token_ids"], fact, best)
+        documents.append(record)
+    rival = max((h for h in hits if h.doc_id not in fact.doc_ids), key=lambda h: h.exact_normalized_score)
+    return documents, {"rival common share": share(rival.token_contributions, common[rival.shard, rival.row]),
+                       "top states": ranking[0] in fact.doc_ids}
 
 
 def main() -> None:
@@ -107,6 +106,7 @@ def main() -> None:
         studies = [study_query(f, r.hits, common_ids, by_row, model)
                    for f, r in zip(known, db.exact_batch([(f.prompt, f.completion) for f in known], k=rows,
                                                          candidates=rows))]
+        documents = [d for ds, _ in studies for d in ds]
         first_token = [(f.prompt, tokenizer.decode(tokenizer(f.completion)["input_ids"][:1])) for f in known]
         mrr = {}
         for label, queries in (("whole completion", [(f.prompt, f.completion) for f in known]),
@@ -116,32 +116,32 @@ def main() -> None:
                 mrr_and_recall(rank_documents([(h.doc_id, h.normalized_score) for h in r.hits]), set(f.doc_ids))[0]
                 for f, r in zip(known, results))
 
-    groups = {"found (top 10)": [s for s in studies if s["found"]], "missed": [s for s in studies if not s["found"]]}
+    groups = {"in the top 10": [d for d in documents if d["found"]],
+              "missed": [d for d in documents if not d["found"]]}
     print(f"world {args.world}, seed {args.seed}, commit {commit()}: {len(known)} known queries of "
-          f"{len(prepared.facts)}; {rows} rows; exact EK-FAC over every row, cosine ranking; medians unless said")
-    print(f"{'':<62}" + "".join(f" {g:>16}" for g in groups))
-    lines = (("queries", lambda ss: f"{len(ss)}"),
-             ("stating rows: self-influence percentile among all rows", lambda ss: _median(ss, "self percentile")),
-             ("stating rows: loss of the value's tokens (nats/token)", lambda ss: _median(ss, "value loss")),
-             ("stating documents whose statement no row holds whole", lambda ss: _mean(ss, "split")),
-             ("stating rows: share of score on the statement's tokens", lambda ss: _median(ss, "statement share")),
-             (f"top row: share of score on common tokens (>= {COMMON:.0%} of rows)",
-              lambda ss: f"{statistics.median(s['top common share'] for s in ss):.3f}" if ss else "-"),
-             ("top row states the fact", lambda ss: f"{sum(s['top states'] for s in ss) / len(ss):.3f}" if ss else "-"))
+          f"{len(prepared.facts)}; {rows} rows; exact EK-FAC over every row, documents by their best row's cosine; "
+          "a document's figures are its best row's; medians unless said")
+    print(f"{'stating documents (per known query)':<62}" + "".join(f" {g:>14}" for g in groups))
+    lines = (("count", lambda ds: f"{len(ds)}"),
+             ("self-influence percentile among all rows", lambda ds: _median(ds, "self percentile")),
+             ("loss of the value's tokens (nats/token)", lambda ds: _median(ds, "value loss")),
+             ("share of the score on the statement's tokens", lambda ds: _median(ds, "statement share")),
+             (f"share of the score on common tokens (in >= {COMMON:.0%} of rows)", lambda ds: _median(ds, "common share")),
+             ("statement split across windows (share of documents)",
+              lambda ds: f"{sum(d['split'] for d in ds) / len(ds):.3f}" if ds else "-"))
     for label, cell in lines:
-        print(f"{label:<62}" + "".join(f" {cell(ss):>16}" for ss in groups.values()))
+        print(f"{label:<62}" + "".join(f" {cell(ds):>14}" for ds in groups.values()))
+    queries = [q for _, q in studies]
+    print(f"best non-stating row, share of its score on common tokens: "
+          f"{statistics.median(q['rival common share'] for q in queries):.3f}; queries whose top document states "
+          f"the fact: {sum(q['top states'] for q in queries)} of {len(queries)}")
     print("MRR of the exhaustive cosine ranking over known queries: "
           + ", ".join(f"{label} {value:.3f}" for label, value in mrr.items()))
 
 
-def _median(studies, key) -> str:
-    values = [v for s in studies for v in s[key]]
+def _median(documents, key) -> str:
+    values = [d[key] for d in documents if d.get(key) is not None]
     return f"{statistics.median(values):.3f}" if values else "-"
-
-
-def _mean(studies, key) -> str:
-    values = [v for s in studies for v in s[key]]
-    return f"{statistics.mean(values):.3f}" if values else "-"
 
 
 def value_loss(model, ids: list[int], fact, hit) -> float | None:
