@@ -132,12 +132,17 @@ def generate_corpus(out_dir: Path, config: DemoCorpusConfig = DemoCorpusConfig()
     for k, text in enumerate(rng.sample(paragraphs, min(config.background_docs, len(paragraphs)))):
         docs.append({"id": f"bg-{k:04d}", "text": text, "kind": "background"})
     rng.shuffle(docs)
+    return write_world(out_dir, docs, config, facts), facts
+
+
+def write_world(out_dir: Path, docs: list[dict], config, facts: list[Fact]) -> Path:
+    """``corpus.jsonl`` (one document a line) and ``facts.json`` (the config and the facts) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus = out_dir / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(d, sort_keys=True) + "\n" for d in docs))
     (out_dir / "facts.json").write_text(json.dumps({"config": asdict(config), "facts": [asdict(f) for f in facts]},
                                                    indent=1, sort_keys=True))
-    return corpus, facts
+    return corpus
 
 
 def load_facts(out_dir: Path) -> list[Fact]:

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import random
 import re
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from attribdb.demo.facts import Fact, held_out_query
+from attribdb.demo.facts import Fact, held_out_query, write_world
 
 # modules whose docstrings supply the English; a missing one (removed from a newer Python) is skipped
 MODULES = tuple("""argparse asyncio.events asyncio.tasks asyncio.streams bdb calendar cmd code codecs collections
@@ -167,9 +166,4 @@ def generate_world(out_dir: Path, config: World2Config = World2Config()) -> tupl
     for k in range(config.background_docs):
         docs.append({"id": f"bg-{k:04d}", "kind": "background", "text": next(take)})
     rng.shuffle(docs)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    corpus = out_dir / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(d, sort_keys=True) + "\n" for d in docs))
-    (out_dir / "facts.json").write_text(json.dumps({"config": asdict(config), "facts": [asdict(f) for f in queries]},
-                                                   indent=1, sort_keys=True))
-    return corpus, queries
+    return write_world(out_dir, docs, config, queries), queries
