@@ -56,14 +56,14 @@ def prepare_world(name: str, workdir: Path, seed: int) -> Prepared:
 
 
 def commit() -> str:
-    """The git commit the figures come from (``+dirty`` when the tree has changes), printed with them."""
+    """The git commit the figures come from (``+dirty`` when a tracked Python file has changes), printed with them."""
     import subprocess
 
     here = Path(__file__).parent
     def git(*words: str) -> str:
         return subprocess.run(["git", *words], cwd=here, capture_output=True, text=True, check=False).stdout.strip()
 
-    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", "*.py") else "")
 
 
 def mean_spread(values: list[float]) -> str:
