@@ -13,7 +13,7 @@ the stating documents are split into those in the top 10 and those missed.  For 
   and by common tokens (those in ≥ 20% of rows), and the common tokens' share in the best
   non-stating row;
 - the completion: MRR of the exhaustive cosine ranking with the whole completion against its
-  first token only.
+  first token only (with a leading bare-space token, up to the first token that is not one).
 
 Run: python tools/study_misses.py [--world world2] [--seed 0] [--workdir attribdb-eval]
 """
@@ -54,6 +54,14 @@ def token_chars(tokens: list[str]) -> list[tuple[int, int]]:
 def share(contributions: list[float], chosen: list[bool]) -> float:
     total = sum(contributions)
     return sum(c for c, keep in zip(contributions, chosen) if keep) / total if total else 0.0
+
+
+def first_piece(tokenizer, completion: str) -> str:
+    """The completion's first token, or its first tokens up to one that is not white space: a BPE may
+    cut " Polwi" into " " + "P" + ..., and a bare space asks nothing of the fact."""
+    ids = tokenizer(completion)["input_ids"]
+    end = next(n for n in range(1, len(ids) + 1) if tokenizer.decode(ids[:n]).strip())
+    return tokenizer.decode(ids[:end])
 
 
 def percentile(value: float, population: list[float]) -> float:
@@ -107,7 +115,7 @@ def main() -> None:
                    for f, r in zip(known, db.exact_batch([(f.prompt, f.completion) for f in known], k=rows,
                                                          candidates=rows))]
         documents = [d for ds, _ in studies for d in ds]
-        first_token = [(f.prompt, tokenizer.decode(tokenizer(f.completion)["input_ids"][:1])) for f in known]
+        first_token = [(f.prompt, first_piece(tokenizer, f.completion)) for f in known]
         mrr = {}
         for label, queries in (("whole completion", [(f.prompt, f.completion) for f in known]),
                                ("first token only", first_token)):
