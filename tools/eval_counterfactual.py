@@ -96,10 +96,11 @@ def main() -> None:
                         "BM25 is needed for the '> BM25' column); default: all")
     parser.add_argument("--workdir", type=Path, default=Path("attribdb-eval"))
     args = parser.parse_args()
+    code = commit()  # at the start: the code that runs, not what HEAD is when the figures print
 
     runs = [evaluate_seed(args.world, args.workdir, seed, args.k, args.methods) for seed in args.seeds]
     queries, once = len(runs[0]["known"]), runs[0]["once"]
-    print(f"world {args.world}, commit {commit()}, seeds {args.seeds}: {queries} queries "
+    print(f"world {args.world}, commit {code}, seeds {args.seeds}: {queries} queries "
           f"({', '.join(str(int(r['known'].sum())) for r in runs)} known per seed"
           + (f"; {int(once.sum())} of facts stated once" if once.any() else "") + "); top-k documents per query "
           "removed per method, model retrained from the same seed; mean ± sd over seeds of per-seed means")

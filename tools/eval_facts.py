@@ -73,10 +73,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the world's model")
     parser.add_argument("--workdir", type=Path, default=Path("attribdb-eval"))
     args = parser.parse_args()
+    code = commit()  # at the start: the code that runs, not what HEAD is when the figures print
 
     runs = {seed: evaluate_seed(args.world, args.workdir, seed) for seed in args.seeds}
     first = runs[args.seeds[0]]
-    print(f"world {args.world}, commit {commit()}, seeds {args.seeds}: {first['queries']} queries, "
+    print(f"world {args.world}, commit {code}, seeds {args.seeds}: {first['queries']} queries, "
           f"{first['documents']} documents; the model completes "
           + ", ".join(f"{r['known']}" for r in runs.values()) + f" of the {first['queries']} held-out phrasings "
           "(known; per seed). Unknown queries: influence explains what the model predicts instead")

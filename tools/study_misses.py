@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("attribdb-eval"))
     args = parser.parse_args()
+    code = commit()  # at the start: the code that runs, not what HEAD is when the figures print
 
     from attribdb import api
     from attribdb.demo.train import known_facts
@@ -126,7 +127,7 @@ def main() -> None:
 
     groups = {"in the top 10": [d for d in documents if d["found"]],
               "missed": [d for d in documents if not d["found"]]}
-    print(f"world {args.world}, seed {args.seed}, commit {commit()}: {len(known)} known queries of "
+    print(f"world {args.world}, seed {args.seed}, commit {code}: {len(known)} known queries of "
           f"{len(prepared.facts)}; {rows} rows; exact EK-FAC over every row, documents by their best row's cosine; "
           "a document's figures are its best row's; medians unless said")
     print(f"{'stating documents (per known query)':<62}" + "".join(f" {g:>14}" for g in groups))
