@@ -49,6 +49,7 @@ SOLVED_BYTES = 1 << 30  # queries whose inverse-HVPs are held at once are chunke
 
 
 RANK_BY = ("normalized", "score")  # the first is the default
+BOTH = "both"  # exhaustive mode only: both rankings from one pass over the corpus
 
 
 def normalized(scores, self_q: float, self_m):
@@ -438,14 +439,19 @@ class QueryEngine:
     # ---- exhaustive mode ---------------------------------------------------
 
     def exhaustive(self, queries: list[Query], k: int = 10, batch_size: int | None = None,
-                   quiet: bool = True, rank_by: str | None = None) -> list[QueryResult]:
-        """Every stored row recomputed from its token ids and scored in full: the ground truth."""
-        rank_by = _check_rank_by(rank_by)
-        return [result for chunk in self._chunks(queries)
-                for result in self._exhaustive_chunk(chunk, k, batch_size, quiet, rank_by)]
+                   quiet: bool = True, rank_by: str | None = None) -> list[QueryResult] | dict[str, list[QueryResult]]:
+        """Every stored row recomputed from its token ids and scored in full: the ground truth.
+        The pass costs a forward and backward over the whole corpus and ranking is free, so
+        ``rank_by="both"`` returns ``{"normalized": results, "score": results}`` from one pass."""
+        rankings = RANK_BY if rank_by == BOTH else (_check_rank_by(rank_by),)
+        results = {ranking: [] for ranking in rankings}
+        for chunk in self._chunks(queries):
+            for ranking, ranked in self._exhaustive_chunk(chunk, k, batch_size, quiet, rankings).items():
+                results[ranking] += ranked
+        return results if rank_by == BOTH else results[rankings[0]]
 
     def _exhaustive_chunk(self, queries: list[Query], k: int, batch_size: int | None, quiet: bool,
-                          rank_by: str) -> list[QueryResult]:
+                          rankings: tuple[str, ...]) -> dict[str, list[QueryResult]]:
         clock = _Clock()
         computer = self.runtime.computer
         pad_id = self.runtime.tokenizer.pad_token_id
@@ -468,15 +474,17 @@ class QueryEngine:
         rows = np.concatenate([p[1] for p in parts])
         per_row = np.concatenate([p[2] for p in parts], axis=1)
         self_m = np.concatenate([p[3] for p in parts])
-        results = []
+        results = {ranking: [] for ranking in rankings}
         for i, query in enumerate(queries):
             scored = _Scored(shards, rows, per_row[i].sum(1), per_row[i], self_m, float(self_q[i]))
-            hits, worst = self._ends(scored, k, rank_by, opponents=True)
-            results.append(QueryResult(query.prompt, query.completion, "exhaustive", hits, worst,
-                                       float(self_q[i]), len(rows), {}))
+            for ranking in rankings:
+                hits, worst = self._ends(scored, k, ranking, opponents=True)
+                results[ranking].append(QueryResult(query.prompt, query.completion, "exhaustive", hits, worst,
+                                                    float(self_q[i]), len(rows), {}))
         clock.lap("metadata")
-        for result in results:
-            result.timings_ms = {name: value / len(results) for name, value in clock.total().items()}
+        for ranked in results.values():
+            for result in ranked:
+                result.timings_ms = {name: value / len(queries) for name, value in clock.total().items()}
         return results
 
     # ---- outliers ----------------------------------------------------------
