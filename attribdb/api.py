@@ -6,14 +6,26 @@ first use, so ``info`` and ``verify`` stay fast and need no model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
 
 from attribdb.errors import QueryError
 from attribdb.inspection import VerifyReport, database_info, verify_database, verify_recomputed
 from attribdb.manifest import Manifest, exists
+from attribdb.progress import progress_bar
 from attribdb.text_index import valid_text
+
+# Batches run in chunks of queries whose dense gradients (one d_out × d_in matrix per tracked
+# module per query, a few copies alive at once) fit in a memory budget: a 720-query batch on
+# the demo held them all at once and peaked at 4.5 GB.  Results stream by chunk.
+QUERY_MEMORY = 256 << 20  # index and exact modes: captures, inverse-HVP and its projection...
+QUERY_COPIES = 3  # ...three gradient-sized tensors per query
+MAX_CHUNK = 64  # more queries per chunk gain nothing: their forward/backward is batched already
+# exhaustive: a chunk is a pass over the whole corpus, so it gets more memory to need fewer
+# passes; Ĝ_q is kept through the pass, plus its rotation while it is made
+EXHAUSTIVE_MEMORY = 512 << 20
+EXHAUSTIVE_COPIES = 2
 
 
 def _as_query(item):
@@ -28,9 +40,20 @@ def _as_query(item):
             prompt, completion = str(item["prompt"]), str(item["completion"])
         except KeyError as exc:
             raise QueryError(f"a query needs 'prompt' and 'completion', this one has {sorted(item)}") from exc
-    else:
+    try:
         prompt, completion = item
+    except (TypeError, ValueError):
+        raise QueryError(f"a query is a (prompt, completion) pair or a dict with both, not {item!r:.60}") from None
     return Query(valid_text(prompt), valid_text(completion))
+
+
+def _as_queries(queries) -> list:
+    """A batch as Query objects, all checked before any work starts; a bare string would
+    otherwise be read as a batch of one-character queries."""
+    if isinstance(queries, (str, bytes)):
+        raise QueryError("a batch is a list of (prompt, completion) pairs or dicts; for one query pass "
+                         "the prompt and the completion as two strings")
+    return [_as_query(q) for q in queries]
 
 
 def _check_count(name: str, value, minimum: int = 1) -> None:
@@ -59,30 +82,61 @@ class Database:
               opponents: bool = True, rank_by: str | None = None, rescore: int | None = None):
         """The k training sequences that most increased (and, as opponents, decreased) the completion's likelihood."""
         return self.query_batch([(prompt, completion)], k=k, candidates=candidates, opponents=opponents,
-                                rank_by=rank_by, rescore=rescore)[0]
+                                rank_by=rank_by, rescore=rescore, quiet=True)[0]
 
     def query_batch(self, queries: Iterable, k: int = 10, candidates: int | None = None, opponents: bool = True,
-                    rank_by: str | None = None, rescore: int | None = None):
-        """Many queries sharing one forward/backward pass; items are (prompt, completion) or dicts.
+                    rank_by: str | None = None, rescore: int | None = None, quiet: bool = False):
+        """Many queries, items (prompt, completion) or dicts; a list of results in their order.
         ``candidates``: rows FAISS hands to rescoring per end (default 128, or k if larger);
         ``rank_by``: "normalized" (the default: the cosine form of the influence) or "score" (the
         paper's influence itself, which favours rows with large gradients);
         ``rescore``: how many of each end's best candidates are recomputed in full and ranked by
         their exact score (default: as many as a fixed compute budget per query allows; 0: none,
-        the compressed answer in milliseconds)."""
+        the compressed answer in milliseconds); ``quiet``: no progress bar on stderr."""
+        return list(self.query_iter(queries, k=k, candidates=candidates, opponents=opponents, rank_by=rank_by,
+                                    rescore=rescore, quiet=quiet))
+
+    def query_iter(self, queries: Iterable, k: int = 10, candidates: int | None = None, opponents: bool = True,
+                   rank_by: str | None = None, rescore: int | None = None, quiet: bool = False) -> Iterator:
+        """query_batch's results one by one as their chunk finishes: a caller that writes each
+        away holds one chunk of queries in memory, however long the batch."""
         candidates = self._candidates(k, candidates)  # checked before the model loads
         _check_count("rescore", rescore, minimum=0)
-        return self.engine.query([_as_query(q) for q in queries], k=k, candidates=candidates,
-                                 opponents=opponents, rank_by=rank_by, rescore=rescore)
+        return self._stream("query", _as_queries(queries), quiet, lambda chunk: self.engine.query(
+            chunk, k=k, candidates=candidates, opponents=opponents, rank_by=rank_by, rescore=rescore))
 
     def exact(self, prompt: str, completion: str, k: int = 10, candidates: int | None = None, rank_by: str | None = None):
         """Every candidate recomputed in full and ranked by its exact score, plus per-token contributions."""
-        return self.exact_batch([(prompt, completion)], k=k, candidates=candidates, rank_by=rank_by)[0]
+        return self.exact_batch([(prompt, completion)], k=k, candidates=candidates, rank_by=rank_by, quiet=True)[0]
 
-    def exact_batch(self, queries: Iterable, k: int = 10, candidates: int | None = None, rank_by: str | None = None):
+    def exact_batch(self, queries: Iterable, k: int = 10, candidates: int | None = None, rank_by: str | None = None,
+                    quiet: bool = False):
+        """exact() for many queries: a list of results in their order."""
+        return list(self.exact_iter(queries, k=k, candidates=candidates, rank_by=rank_by, quiet=quiet))
+
+    def exact_iter(self, queries: Iterable, k: int = 10, candidates: int | None = None, rank_by: str | None = None,
+                   quiet: bool = False) -> Iterator:
+        """exact_batch's results one by one as their chunk finishes (see query_iter)."""
         candidates = self._candidates(k, candidates)
-        return self.engine.exact([_as_query(q) for q in queries], k=k, candidates=candidates,
-                                 rank_by=rank_by)
+        return self._stream("exact", _as_queries(queries), quiet, lambda chunk: self.engine.exact(
+            chunk, k=k, candidates=candidates, rank_by=rank_by))
+
+    def exhaustive(self, queries, completion: str | None = None, k: int = 10, quiet: bool = False,
+                   rank_by: str | None = None):
+        """Every row recomputed on the fly and scored uncompressed: slow, exact, the ground truth.
+
+        Like query when given a prompt and a completion (one result), like query_batch when given
+        a list (a list of results).  Each chunk of queries is one pass over the corpus, so a
+        batch costs fewer passes than its queries would one by one.  ``rank_by="both"`` ranks
+        each pass both ways: ``{"normalized": ..., "score": ...}``, each what that ranking alone
+        would return."""
+        if isinstance(queries, str):
+            if completion is None:
+                raise QueryError("give a completion after the prompt, or a list of (prompt, completion) pairs")
+            return self._exhaustive([_as_query((queries, completion))], k, quiet, rank_by, single=True)
+        if completion is not None:
+            raise QueryError("a completion goes with one prompt, not with a list of queries")
+        return self._exhaustive(_as_queries(queries), k, quiet, rank_by, single=False)
 
     @cached_property
     def text_search(self):
@@ -114,10 +168,32 @@ class Database:
         return prefiltered(self.engine, self.text_search, [_as_query(q) for q in queries], n=n, k=k,
                            rank_by=rank_by, bm25_query=bm25_query)
 
-    def exhaustive(self, queries: Iterable, k: int = 10, quiet: bool = True, rank_by: str | None = None):
-        """Every row recomputed on the fly: slow, exact, the ground truth."""
+    def _exhaustive(self, queries: list, k: int, quiet: bool, rank_by: str | None, single: bool):
+        from query.engine import BOTH, RANK_BY, _check_rank_by
+
         _check_count("k", k)
-        return self.engine.exhaustive([_as_query(q) for q in queries], k=k, quiet=quiet, rank_by=rank_by)
+        rankings = RANK_BY if rank_by == BOTH else (_check_rank_by(rank_by),)
+        merged = {ranking: [] for ranking in rankings}
+        size = self._chunk_size(EXHAUSTIVE_MEMORY, EXHAUSTIVE_COPIES, len(queries))
+        for answer in self._chunks("queries", queries, size, quiet, lambda chunk: (
+                self.engine.exhaustive(chunk, k=k, quiet=quiet, rank_by=BOTH if rank_by == BOTH else rankings[0]))):
+            for ranking in rankings:
+                merged[ranking] += answer[ranking] if rank_by == BOTH else answer
+        pick = (lambda results: results[0]) if single else (lambda results: results)
+        return {ranking: pick(results) for ranking, results in merged.items()} if rank_by == BOTH \
+            else pick(merged[rankings[0]])
+
+    def score(self, prompt: str, completion: str, doc_ids: Iterable[str], rank_by: str | None = None):
+        """Where the named documents rank for this query, and why: a result (mode "score") with
+        one hit per row of those documents, ordered by rank.  Each hit has its exact score and
+        normalized score, per-token contributions, and as ``rank`` the place the row would have
+        in the index answer ranked by ``rank_by`` (its position among all rows by the compressed
+        key; query/named.py).  An id no row belongs to is a QueryError."""
+        from query.named import score_documents
+
+        if isinstance(doc_ids, str):
+            raise QueryError("doc_ids is a list of document ids, not one string")
+        return score_documents(self.engine, _as_query((prompt, completion)), list(doc_ids), rank_by=rank_by)
 
     def self_influence(self, top: int = 10):
         """The rows with the largest self-influence (outliers)."""
@@ -134,6 +210,30 @@ class Database:
         if deep and not report.pending:
             report.recomputed = verify_recomputed(self.path, deep, self.device)
         return report
+
+    def _chunk_size(self, memory: int, copies: int, most: int) -> int:
+        """Queries per chunk: as many as keep ``copies`` of their dense gradients within ``memory``."""
+        from attribdb.models import compute_dtype
+
+        per_query = (copies * compute_dtype(self.manifest.settings.dtype).itemsize
+                     * sum(m.d_in * m.d_out for m in self.manifest.modules))
+        return max(1, min(most, memory // per_query))
+
+    @staticmethod
+    def _chunks(description: str, queries: list, size: int, quiet: bool, run: Callable[[list], object]) -> Iterator:
+        """``run`` over chunks of ``size`` queries with a progress bar of queries on stderr;
+        yields each chunk's answer as it finishes."""
+        with progress_bar(description, len(queries), quiet or not queries, unit="query") as advance:
+            for start in range(0, len(queries), size):
+                chunk = queries[start:start + size]
+                yield run(chunk)
+                advance(len(chunk))
+
+    def _stream(self, description: str, queries: list, quiet: bool, run: Callable[[list], list]) -> Iterator:
+        """Index or exact answers one by one, computed a chunk of queries at a time."""
+        for results in self._chunks(description, queries, self._chunk_size(QUERY_MEMORY, QUERY_COPIES, MAX_CHUNK),
+                                    quiet, run):
+            yield from results
 
     @staticmethod
     def _candidates(k: int, candidates: int | None) -> int:

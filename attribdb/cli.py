@@ -264,14 +264,22 @@ def _prefilter_size(ctx, param, value: str | None) -> int | None:
                    "them by --rank-by")
 @click.option("--bm25-query", type=click.Choice(["prompt+completion", "prompt"]), default="prompt+completion",
               show_default=True, help="the text BM25 searches with (--mode text and --prefilter)")
+@click.option("--doc", "doc_ids", multiple=True, metavar="ID",
+              help="instead of the top rows, score this document (repeatable): each of its rows with its exact "
+                   "score, per-token contributions and the rank it has in the index answer (-k, --candidates, "
+                   "--rescore and --mode do not apply)")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "html"]), default="table", show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), help="write to this file instead of stdout")
 @device_option
-def query(db, prompt, completion, queries_file, k, candidates, rank_by, rescore, mode, prefilter, bm25_query, fmt,
-          output, device):
-    """Which training sequences most influenced COMPLETION after PROMPT?"""
+@quiet_option
+def query(db, prompt, completion, queries_file, k, candidates, rank_by, rescore, mode, prefilter, bm25_query, doc_ids,
+          fmt, output, device, quiet):
+    """Which training sequences most influenced COMPLETION after PROMPT?
+
+    Answers are written as they are ready (JSON: one line per query; HTML: one page at the end);
+    a --queries batch shows its progress on stderr when that is a terminal."""
     from attribdb import api
-    from query.formats import render
+    from query.formats import write
 
     if prefilter and mode in ("exhaustive", "text"):
         raise click.UsageError(f"--prefilter picks the rows that exact influence scores; it does not go with "
@@ -279,23 +287,29 @@ def query(db, prompt, completion, queries_file, k, candidates, rank_by, rescore,
     if mode == "text" and completion is None:
         completion = ""  # BM25 alone can search with a prompt only
     items = _load_queries(prompt, completion, queries_file)
+    if doc_ids and (mode != "index" or prefilter):
+        raise click.UsageError("--doc scores the named documents exactly and ranks them as the index would: "
+                               "leave out --mode and --prefilter")
     with api.open(db, device=device) as database:
-        if prefilter:
+        if doc_ids:
+            results = (database.score(item["prompt"], item["completion"], doc_ids, rank_by=rank_by) for item in items)
+        elif prefilter:
             results = database.prefilter_batch(items, n=prefilter, k=k, rank_by=rank_by, bm25_query=bm25_query)
         elif mode == "text":
             results = database.text_batch(items, k=k, bm25_query=bm25_query)
         elif mode == "exhaustive":
-            results = database.exhaustive(items, k=k, quiet=False, rank_by=rank_by)
+            results = database.exhaustive(items, k=k, quiet=quiet, rank_by=rank_by)
         elif mode == "exact":
-            results = database.exact_batch(items, k=k, candidates=candidates, rank_by=rank_by)
+            results = database.exact_iter(items, k=k, candidates=candidates, rank_by=rank_by, quiet=quiet)
         else:
-            results = database.query_batch(items, k=k, candidates=candidates, rank_by=rank_by, rescore=rescore)
-        text = render(results, fmt)
-    if output:
-        Path(output).write_text(text + "\n")
-        click.echo(f"wrote {output}", err=True)
-    else:
-        click.echo(text)
+            results = database.query_iter(items, k=k, candidates=candidates, rank_by=rank_by, rescore=rescore,
+                                          quiet=quiet)
+        if output:
+            with open(output, "w", encoding="utf-8") as handle:
+                write(results, fmt, handle)
+            click.echo(f"wrote {output}", err=True)
+        else:
+            write(results, fmt, sys.stdout)
 
 
 @main.command()

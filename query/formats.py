@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Iterable
+from typing import TextIO
 
 from query.results import Hit, QueryResult
 
@@ -39,11 +41,15 @@ def _summary(r: QueryResult) -> str:
             f"{r.timings_ms.get('total', 0):.1f} ms")
 
 
+HITS_TITLE = {"score": "named documents, by the rank they have in the index answer:",  # else the top rows
+              "text": "best text matches (BM25):"}
+
+
 def render_table(results: list[QueryResult]) -> str:
     blocks = []
     for r in results:
         lines = [f"query: {_snippet(r.prompt, 60)!r} → {_snippet(r.completion, 40)!r}  [{_summary(r)}]",
-                 "best text matches (BM25):" if r.mode == "text" else "most influential (supporting):"]
+                 HITS_TITLE.get(r.mode, "most influential (supporting):")]
         lines += _hit_lines(r.hits)
         if r.opponents:
             lines += ["most negative (opposing):"] + _hit_lines(r.opponents)
@@ -113,7 +119,8 @@ def render_html(results: list[QueryResult]) -> str:
         sections.append(
             f"<h2>Query</h2><div class='query'><b>prompt</b> {html.escape(r.prompt)}<br>"
             f"<b>completion</b> {html.escape(r.completion)}<div class='meta'>{html.escape(_summary(r))}</div></div>"
-            + _hits_html("Most influential training sequences", r.hits)
+            + _hits_html("Named documents, by the rank they have in the index answer" if r.mode == "score"
+                         else "Most influential training sequences", r.hits)
             + _hits_html("Most negative (opposing) sequences", r.opponents))
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>attribdb report</title>"
             f"<style>{_STYLE}</style></head><body><h1>attribdb: which training data made the model say this?</h1>"
@@ -125,3 +132,15 @@ RENDERERS = {"table": render_table, "json": render_json, "html": render_html}
 
 def render(results: list[QueryResult], fmt: str) -> str:
     return RENDERERS[fmt](results)
+
+
+def write(results: Iterable[QueryResult], fmt: str, handle: TextIO) -> None:
+    """Results as they come, in the text ``render`` would give: a table block or a JSON line per
+    result, flushed, so a long batch shows its first answers at once and never holds them all;
+    HTML is one page, written at the end."""
+    if fmt == "html":
+        handle.write(render_html(list(results)) + "\n")
+        return
+    for i, result in enumerate(results):
+        handle.write(("\n" if i and fmt == "table" else "") + render([result], fmt) + "\n")
+        handle.flush()
