@@ -287,6 +287,8 @@ def query(db, prompt, completion, queries_file, k, candidates, rank_by, rescore,
     if mode == "text" and completion is None:
         completion = ""  # BM25 alone can search with a prompt only
     items = _load_queries(prompt, completion, queries_file)
+    # a bar for a batch on a terminal only: where stderr is captured, an error stays one line
+    quiet = quiet or not queries_file or not sys.stderr.isatty()
     if doc_ids and (mode != "index" or prefilter):
         raise click.UsageError("--doc scores the named documents exactly and ranks them as the index would: "
                                "leave out --mode and --prefilter")

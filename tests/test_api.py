@@ -4,7 +4,14 @@ query forms and both rankings from one pass."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
 from collections import Counter
 
 import pytest
@@ -128,14 +135,44 @@ def test_bad_batches_are_refused_before_any_work(db):
         db.exhaustive(QUERIES, " completion")
 
 
-def test_progress_goes_to_stderr_and_quiet_silences_it(built_db, tmp_path):
+def test_batch_progress_goes_to_stderr_unless_quiet(db, capfd):
+    db.query_batch(QUERIES, k=2)
+    out, err = capfd.readouterr()
+    assert out == "" and "query" in err and "3/3" in err
+    db.query_batch(QUERIES, k=2, quiet=True)
+    db.query(PROMPT, COMPLETION, k=2)
+    assert capfd.readouterr() == ("", "")
+
+
+def _on_a_terminal(*args) -> tuple[subprocess.CompletedProcess, str]:
+    """`attribdb ARGS` with stderr on a pseudo-terminal, as a user sees it: (result, what stderr showed)."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a fresh pty is 0 wide
+    result = subprocess.run([sys.executable, "-m", "attribdb", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=terminal, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            block = os.read(controller, 1 << 16)
+        except OSError:  # Linux: EIO once the terminal's other end is closed and drained
+            break
+        if not block:
+            break
+        shown += block
+    os.close(controller)
+    return result, shown.decode(errors="replace")
+
+
+def test_cli_batch_progress_on_a_terminal_and_quiet_silences_it(built_db, tmp_path):
     queries = tmp_path / "q.jsonl"
     queries.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in QUERIES))
-    loud = cli_here("query", built_db, "--queries", queries, "--format", "json", "-k", "2")
-    assert loud.returncode == 0 and "query" in loud.stderr and "3/3" in loud.stderr
+    args = ("query", built_db, "--queries", queries, "--format", "json", "-k", "2")
+    loud, shown = _on_a_terminal(*args)
+    assert loud.returncode == 0 and "query" in shown and "3/3" in shown
     assert [json.loads(line)["prompt"] for line in loud.stdout.splitlines()] == [p for p, _ in QUERIES]
-    quiet = cli_here("query", built_db, "--queries", queries, "--format", "json", "-k", "2", "--quiet")
-    assert quiet.returncode == 0 and quiet.stderr == ""
+    quiet, shown = _on_a_terminal(*args, "--quiet")
+    assert quiet.returncode == 0 and shown == ""
     assert [json.loads(line)["hits"] for line in quiet.stdout.splitlines()] == \
         [json.loads(line)["hits"] for line in loud.stdout.splitlines()]
 
