@@ -113,6 +113,27 @@ class _Scored:
         return normalized(self.exact_scores, self.exact_query_self, self.exact_self_influence)
 
 
+def _exhaustive_scored(columns: list[np.ndarray], self_q: float) -> _Scored:
+    """Rows scored in full by an exhaustive pass: shards, rows, (N, modules) scores, self-influence."""
+    shards, rows, per_module, self_m = columns
+    return _Scored(shards, rows, per_module.sum(1), per_module, self_m, float(self_q))
+
+
+def _reachable(scored: _Scored, k: int, rankings) -> np.ndarray:
+    """Indices, in order, of the rows that can still be among the ``k`` best or ``k`` worst under
+    any of ``rankings`` once more rows come: what an exhaustive pass keeps per query instead of
+    every row's scores.  A row in the top k of all rows is in the top k of any rows that include
+    it, ties broken by their order as over all rows."""
+    if len(scored.rows) <= 2 * k * len(rankings):
+        return np.arange(len(scored.rows))
+    keep = set()
+    for ranking in rankings:  # the orders of QueryEngine._ends when no row is rescored
+        key = scored.key(ranking)
+        keep.update(np.argsort(-key, kind="stable")[:k].tolist())
+        keep.update(np.argsort(key, kind="stable")[:k].tolist())
+    return np.array(sorted(keep), dtype=np.int64)
+
+
 class _Clock:
     def __init__(self):
         self.start = self.last = time.perf_counter()
@@ -442,7 +463,9 @@ class QueryEngine:
                    quiet: bool = True, rank_by: str | None = None) -> list[QueryResult] | dict[str, list[QueryResult]]:
         """Every stored row recomputed from its token ids and scored in full: the ground truth.
         The pass costs a forward and backward over the whole corpus and ranking is free, so
-        ``rank_by="both"`` returns ``{"normalized": results, "score": results}`` from one pass."""
+        ``rank_by="both"`` returns ``{"normalized": results, "score": results}`` from one pass.
+        Each query keeps only the rows that can still reach an end (:func:`_reachable`), so a pass
+        holds a few k rows' scores per query, whatever the corpus size."""
         rankings = RANK_BY if rank_by == BOTH else (_check_rank_by(rank_by),)
         results = {ranking: [] for ranking in rankings}
         for chunk in self._chunks(queries):
@@ -458,7 +481,9 @@ class QueryEngine:
         solved = self._solve(queries)
         self_q = solved.self_influence()
         batch_size = batch_size or self.runtime.manifest.settings.batch_size
-        parts = []
+        # per query, the rows that can still reach an end: shards, rows, (N, modules) scores, self-influence
+        kept = [[np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, len(self.modules))), np.zeros(0)]
+                for _ in queries]
         with progress_bar("exhaustive", self.rows, quiet) as advance:
             for shard_id, reader in self.shards.items():
                 for start in range(0, reader.rows, batch_size):
@@ -466,21 +491,22 @@ class QueryEngine:
                     token_ids = [m["token_ids"] for m in reader.metadata(rows)]
                     captures, _ = computer.runner.train_captures(collate_sequences(token_ids, pad_id))
                     exact = eigenbasis_scores(computer.factors, solved(), captures, self.modules)
-                    parts.append((np.full(len(rows), shard_id), rows, exact.per_module.double().cpu().numpy(),
-                                  exact.self_influence.double().cpu().numpy()))
+                    per_module = exact.per_module.double().cpu().numpy()  # (Q, B, modules)
+                    self_m = exact.self_influence.double().cpu().numpy()
+                    for i, columns in enumerate(kept):
+                        new = (np.full(len(rows), shard_id), rows, per_module[i], self_m)
+                        columns[:] = [np.concatenate([old, more]) for old, more in zip(columns, new)]
+                        reachable = _reachable(_exhaustive_scored(columns, self_q[i]), k, rankings)
+                        columns[:] = [column[reachable] for column in columns]
                     advance(len(rows))
         clock.lap("score")
-        shards = np.concatenate([p[0] for p in parts])
-        rows = np.concatenate([p[1] for p in parts])
-        per_row = np.concatenate([p[2] for p in parts], axis=1)
-        self_m = np.concatenate([p[3] for p in parts])
         results = {ranking: [] for ranking in rankings}
         for i, query in enumerate(queries):
-            scored = _Scored(shards, rows, per_row[i].sum(1), per_row[i], self_m, float(self_q[i]))
+            scored = _exhaustive_scored(kept[i], self_q[i])
             for ranking in rankings:
                 hits, worst = self._ends(scored, k, ranking, opponents=True)
                 results[ranking].append(QueryResult(query.prompt, query.completion, "exhaustive", hits, worst,
-                                                    float(self_q[i]), len(rows), {}))
+                                                    float(self_q[i]), self.rows, {}))
         clock.lap("metadata")
         for ranked in results.values():
             for result in ranked:
