@@ -19,7 +19,7 @@ from attribdb.text_index import valid_text
 # Batches run in chunks of queries whose dense gradients (one d_out × d_in matrix per tracked
 # module per query, a few copies alive at once) fit in a memory budget: a 720-query batch on
 # the demo held them all at once and peaked at 4.5 GB.  Results stream by chunk.
-QUERY_MEMORY = 256 << 20  # index and exact modes: captures, inverse-HVP and its projection...
+QUERY_MEMORY = 128 << 20  # index and exact modes: captures, inverse-HVP and its projection...
 QUERY_COPIES = 3  # ...three gradient-sized tensors per query
 MAX_CHUNK = 64  # more queries per chunk gain nothing: their forward/backward is batched already
 # exhaustive: a chunk is a pass over the whole corpus, so it gets more memory to need fewer
