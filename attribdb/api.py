@@ -40,10 +40,11 @@ def _as_query(item):
             prompt, completion = str(item["prompt"]), str(item["completion"])
         except KeyError as exc:
             raise QueryError(f"a query needs 'prompt' and 'completion', this one has {sorted(item)}") from exc
-    try:
-        prompt, completion = item
-    except (TypeError, ValueError):
-        raise QueryError(f"a query is a (prompt, completion) pair or a dict with both, not {item!r:.60}") from None
+    else:
+        try:
+            prompt, completion = item
+        except (TypeError, ValueError):
+            raise QueryError(f"a query is a (prompt, completion) pair or a dict with both, not {item!r:.60}") from None
     return Query(valid_text(prompt), valid_text(completion))
 
 
