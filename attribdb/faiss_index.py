@@ -18,6 +18,7 @@ import numpy as np
 from attribdb.native import faiss
 
 HNSW_NEIGHBOURS = 32
+DATABASE_KINDS = ("auto", "ivf-sq8")  # kinds served by one database-wide index (at scale, for "auto")
 IVF_MIN_POINTS_PER_LIST = 39  # below this faiss warns that training is unreliable
 
 
@@ -26,6 +27,12 @@ def divide_by_norm(values, squared_norms):
     cosine's part, self-influence being a squared norm."""
     norms = np.sqrt(np.maximum(np.asarray(squared_norms, dtype=np.float64), 0.0))
     return np.divide(values, norms, out=np.zeros(np.broadcast(values, norms).shape), where=norms > 0)
+
+
+def shard_index_kind(index_kind: str) -> str:
+    """The kind of a shard's own index: flat where a database-wide index takes over at scale
+    ("auto", "ivf-sq8"), so a shard is searchable exactly from its seal until that index covers it."""
+    return "flat" if index_kind in DATABASE_KINDS else index_kind
 
 
 def build_index(vectors: np.ndarray, kind: str, unit: bool):

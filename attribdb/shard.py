@@ -174,7 +174,7 @@ class ShardWriter:
 
     def seal(self, index_kind: str) -> None:
         """Trim the arrays to the committed rows, write the FAISS and full-text indexes, mark sealed."""
-        from attribdb.faiss_index import build_index, write_index
+        from attribdb.faiss_index import build_index, shard_index_kind, write_index
 
         rows = self.committed
         for name in self.group.array_keys():
@@ -182,7 +182,8 @@ class ShardWriter:
             array.resize((rows,) + array.shape[1:])
         vectors = index_vectors(self.row_files.read(range(rows)), self.group[layout.SELF_INFLUENCE][:rows],
                                 self.layout.normalized_index)
-        write_index(build_index(vectors, index_kind, self.layout.normalized_index), self.path / layout.FAISS_FILE)
+        write_index(build_index(vectors, shard_index_kind(index_kind), self.layout.normalized_index),
+                    self.path / layout.FAISS_FILE)
         text_index.write(row_texts(self.env, self.dbs[layout.ROWS_DB], f"shard {self.path}", rows),
                          self.path / layout.TEXT_FILE)
         checksums = {FAISS_CRC_KEY: _file_crc32c(self.path / layout.FAISS_FILE),
