@@ -65,27 +65,31 @@ def write_index(index, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def read_index(path: Path):
-    """Memory-mapped and read-only where the index type allows: the query process stays small."""
+def read_index(path: Path, mmap: bool = True):
+    """Memory-mapped and read-only where the index type allows: the query process stays small.
+    ``mmap=False`` reads it whole, for adding to it."""
+    if not mmap:
+        return faiss.read_index(str(path))
     try:
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError:
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
 
 
-def configure_search(index, candidates: int) -> None:
-    """Search-time knobs that trade speed for recall, sized to the candidate count."""
+def configure_search(index, candidates: int, nprobe: int | None = None) -> None:
+    """Search-time knobs that trade speed for recall, sized to the candidate count; ``nprobe``
+    where the index records its own (attribdb/db_index.py)."""
     if isinstance(index, faiss.IndexHNSW):
         index.hnsw.efSearch = max(128, 2 * candidates)
-    elif isinstance(index, faiss.IndexIVF):
-        index.nprobe = max(1, index.nlist // 4)
+    elif hasattr(index, "nprobe"):  # IVF, on CPU or GPU
+        index.nprobe = nprobe or max(1, index.nlist // 4)
 
 
-def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search(index, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids) of the top ``k`` by inner product; ids -1 pad when the shard is small."""
     k = min(k, index.ntotal)
     if k == 0:
         empty = np.zeros((len(queries), 0))
         return empty.astype(np.float32), empty.astype(np.int64)
-    configure_search(index, k)
+    configure_search(index, k, nprobe)
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)

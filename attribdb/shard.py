@@ -424,9 +424,11 @@ class ShardReader:
         where = f"shard {self.path}"
         return text_index.TextIndex.in_memory(row_texts(self.env, self.dbs[layout.ROWS_DB], where, self.rows), where)
 
-    def faiss_vectors(self) -> np.ndarray:
-        """What the shard's FAISS index holds, computed from the Zarr arrays."""
-        return index_vectors(self.read(layout.ROWS), self.read(layout.SELF_INFLUENCE), self.layout.normalized_index)
+    def faiss_vectors(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """What the shard's FAISS index holds (of ``rows``, default all), computed from the Zarr arrays."""
+        rows = np.arange(self.rows) if rows is None else rows
+        return index_vectors(self.read(layout.ROWS, rows), self.whole(layout.SELF_INFLUENCE)[rows],
+                             self.layout.normalized_index)
 
     def close(self) -> None:
         metadb.close_env(self.env)
