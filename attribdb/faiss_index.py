@@ -82,7 +82,7 @@ def configure_search(index, candidates: int, nprobe: int | None = None) -> None:
     if isinstance(index, faiss.IndexHNSW):
         index.hnsw.efSearch = max(128, 2 * candidates)
     elif hasattr(index, "nprobe"):  # IVF, on CPU or GPU
-        index.nprobe = nprobe or max(1, index.nlist // 4)
+        index.nprobe = nprobe or max(1, getattr(index, "nlist", 4) // 4)
 
 
 def search(index, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
