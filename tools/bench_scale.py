@@ -11,8 +11,9 @@ N and every setting, and reused by the next run.
 
 Figures (printed last):
 
-- p50 / p95 latency of one index query (query row, FAISS, rescoring, metadata),
-  over queries made the same way as the documents;
+- p50 / p95 latency of one index query with ``rescore=0`` (query row, FAISS,
+  the candidates' compressed scores from their stored rows, metadata): the
+  index path itself, over queries made the same way as the documents;
 - recall@10 of those answers against brute force over the stored rows: the
   exact inner product of the query row with every stored unit row, read back
   from the row store in bounded memory (a shard at a time).  That is the truth
@@ -181,11 +182,11 @@ def scale(n: int, work: Path | None, row_bytes: int | None, index_kind: str | No
     rss_open = current_rss_mib()
     items = queries(N_QUERIES, runtime.tokenizer, SETTINGS['max_length'] - 2)
     for item in items[:20]:  # warm-up: first reads of indexes and code paths
-        engine.query([item], k=TRUTH_K)
+        engine.query([item], k=TRUTH_K, rescore=0)
     latencies, answers, laps = [], [], {}
     for item in items:
         started = time.perf_counter()
-        answers += engine.query([item], k=TRUTH_K)
+        answers += engine.query([item], k=TRUTH_K, rescore=0)
         latencies.append(time.perf_counter() - started)
         for lap, ms in answers[-1].timings_ms.items():
             laps.setdefault(lap, []).append(ms)
