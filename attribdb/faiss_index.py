@@ -18,6 +18,7 @@ import numpy as np
 from attribdb.native import faiss
 
 HNSW_NEIGHBOURS = 32
+DATABASE_KINDS = ("auto", "ivf-sq8")  # kinds served by one database-wide index (at scale, for "auto")
 IVF_MIN_POINTS_PER_LIST = 39  # below this faiss warns that training is unreliable
 
 
@@ -26,6 +27,12 @@ def divide_by_norm(values, squared_norms):
     cosine's part, self-influence being a squared norm."""
     norms = np.sqrt(np.maximum(np.asarray(squared_norms, dtype=np.float64), 0.0))
     return np.divide(values, norms, out=np.zeros(np.broadcast(values, norms).shape), where=norms > 0)
+
+
+def shard_index_kind(index_kind: str) -> str:
+    """The kind of a shard's own index: flat where a database-wide index takes over at scale
+    ("auto", "ivf-sq8"), so a shard is searchable exactly from its seal until that index covers it."""
+    return "flat" if index_kind in DATABASE_KINDS else index_kind
 
 
 def build_index(vectors: np.ndarray, kind: str, unit: bool):
@@ -58,27 +65,31 @@ def write_index(index, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def read_index(path: Path):
-    """Memory-mapped and read-only where the index type allows: the query process stays small."""
+def read_index(path: Path, mmap: bool = True):
+    """Memory-mapped and read-only where the index type allows: the query process stays small.
+    ``mmap=False`` reads it whole, for adding to it."""
+    if not mmap:
+        return faiss.read_index(str(path))
     try:
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError:
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
 
 
-def configure_search(index, candidates: int) -> None:
-    """Search-time knobs that trade speed for recall, sized to the candidate count."""
+def configure_search(index, candidates: int, nprobe: int | None = None) -> None:
+    """Search-time knobs that trade speed for recall, sized to the candidate count; ``nprobe``
+    where the index records its own (attribdb/db_index.py)."""
     if isinstance(index, faiss.IndexHNSW):
         index.hnsw.efSearch = max(128, 2 * candidates)
-    elif isinstance(index, faiss.IndexIVF):
-        index.nprobe = max(1, index.nlist // 4)
+    elif hasattr(index, "nprobe"):  # IVF, on CPU or GPU
+        index.nprobe = nprobe or max(1, getattr(index, "nlist", 4) // 4)
 
 
-def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search(index, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids) of the top ``k`` by inner product; ids -1 pad when the shard is small."""
     k = min(k, index.ntotal)
     if k == 0:
         empty = np.zeros((len(queries), 0))
         return empty.astype(np.float32), empty.astype(np.int64)
-    configure_search(index, k)
+    configure_search(index, k, nprobe)
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)

@@ -59,6 +59,7 @@ def database_info(root: str | Path) -> dict:
             rows += reader.rows
         finally:
             reader.close()
+    sizes["faiss"] += _size(root / layout.INDEX_DIR)
     row_layout = manifest.row_layout() if manifest.rows is not None else None
     return {
         "path": str(root),
@@ -120,6 +121,7 @@ def verify_database(root: str | Path) -> VerifyReport:
         raise StoreError("factors and manifest track different modules")
     RowProjection.load(layout.projection_path(root), manifest.row_layout())
     total_rows, pending = 0, None
+    _verify_database_index(root, manifest)
     for generation in manifest.generations:
         rows = sum(_verify_shard(root, manifest, s, generation) for s in generation.shard_ids)
         if generation.state == "complete" and rows != generation.sequences:
@@ -130,6 +132,28 @@ def verify_database(root: str | Path) -> VerifyReport:
             pending = (f"build in progress or interrupted: {rows} of {generation.sequences} rows committed; "
                        f"resume with `{_resume_command(root, generation)}`")
     return VerifyReport(len(manifest.shard_ids), total_rows, pending)
+
+
+def _verify_database_index(root: Path, manifest: Manifest) -> None:
+    """The database-wide FAISS index, when there is one: present, its CRC32C as recorded, and as many
+    vectors as the shards it covers hold rows (attribdb/db_index.py checks all three on open)."""
+    if manifest.database_index is None:
+        return
+    from attribdb.db_index import IndexSet
+
+    covered = manifest.database_index["shards"]
+    readers = {s: ShardReader(layout.shard_dir(root, s), manifest.row_layout()) for s in covered
+               if (layout.shard_dir(root, s) / layout.META_LMDB).is_dir()}
+    try:
+        if len(readers) != len(covered):
+            raise StoreError(f"the database index covers shard {min(set(covered) - set(readers)):05d}, which is missing")
+        unsealed = [s for s, reader in readers.items() if not reader.sealed]
+        if unsealed:
+            raise StoreError(f"the database index covers shard {unsealed[0]:05d}, which is not sealed")
+        IndexSet.open(root, manifest, readers)
+    finally:
+        for reader in readers.values():
+            reader.close()
 
 
 def _verify_shard(root: Path, manifest: Manifest, shard_id: int, generation: Generation) -> int:

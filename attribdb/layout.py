@@ -11,6 +11,7 @@
       shards/NNNNN/meta.lmdb        row metadata, document index, commit journal
       shards/NNNNN/rows.faiss       inner-product index over the shard's rows
       shards/NNNNN/text.sqlite      SQLite FTS5 index of the rows' text (BM25), see text_index.py
+      index/rows-ivf-sq8-*.faiss    one index over every shard's rows, at scale (the manifest names it)
 """
 
 from pathlib import Path
@@ -26,6 +27,7 @@ GRADS_ZARR = "grads.zarr"
 META_LMDB = "meta.lmdb"
 FAISS_FILE = "rows.faiss"
 TEXT_FILE = "text.sqlite"
+INDEX_DIR = "index"  # the database-wide FAISS index, when there is one (attribdb/db_index.py)
 
 # arrays inside grads.zarr (attribdb/rows.py says what a row is)
 ROWS = "rows"  # (rows, dim) float16: each row divided by its norm

@@ -50,6 +50,7 @@ class Manifest:
     generations: list[Generation] = field(default_factory=list)
     factor_digests: dict[str, str] = field(default_factory=dict)  # factors/ file name -> sha256, once fitted
     block_coverage: float | None = None  # share of block parameters tracked; None in databases made before it
+    database_index: dict | None = None  # the database-wide FAISS index (attribdb/db_index.py), once there is one
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
@@ -88,7 +89,7 @@ class Manifest:
             "rows": self.rows,
             "generations": [asdict(g) for g in self.generations],
             "factor_digests": self.factor_digests,
-        }
+        } | ({"database_index": self.database_index} if self.database_index else {})
 
     def record_factor_files(self, root: Path) -> None:
         """Record the sha256 of every factor file: they become one unit, checked on every load."""
@@ -138,6 +139,7 @@ class Manifest:
                 generations=[Generation(**g) for g in data["generations"]],
                 factor_digests=data["factor_digests"],
                 block_coverage=data.get("block_coverage"),
+                database_index=data.get("database_index"),
                 format_version=data["format_version"],
                 created=data["created"],
             )

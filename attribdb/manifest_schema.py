@@ -93,7 +93,8 @@ def check(data, where: str) -> dict:
 
     c = _Checker(where)
     c.keys(data, "", {"format_version", "created", "model", "settings", "modules", "rows", "generations",
-                      "factor_digests", CHECKSUM_KEY}, {"block_coverage"})  # no coverage: made before it was measured
+                      "factor_digests", CHECKSUM_KEY},
+           {"block_coverage", "database_index"})  # absent: made before coverage was measured; no database index
     body = {k: v for k, v in data.items() if k != CHECKSUM_KEY}
     if data[CHECKSUM_KEY] != digest(body):
         raise StoreError(f"{where} fails its checksum: it was edited or damaged (restore it from a backup)")
@@ -132,7 +133,28 @@ def check(data, where: str) -> dict:
     if data["factor_digests"] and data["rows"] is None:
         c.fail("rows", "is null although the factors were fitted (their digests are recorded)")
     _check_generations(c, data["generations"], settings.get("shard_size"))
+    _check_database_index(c, data.get("database_index"), sum(g["shards"] or 0 for g in data["generations"]))
     return body
+
+
+def _check_database_index(c: _Checker, recorded, shards: int) -> None:
+    """The database-wide FAISS index (attribdb/db_index.py): a file name without a path, its CRC32C,
+    and the shards it covers, every one of them in a generation."""
+    if recorded is None:
+        return
+    c.keys(recorded, "database_index", {"kind", "file", "crc32c", "shards", "rows", "nlist", "nprobe"})
+    c.string(recorded["kind"], "database_index.kind", choices=("ivf-sq8",))
+    if not (isinstance(recorded["file"], str) and re.fullmatch(r"[\w.-]+\.faiss", recorded["file"])):
+        c.fail("database_index.file", f"must be a file name ending in .faiss, not {recorded['file']!r}")
+    if not (isinstance(recorded["crc32c"], str) and re.fullmatch(r"[0-9a-f]{8}", recorded["crc32c"])):
+        c.fail("database_index.crc32c", f"must be a CRC32C in hex, not {recorded['crc32c']!r}")
+    covered = recorded["shards"]
+    if not (isinstance(covered, list) and covered and all(isinstance(s, int) and not isinstance(s, bool)
+                                                          and 0 <= s < shards for s in covered)
+            and covered == sorted(set(covered))):
+        c.fail("database_index.shards", f"must be a sorted list of shard numbers below {shards}")
+    for name in ("rows", "nlist", "nprobe"):
+        c.integer(recorded[name], f"database_index.{name}", minimum=1)
 
 
 def _check_rows(c: _Checker, rows, module_names: list[str]) -> None:

@@ -8,6 +8,7 @@ the exact model that produced its gradients.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -36,6 +37,16 @@ def resolve_device(device: str | None) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     return resolved
+
+
+def deterministic_on(device: torch.device) -> None:
+    """On CUDA, kernels that give the same bits every run: a resumed build must store exactly the
+    rows an uninterrupted one does, and atomic-add reductions (index_add_, scatter_add_, embedding
+    backward) sum in a different order each run.  cuBLAS needs its workspace fixed for that, before
+    its first use; an op with no deterministic kernel warns rather than fails."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: str = "float32"):

@@ -21,7 +21,7 @@ from attribdb.factors import Factors
 from attribdb.gradients import GradientRunner
 from attribdb.influence import InfluenceComputer
 from attribdb.manifest import Manifest
-from attribdb.models import compute_dtype, fingerprint, load_model, resolve_device
+from attribdb.models import compute_dtype, deterministic_on, fingerprint, load_model, resolve_device
 from attribdb.rows import RowLayout, RowProjection
 from attribdb.tasks import CausalLMTask
 
@@ -40,6 +40,7 @@ class Runtime:
         root = Path(root)
         manifest = Manifest.load(root)
         resolved = resolve_device(device)
+        deterministic_on(resolved)
         model, tokenizer = load_model(model_path or manifest.settings.model_path, resolved, manifest.settings.dtype)
         manifest.require_model(fingerprint(model))
         manifest.check_factor_files(root, [layout.projection_path(root)])  # the factors: when first needed

@@ -17,13 +17,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from attribdb import faults, layout
+from attribdb import db_index, faults, layout
 from attribdb.errors import ConfigError
+from attribdb.inspection import existing_shards
 from attribdb.manifest import Generation, Manifest
 from attribdb.progress import progress_bar, say
 from attribdb.runtime import Runtime
 from attribdb.settings import DatabaseSettings
-from attribdb.shard import ShardWriter
+from attribdb.shard import ShardReader, ShardWriter
 from indexer import sequences
 from indexer.corpus import CorpusSpec
 from indexer.distributed import World, join, leave
@@ -82,12 +83,29 @@ def _build(root, spec, settings, overrides, append, model_path, device, quiet, w
     generation = _generation_of(Manifest.load(root), spec_dict)
     computed = _write_shards(runtime, spec, generation, world, quiet)
     world.barrier()
-    if world.is_leader and generation.state == "building":
-        manifest = Manifest.load(root)
-        _generation_of(manifest, spec_dict).state = "complete"
-        manifest.save(root)
+    if world.is_leader:
+        _update_database_index(root, quiet)
+        if generation.state == "building":
+            manifest = Manifest.load(root)
+            _generation_of(manifest, spec_dict).state = "complete"
+            manifest.save(root)
     generation.state = "complete"
     return BuildResult(generation, time.time() - started, computed)
+
+
+def _update_database_index(root: Path, quiet: bool) -> None:
+    """Add the sealed shards to the database-wide FAISS index when the index kind's rule wants one
+    (attribdb/db_index.py); before the generation is marked complete, so a complete generation is
+    always covered, and a killed run finishes the index when it is run again."""
+    manifest = Manifest.load(root)
+    readers = {shard_id: ShardReader(path, manifest.row_layout()) for shard_id, path in existing_shards(root, manifest)}
+    try:
+        if db_index.update(root, manifest, readers):
+            say(f"database index: {manifest.database_index['rows']} rows in {manifest.database_index['nlist']} "
+                "lists", quiet)
+    finally:
+        for reader in readers.values():
+            reader.close()
 
 
 def _generation_of(manifest: Manifest, spec_dict: dict) -> Generation:

@@ -64,8 +64,7 @@ def chunk_documents(documents: Iterable[Document], tokenizer, config: ChunkConfi
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError("chunking needs a fast (Rust-backed) tokenizer: it maps tokens back to characters")
-    for document in documents:
-        ids, offsets = _encode(tokenizer, document.text)
+    for document, (ids, offsets) in _encoded(documents, tokenizer):
         if not ids:
             if report is not None:
                 report.reject(f"{document.source}: the text has no tokens")
@@ -81,16 +80,31 @@ def chunk_documents(documents: Iterable[Document], tokenizer, config: ChunkConfi
                                (char_start, char_end), document.text[char_start:char_end])
 
 
-def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids and character offsets of a whole document: no special tokens, no truncation.
+ENCODE_BATCH = 256  # documents per tokenizer call: a call costs ~0.5 ms of Python on top of its Rust work
+
+
+def _encoded(documents: Iterable, tokenizer) -> Iterator[tuple]:
+    """(document, (token ids, character offsets)) in order, tokenized a few hundred documents per call."""
+    batch = []
+    for document in documents:
+        batch.append(document)
+        if len(batch) == ENCODE_BATCH:
+            yield from zip(batch, _encode(tokenizer, [d.text for d in batch]))
+            batch = []
+    if batch:
+        yield from zip(batch, _encode(tokenizer, [d.text for d in batch]))
+
+
+def _encode(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Token ids and character offsets of whole documents: no special tokens, no truncation.
 
     ``truncation=False`` also clears a truncation a tokenizer file may carry;
     ``verbose=False`` silences the "longer than the model's maximum" warning,
     which does not apply since the document is cut into windows next.
     """
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False,
+    encoding = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False,
                          truncation=False, padding=False, verbose=False)
-    return encoding["input_ids"], encoding["offset_mapping"]
+    return list(zip(encoding["input_ids"], encoding["offset_mapping"]))
 
 
 def _char_bounds(offsets: list[tuple[int, int]], n_chars: int) -> list[int]:

@@ -10,7 +10,8 @@ from attribdb.errors import ConfigError
 from attribdb.factors import Factors
 from attribdb.fitting import fit_factors
 from attribdb.manifest import Manifest, exists
-from attribdb.models import check_context, compute_dtype, fingerprint, load_model, resolve_device
+from attribdb.models import (check_context, compute_dtype, deterministic_on, fingerprint, load_model,
+                             resolve_device)
 from attribdb.progress import progress_bar, say
 from attribdb.rows import RowProjection
 from attribdb.settings import DatabaseSettings
@@ -52,6 +53,7 @@ def fit_database(root: str | Path, spec: CorpusSpec, settings: DatabaseSettings,
 def _fit(root: Path, spec: CorpusSpec, settings: DatabaseSettings, device: str | None, quiet: bool,
          refit: bool) -> Factors:
     resolved = resolve_device(device)
+    deterministic_on(resolved)
     model, tokenizer = load_model(settings.model_path, resolved, settings.dtype)
     check_context(model, settings.max_length)
     model_fingerprint = fingerprint(model)

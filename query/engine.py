@@ -30,7 +30,8 @@ import torch
 
 from attribdb import layout
 from attribdb.errors import QueryError
-from attribdb.faiss_index import divide_by_norm, search
+from attribdb.db_index import IndexSet
+from attribdb.faiss_index import divide_by_norm
 from attribdb.influence import eigenbasis_scores, inverse_hvp_self_influence, token_contributions
 from attribdb.inspection import existing_shards
 from attribdb.progress import progress_bar
@@ -179,7 +180,7 @@ class QueryEngine:
         self.shards = {shard_id: ShardReader(path, runtime.row_layout)
                        for shard_id, path in existing_shards(runtime.root, runtime.manifest)
                        if shard_ids is None or shard_id in shard_ids}
-        self.indexes = {shard_id: reader.index() for shard_id, reader in self.shards.items() if reader.rows}
+        self.indexes = IndexSet.open(runtime.root, runtime.manifest, self.shards, runtime.device)
         self.max_tokens = getattr(runtime.model.config, "max_position_embeddings", None) or 1 << 30
         self.flops_per_token = self._flops_per_token()
 
@@ -283,12 +284,7 @@ class QueryEngine:
         ``opponents`` the most negative ones too: both ends come from one scan of each index."""
         n = len(query_rows)
         both = np.concatenate([query_rows, -query_rows]) if opponents else query_rows
-        merged = [[] for _ in range(len(both))]
-        for shard_id, index in self.indexes.items():
-            scores, ids = search(index, both, candidates)
-            for i in range(len(both)):
-                merged[i] += [(float(s), shard_id, int(r)) for s, r in zip(scores[i], ids[i]) if r >= 0]
-        best = [sorted(found, reverse=True)[:candidates] for found in merged]
+        best = self.indexes.search(both, candidates)
         return best[:n], (best[n:] if opponents else [[] for _ in range(n)])
 
     def _rescore(self, query_row: torch.Tensor, candidates: list[tuple[float, int, int]], query_self: float) -> _Scored:

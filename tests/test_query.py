@@ -158,7 +158,7 @@ def test_faiss_holds_the_unit_rows(db):
     from attribdb import layout
 
     for shard_id, reader in db.engine.shards.items():
-        held = db.engine.indexes[shard_id].reconstruct_n(0, reader.rows)
+        held = db.engine.indexes.shard_indexes[shard_id].reconstruct_n(0, reader.rows)
         np.testing.assert_array_equal(held, reader.read(layout.ROWS).astype(np.float32))
 
 

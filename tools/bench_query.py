@@ -22,8 +22,13 @@ one), its shards are copied N times into a scratch database (the rows repeat, so
 only the latency and memory figures mean anything), and the index p50 is set
 against one forward+backward of the query on that model (goal: <= 3x at >= 10^4 rows).
 
+With ``--rows N`` it measures scale instead (tools/bench_scale.py): a database of N
+short sequences on a tiny model, its index latency, recall@10 against brute force
+over the stored rows, memory and disk, with the index kind the default rule picks.
+
 Run: python tools/bench_query.py [--docs 4800] [--workdir /tmp/attribdb-bench-query]
      python tools/bench_query.py --wide /tmp/attribdb-bench-build/db-gpt2-small-once --copies 100
+     python tools/bench_query.py --rows 1000000 [--row-bytes 512] [--workdir /tmp/attribdb-bench-rows]
 """
 
 from __future__ import annotations
@@ -141,7 +146,15 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a local model folder (default: a small random GPT-2)")
     parser.add_argument("--wide", type=Path, help="a database on a wide model: measure its latency only")
     parser.add_argument("--copies", type=int, default=100, help="with --wide: copies of its shards")
+    parser.add_argument("--rows", type=int, help="measure scale: a database of this many short sequences")
+    parser.add_argument("--row-bytes", type=int, help="with --rows: bytes per row (default: bench_scale's)")
+    parser.add_argument("--index-kind", help="with --rows: an explicit index kind instead of the default rule")
     args = parser.parse_args()
+    if args.rows:
+        from bench_scale import scale
+
+        return scale(args.rows, args.workdir if args.workdir != parser.get_default("workdir") else None,
+                     args.row_bytes, args.index_kind)
     if args.wide:
         return wide(args.wide, args.copies, args.workdir)
 

@@ -7,7 +7,10 @@ Python API only (the on-disk row format is not part of the contract):
 
 1. fit, then build the first corpus with a crash injected after the second
    commit (the build raises, as a kill would stop it), then build again: the
-   resume must finish the interrupted shard;
+   resume must finish the interrupted shard, and its stored rows must be
+   bit-identical to those of an uninterrupted build on the same device
+   (attribdb makes CUDA kernels deterministic, ``attribdb.models.deterministic_on``:
+   atomic-add reductions would otherwise sum in another order each run);
 2. append a second corpus;
 3. ``info`` and ``verify`` of both databases agree (rows, shards, documents);
 4. every row's stored self-influence, and the answers of every query in each
@@ -89,6 +92,40 @@ def build_database(db: Path, corpus: Path, extra: Path, model: Path, device: str
     assert Manifest.load(db).building() is not None, "the interrupted build should be unfinished"
     api.build(db, str(corpus), device=device, quiet=True)
     api.build(db, str(extra), append=True, device=device, quiet=True)
+
+
+def uninterrupted(db: Path, corpus: Path, extra: Path, model: Path, device: str) -> None:
+    """The same fit, build and append as :func:`build_database`, with no crash."""
+    from attribdb import api
+
+    api.fit(db, str(corpus), str(model), device=device, quiet=True, **SETTINGS)
+    api.build(db, str(corpus), device=device, quiet=True)
+    api.build(db, str(extra), append=True, device=device, quiet=True)
+
+
+def stored_rows_differ(resumed: Path, straight: Path) -> list[str]:
+    """Shards whose stored arrays are not bit-identical between two databases.  The one place this
+    script reads the row store itself: bit-identity is a property of what is stored."""
+    from attribdb import layout
+    from attribdb.manifest import Manifest
+    from attribdb.shard import ShardReader
+
+    manifest = Manifest.load(resumed)
+    if manifest.shard_ids != Manifest.load(straight).shard_ids:
+        return ["resumed and uninterrupted builds hold different shards"]
+    problems = []
+    for shard_id in manifest.shard_ids:
+        readers = [ShardReader(layout.shard_dir(db, shard_id), manifest.row_layout()) for db in (resumed, straight)]
+        try:
+            for name in layout.ROW_ARRAYS:
+                a, b = (reader.read(name) for reader in readers)
+                if a.shape != b.shape or a.tobytes() != b.tobytes():
+                    problems.append(f"shard {shard_id:05d} {name}: the resumed build stored other bits than "
+                                    "the uninterrupted one")
+        finally:
+            for reader in readers:
+                reader.close()
+    return problems
 
 
 def answers(db: Path, device: str) -> dict:
@@ -206,9 +243,15 @@ def run(device: str, workdir: Path, tolerance: float) -> list[str]:
             return [f"fit/build/resume/append on {dev} failed: {built}"]
         print(f"{label} ({dev}): queries in every mode ...", file=sys.stderr)
         results[label] = answers(db, dev)
+    print(f"{device}: the same build uninterrupted, for bit-identity with the resumed one ...", file=sys.stderr)
+    straight = workdir / "db-device-uninterrupted"
+    built = _guarded(lambda: uninterrupted(straight, corpus, extra, model, device))
+    if isinstance(built, Failure):
+        return [f"uninterrupted build on {device} failed: {built}"]
     counts = results["cpu"]["counts"]
-    print(f"compared {counts['sequences']} rows in {counts['shards']} shards, {len(QUERIES)} queries × 3 modes")
-    return compare(results["device"], results["cpu"], tolerance)
+    print(f"compared {counts['sequences']} rows in {counts['shards']} shards, {len(QUERIES)} queries × 3 modes; "
+          f"resumed against uninterrupted build on {device}, bit for bit")
+    return stored_rows_differ(workdir / "db-device", straight) + compare(results["device"], results["cpu"], tolerance)
 
 
 def main(argv: list[str] | None = None) -> int:
