@@ -339,14 +339,17 @@ def test_a_document_without_tokens_is_counted_malformed():
     assert report.problems == ["c.jsonl:2: the text has no tokens"]
 
 
-def test_reading_and_chunking_stream_together(tmp_path, caplog):
+def test_reading_and_chunking_stream_together(tmp_path, caplog, monkeypatch):
+    import indexer.chunking
+
+    monkeypatch.setattr(indexer.chunking, "ENCODE_BATCH", 2)  # documents are tokenized a batch at a time
     tokenizer = byte_level_bpe()
     path = write_jsonl(tmp_path / "c.jsonl", DOCS + [("d00", "duplicate")])
     report = ReadReport()
     spec = CorpusSpec(str(path), on_error="skip")
     sequences = chunk_documents(read_documents(spec, report), tokenizer, ChunkConfig(max_length=16), report)
     first = next(sequences)
-    assert (first.doc_id, report.documents) == ("d00", 1)  # one document read so far, not the corpus
+    assert (first.doc_id, report.documents) == ("d00", 2)  # one batch read so far, not the corpus
     rest = list(sequences)
     assert len(rest) + 1 == sum(-(-len(ids_of(tokenizer, t)) // 16) for _, t in DOCS) - report.short_windows
     assert report.summary().startswith("read 7 documents, skipped 1 malformed record (first: c.jsonl:8: duplicate")
