@@ -215,10 +215,10 @@ class Database:
     def _chunk_size(self, memory: int, copies: int, most: int) -> int:
         """Queries per chunk: as many as keep ``copies`` of their dense gradients within ``memory``."""
         from attribdb.models import compute_dtype
+        from query.engine import queries_per_chunk
 
-        per_query = (copies * compute_dtype(self.manifest.settings.dtype).itemsize
-                     * sum(m.d_in * m.d_out for m in self.manifest.modules))
-        return max(1, min(most, memory // per_query))
+        return queries_per_chunk(self.manifest.modules, compute_dtype(self.manifest.settings.dtype).itemsize,
+                                 memory, copies, most)
 
     @staticmethod
     def _chunks(description: str, queries: list, size: int, quiet: bool, run: Callable[[list], object]) -> Iterator:

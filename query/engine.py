@@ -50,6 +50,13 @@ SOLVED_BYTES = 1 << 30  # queries whose inverse-HVPs are held at once are chunke
 
 
 RANK_BY = ("normalized", "score")  # the first is the default
+
+
+def queries_per_chunk(modules, itemsize: int, memory: int, copies: int = 1, most: int | None = None) -> int:
+    """How many queries keep ``copies`` gradient-sized tensors each (one number of ``itemsize``
+    bytes per tracked weight) within ``memory``: at least one, at most ``most``."""
+    per_query = copies * itemsize * sum(m.d_out * m.d_in for m in modules)
+    return max(1, min(most or memory, memory // per_query))
 BOTH = "both"  # exhaustive mode only: both rankings from one pass over the corpus
 
 
@@ -218,8 +225,7 @@ class QueryEngine:
     def _chunks(self, queries: list[Query]):
         """Queries in groups whose inverse-HVPs (one float per tracked weight each) fit
         :data:`SOLVED_BYTES`: a batch of 720 queries on GPT-2 small would otherwise hold 240 GB."""
-        weights = sum(m.d_out * m.d_in for m in self.runtime.manifest.modules)
-        size = max(1, SOLVED_BYTES // (weights * self.runtime.dtype.itemsize))
+        size = queries_per_chunk(self.runtime.manifest.modules, self.runtime.dtype.itemsize, SOLVED_BYTES)
         for start in range(0, len(queries), size):
             yield queries[start:start + size]
 
