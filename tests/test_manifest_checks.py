@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,9 @@ from attribdb.manifest import Manifest
 from attribdb.shard import ShardReader
 
 from dbtools import cli_here, copy_db, one_line_error, rewrite_manifest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+from torture import manifest_setter  # noqa: E402  (the fault-injection tool edits manifests the same way)
 
 
 def test_a_hand_edit_fails_the_checksum(tmp_path, built_db):
@@ -25,17 +30,6 @@ def test_a_hand_edit_fails_the_checksum(tmp_path, built_db):
     one_line_error(cli_here("verify", db), "manifest.json fails its checksum")
 
 
-def _set(*keys_and_value):
-    *keys, value = keys_and_value
-
-    def edit(data):
-        target = data
-        for key in keys[:-1]:
-            target = target[key]
-        target[keys[-1]] = value
-    return edit
-
-
 def _delete(*keys):
     def edit(data):
         target = data
@@ -46,26 +40,26 @@ def _delete(*keys):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (_set("settings", "rwo_bytes", 4096), "settings.rwo_bytes is not a manifest key"),
+    (manifest_setter("settings", "rwo_bytes", value=4096), "settings.rwo_bytes is not a manifest key"),
     (_delete("settings", "row_bytes"), "settings.row_bytes is missing"),
-    (_set("settings", "row_bytes", 0), "row-bytes must be positive"),
-    (_set("settings", "row_bytes", "4096"), "settings.row_bytes must be an integer"),
-    (_set("settings", "row_kind", "dense"), "settings.row_kind must be one of"),
-    (_set("settings", "damping_factor", None), "settings.damping_factor must be a finite number"),
-    (_set("generations", 0, "shards", 10 ** 9), "generations[0].shards is 1000000000, but"),
-    (_set("generations", 0, "sequences", -5), "generations[0].sequences must be at least 1"),
-    (_set("generations", 0, "state", "done"), "generations[0].state must be one of building, complete"),
-    (_set("generations", 0, "first_shard", 3), "generations[0].first_shard is 3"),
+    (manifest_setter("settings", "row_bytes", value=0), "row-bytes must be positive"),
+    (manifest_setter("settings", "row_bytes", value="4096"), "settings.row_bytes must be an integer"),
+    (manifest_setter("settings", "row_kind", value="dense"), "settings.row_kind must be one of"),
+    (manifest_setter("settings", "damping_factor", value=None), "settings.damping_factor must be a finite number"),
+    (manifest_setter("generations", 0, "shards", value=10 ** 9), "generations[0].shards is 1000000000, but"),
+    (manifest_setter("generations", 0, "sequences", value=-5), "generations[0].sequences must be at least 1"),
+    (manifest_setter("generations", 0, "state", value="done"), "generations[0].state must be one of building, complete"),
+    (manifest_setter("generations", 0, "first_shard", value=3), "generations[0].first_shard is 3"),
     (_delete("rows"), "rows is missing"),
-    (_set("rows", None), "rows is null although the factors were fitted"),
-    (_set("rows", "kind", "dense"), "rows.kind must be one of"),
-    (_set("rows", "blocks", {}), "rows.blocks."),
-    (_set("rows", "sketch_dim", 7), "rows.sketch_dim is not a manifest key"),
-    (_set("sketch_dim", 7), "sketch_dim is not a manifest key"),  # format 1's key
-    (_set("block_coverage", "most"), "block_coverage must be a share"),
-    (_set("block_coverage", 1.5), "block_coverage must be a share"),
-    (_set("modules", 0, "d_in", True), "modules[0].d_in must be an integer"),
-    (_set("extra", 1), "extra is not a manifest key"),
+    (manifest_setter("rows", value=None), "rows is null although the factors were fitted"),
+    (manifest_setter("rows", "kind", value="dense"), "rows.kind must be one of"),
+    (manifest_setter("rows", "blocks", value={}), "rows.blocks."),
+    (manifest_setter("rows", "sketch_dim", value=7), "rows.sketch_dim is not a manifest key"),
+    (manifest_setter("sketch_dim", value=7), "sketch_dim is not a manifest key"),  # format 1's key
+    (manifest_setter("block_coverage", value="most"), "block_coverage must be a share"),
+    (manifest_setter("block_coverage", value=1.5), "block_coverage must be a share"),
+    (manifest_setter("modules", 0, "d_in", value=True), "modules[0].d_in must be an integer"),
+    (manifest_setter("extra", value=1), "extra is not a manifest key"),
 ])
 def test_schema_violations_are_refused_naming_the_key(tmp_path, built_db, edit, message):
     db = copy_db(built_db, tmp_path / "db")
@@ -85,7 +79,7 @@ def test_the_saved_manifest_round_trips(tmp_path, built_db):
 
 def test_a_query_on_an_absurd_shard_count_fails_at_once(tmp_path, built_db):
     db = copy_db(built_db, tmp_path / "db")
-    rewrite_manifest(db, _set("generations", 0, "shards", 10 ** 9))
+    rewrite_manifest(db, manifest_setter("generations", 0, "shards", value=10 ** 9))
     one_line_error(cli_here("query", db, "--prompt", "the", "--completion", " cat"),
                    "generations[0].shards")
 
@@ -97,7 +91,7 @@ def test_a_resealed_manifest_that_disagrees_with_its_files_is_one_line(tmp_path,
     manifest = Manifest.load(db)
     first = manifest.modules[0].name
     k_out, k_in = manifest.rows["blocks"][first]
-    rewrite_manifest(db, _set("rows", "blocks", first, [k_out, k_in + 1]))
+    rewrite_manifest(db, manifest_setter("rows", "blocks", first, value=[k_out, k_in + 1]))
     one_line_error(cli_here("verify", db), "does not match the manifest's row layout")
     one_line_error(cli_here("query", db, "--prompt", "the", "--completion", " cat"),
                    "does not match the manifest's row layout")

@@ -377,27 +377,30 @@ def manifest_edit(edit: Callable[[dict], None], reseal: bool) -> Callable[[Prist
     return scenario
 
 
+def manifest_setter(*keys, value):
+    """An edit of manifest data (a dict) that sets the item at the path ``keys`` to ``value``."""
+    def edit(data):
+        target = data
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+    return edit
+
+
 def manifest_scenarios() -> list[Scenario]:
-    def setter(*keys, value):
-        def edit(data):
-            target = data
-            for key in keys[:-1]:
-                target = target[key]
-            target[keys[-1]] = value
-        return edit
     edits = {
-        "row_bytes 4096 -> 2048": setter("settings", "row_bytes", value=2048),
+        "row_bytes 4096 -> 2048": manifest_setter("settings", "row_bytes", value=2048),
         "a module's row block widened": lambda d: d["rows"]["blocks"][d["modules"][0]["name"]].__setitem__(
             1, d["rows"]["blocks"][d["modules"][0]["name"]][1] + 1),
-        "shards -> 10**9": setter("generations", 0, "shards", value=10 ** 9),
+        "shards -> 10**9": manifest_setter("generations", 0, "shards", value=10 ** 9),
         "shards one fewer": lambda d: d["generations"][0].update(shards=d["generations"][0]["shards"] - 1),
         "a settings key misspelled": lambda d: d["settings"].update(rwo_bytes=d["settings"].pop("row_bytes")),
-        "an unknown key": setter("extra", value=1),
-        "damping_factor a string": setter("settings", "damping_factor", value="0.1"),
-        "state complete -> building": setter("generations", 0, "state", value="building"),
-        "model fingerprint changed": setter("model", "fingerprint", value="0" * 64),
+        "an unknown key": manifest_setter("extra", value=1),
+        "damping_factor a string": manifest_setter("settings", "damping_factor", value="0.1"),
+        "state complete -> building": manifest_setter("generations", 0, "state", value="building"),
+        "model fingerprint changed": manifest_setter("model", "fingerprint", value="0" * 64),
         "row kind kron <-> block": lambda d: d["rows"].update(kind="block" if d["rows"]["kind"] == "kron" else "kron"),
-        "row layout removed (null)": setter("rows", value=None),
+        "row layout removed (null)": manifest_setter("rows", value=None),
         "emptied to {}": lambda d: d.clear(),
     }
     out = []
