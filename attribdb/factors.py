@@ -116,6 +116,17 @@ class ModuleFactors:
         grads_out, acts = self.rotated_tokens(capture)
         return torch.einsum("bto,bti->boi", grads_out, acts)
 
+    def squared_rotated_gradients(self, capture: Capture) -> torch.Tensor:
+        """``Σ_m (Q_Sᵀ G_m Q_A)²`` over the batch's sequences (d_out, d_in): the eigenvalue correction's
+        sum.  One sequence at a time, squared and summed in place, so the batch's (B, d_out, d_in)
+        gradients are never held and never squared into a second copy."""
+        grads_out, acts = self.rotated_tokens(capture)
+        total = torch.zeros(grads_out.shape[-1], acts.shape[-1], dtype=grads_out.dtype, device=grads_out.device)
+        for sequence_grads, sequence_acts in zip(grads_out, acts):
+            rotated = sequence_grads.T @ sequence_acts
+            total.addcmul_(rotated, rotated)
+        return total
+
     def denominator(self, power: float) -> torch.Tensor | float:
         if self.diagonal is None:
             return 1.0

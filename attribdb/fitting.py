@@ -46,9 +46,19 @@ class _Covariances:
                    torch.zeros(module.d_out, module.d_out, dtype=torch.float64, device=device))
 
     def add(self, capture) -> None:
-        acts, grads = capture.acts.flatten(0, 1), capture.grads_out.flatten(0, 1)
-        self.acts += acts.T @ acts
-        self.grads += grads.T @ grads
+        self.acts += gram(capture.acts.flatten(0, 1))
+        self.grads += gram(capture.grads_out.flatten(0, 1))
+
+
+def gram(rows: torch.Tensor) -> torch.Tensor:
+    """``rowsᵀ rows``.  On the CPU through NumPy, whose matmul recognises a product of an array with
+    its own transpose and calls BLAS ``syrk``: half the FLOPs of the general product torch runs, and
+    5× faster than it at GPT-2-small width on this project's (AMD) machines, where the covariances
+    cost twice the model's own forward and backward.  Other devices and dtypes keep torch."""
+    if rows.device.type != "cpu" or rows.dtype not in (torch.float32, torch.float64):
+        return rows.T @ rows
+    array = rows.detach().contiguous().numpy()
+    return torch.from_numpy(array.T @ array)
 
 
 def fit_factors(model: nn.Module, task: Task, batches: Iterable, config: FactorConfig,
@@ -115,7 +125,7 @@ def _diagonal_pass(runner, batches, bases, sample, seed, progress):
     for batch in batches:
         captures, _ = runner.train_captures(batch, sample=sample, generator=generator)
         for name, capture in captures.items():
-            sums[name] += (bases[name].rotated_gradients(capture) ** 2).sum(0)
+            sums[name] += bases[name].squared_rotated_gradients(capture)
         size = next(iter(captures.values())).acts.shape[0]
         n_sequences += size
         if progress:
