@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attribdb.factors import FactorConfig, Factors
-from attribdb.fitting import fit_factors
+from attribdb.fitting import eigh, fit_factors
 from attribdb.gradients import GradientRunner
 from attribdb.influence import InfluenceComputer, pairwise_scores, self_influence
 from attribdb.tasks import RegressionTask
@@ -63,6 +63,22 @@ def test_kfac_factors_equal_their_definition(mlp, data, reference):
                            ("2", torch.cat([hidden.detach(), ones], 1), deltas[1])):
         expected = torch.kron(delta.T @ delta / N, a.T @ a / N)
         torch.testing.assert_close(factors[name].fisher_matrix(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_eigenvectors_are_signed_by_their_largest_entry(mlp, data):
+    """Kron rows project onto the eigenvectors, so the fit fixes each one's sign (LAPACK and
+    cuSOLVER may return either): a matrix built from a basis with some columns negated gives back
+    the fitted, canonically signed basis."""
+    factors = fit(mlp, data, "kfac")
+    for name in factors.per_module:
+        for vectors in (factors[name].eigvecs_out, factors[name].eigvecs_in):
+            largest = vectors.gather(0, vectors.abs().argmax(0, keepdim=True))
+            assert (largest > 0).all()
+            n = vectors.shape[1]
+            negated = vectors * torch.where(torch.arange(n) % 2 == 0, -1.0, 1.0).to(vectors.dtype)
+            spectrum = torch.arange(1, n + 1, dtype=vectors.dtype)
+            _, again = eigh(negated @ torch.diag(spectrum) @ negated.T)
+            torch.testing.assert_close(again, vectors, rtol=0, atol=1e-8)
 
 
 def test_ekfac_correction_is_diagonal_of_explicit_fisher_in_eigenbasis(mlp, data, reference):
