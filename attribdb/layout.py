@@ -16,7 +16,7 @@
 
 from pathlib import Path
 
-FORMAT_VERSION = 2  # 1: low-rank factors and CountSketches (read no more)
+FORMAT_VERSION = 3  # 1: low-rank factors and CountSketches; 2: kron query maps on the eigenbasis (read no more)
 MANIFEST = "manifest.json"
 LOCK_FILE = "lock"
 FACTORS_DIR = "factors"

@@ -157,15 +157,15 @@ class _Clock:
 
 
 class _Solved:
-    """A chunk of queries' inverse-HVPs in the eigenbasis, computed on first need: kron rows need
-    them to make the query rows, rescoring to score recomputed rows; block rows with nothing to
-    rescore never load the full factors."""
+    """A chunk of queries' captures, and their inverse-HVPs in the eigenbasis computed on first
+    need: rescoring needs them, the query rows do not, so a query that rescores nothing never loads
+    the full factors."""
 
     def __init__(self, runtime: Runtime, captures):
         self.runtime, self.captures = runtime, captures
         self._value = None
 
-    def __call__(self, _captures=None) -> dict[str, torch.Tensor]:
+    def __call__(self) -> dict[str, torch.Tensor]:
         if self._value is None:
             self._value = self.runtime.computer.rotated_inverse_hvp(self.captures)
         return self._value
@@ -232,7 +232,7 @@ class QueryEngine:
     def query_rows(self, queries: list[Query]) -> torch.Tensor:
         """(Q, dim) rows of the queries' measurement gradients: what training rows are matched with."""
         solved = self._solve(queries)
-        return self.runtime.projection.encode_query(solved.captures, solved)
+        return self.runtime.projection.encode_query(solved.captures)
 
     # ---- index mode ------------------------------------------------------
 
@@ -258,7 +258,7 @@ class QueryEngine:
                      rescore: int | None, contributions: bool) -> list[QueryResult]:
         clock = _Clock()
         solved = self._solve(queries)
-        query_rows = self.runtime.projection.encode_query(solved.captures, solved).float()
+        query_rows = self.runtime.projection.encode_query(solved.captures).float()
         self_q = query_rows.double().pow(2).sum(1).cpu().numpy()
         clock.lap("gradient")
         top, bottom = self._candidates(query_rows.cpu().numpy(), candidates, opponents)
@@ -444,7 +444,7 @@ class QueryEngine:
         rank_by = _check_rank_by(rank_by)
         clock = _Clock()
         solved = self._solve([query])
-        query_row = self.runtime.projection.encode_query(solved.captures, solved).float()
+        query_row = self.runtime.projection.encode_query(solved.captures).float()
         scored = self._rescore(query_row, [(0.0, shard, row) for shard, row in rows],
                                float(query_row.double().pow(2).sum()))
         every = np.ones(len(scored.rows), dtype=bool)

@@ -89,7 +89,7 @@ def score_documents(engine: QueryEngine, query: Query, doc_ids: list[str],
     started = time.perf_counter()
     pairs = document_rows(engine, doc_ids)
     solved = engine._solve([query])
-    query_row = engine.runtime.projection.encode_query(solved.captures, solved).float()
+    query_row = engine.runtime.projection.encode_query(solved.captures).float()
     self_q = float(query_row.double().pow(2).sum())
     ranks = dict(zip(pairs, index_ranks(engine, query, query_row, self_q, pairs, rank_by)))
     scored = engine._rescore(query_row, [(0.0, shard_id, row) for shard_id, row in pairs], self_q)
