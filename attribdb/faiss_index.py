@@ -86,10 +86,14 @@ def configure_search(index, candidates: int, nprobe: int | None = None) -> None:
 
 
 def search(index, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, ids) of the top ``k`` by inner product; ids -1 pad when the shard is small."""
+    """(scores, ids) of the top ``k`` by inner product; ids -1 pad when the shard is small.  Rows
+    narrower than the index are zero-padded to its width, as the rows it holds were
+    (attribdb.rows.index_dim)."""
     k = min(k, index.ntotal)
     if k == 0:
         empty = np.zeros((len(queries), 0))
         return empty.astype(np.float32), empty.astype(np.int64)
     configure_search(index, k, nprobe)
-    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    queries = np.asarray(queries, dtype=np.float32)
+    queries = np.pad(queries, ((0, 0), (0, index.d - queries.shape[1])))
+    return index.search(np.ascontiguousarray(queries), k)

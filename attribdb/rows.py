@@ -48,6 +48,7 @@ MAX_SIDE = 512  # eigenvectors considered per side: keeps planning memory bounde
 # correlate with the exact ones at Pearson ~0.3.
 QUERY_RANK = 8
 PROJECTION_FORMAT_VERSION = 2
+INDEX_DIM_MULTIPLE = 16  # see index_dim
 
 
 @dataclass(frozen=True)
@@ -471,9 +472,19 @@ def to_stored(rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return unit.to(torch.float16).cpu().numpy(), squared.float().cpu().numpy()
 
 
+def index_dim(dim: int) -> int:
+    """The dimension FAISS holds rows at: ``dim`` padded with zeros to a multiple of
+    :data:`INDEX_DIM_MULTIPLE`, where its SIMD kernels apply.  Measured on this project's machines
+    (faiss-cpu 1.15, one thread): a flat float16 scan of 945 rows took 48 ms at 15,982 dimensions
+    and 8 ms at 15,984; 2.8 ms at 300 and 0.12 ms at 304."""
+    return -(-dim // INDEX_DIM_MULTIPLE) * INDEX_DIM_MULTIPLE
+
+
 def index_vectors(unit_rows: np.ndarray, self_influence: np.ndarray, normalized: bool) -> np.ndarray:
-    """What FAISS holds: unit rows (ranking by cosine) or rows at their own length (by score)."""
+    """What FAISS holds: unit rows (ranking by cosine) or rows at their own length (by score),
+    zero-padded to :func:`index_dim`."""
     vectors = np.asarray(unit_rows, dtype=np.float32)
+    vectors = np.pad(vectors, ((0, 0), (0, index_dim(vectors.shape[1]) - vectors.shape[1])))
     if normalized:
         return vectors
     return vectors * np.sqrt(np.maximum(np.asarray(self_influence, dtype=np.float32), 0))[:, None]

@@ -88,7 +88,7 @@ class Query:
 class _Scored:
     """Scores of candidate rows for one query: parallel arrays, and the query's own
     self-influence (its row's, and once rescoring computed it, its exact one).  Rows recomputed
-    in full have ``exact`` set, and come first in the end (top or opponents) that chose them."""
+    in full have ``exact`` set, and come first in both ends (top and opponents)."""
 
     shards: np.ndarray
     rows: np.ndarray
@@ -396,13 +396,13 @@ class QueryEngine:
 
     def _ends(self, scored: _Scored, k: int, rank_by: str, opponents: bool) -> tuple[list, list]:
         """The top ``k`` hits and, with ``opponents``, the ``k`` most negative ones: the rows
-        recomputed for that end first, by their exact key, then the others by their compressed one."""
+        recomputed (for either end) first, by their exact key, then the others by their compressed
+        one.  A row chosen for the bottom end whose exact score is high belongs at the top."""
         key, exact_key = scored.key(rank_by), scored.exact_key(rank_by)
-        none = np.zeros(len(key), dtype=bool)
-        hits = self._hits(scored, np.lexsort((-key, -exact_key, ~scored.first.get("top", none)))[:k])
+        hits = self._hits(scored, np.lexsort((-key, -exact_key, ~scored.exact))[:k])
         if not opponents:
             return hits, []
-        worst = self._hits(scored, np.lexsort((key, exact_key, ~scored.first.get("bottom", none)))[:k])
+        worst = self._hits(scored, np.lexsort((key, exact_key, ~scored.exact))[:k])
         return hits, [h for h in worst if (h.score if h.exact_score is None else h.exact_score) < 0]
 
     def _hits(self, scored: _Scored, order: np.ndarray) -> list[Hit]:

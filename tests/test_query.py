@@ -138,6 +138,25 @@ def test_rescoring_every_candidate_gives_the_exhaustive_answer(db, ground_truth)
         assert result.rescored == db.engine.rows
 
 
+def test_a_row_rescored_for_the_bottom_end_ranks_at_the_top_by_its_exact_score(db):
+    """A candidate chosen for the opponents (compressed score -5) whose exact score is high (+10)
+    is a top hit, ahead of a top candidate whose exact score is lower (+1), and no opponent."""
+    import numpy as np
+
+    from query.engine import _Scored
+
+    shard_id = next(iter(db.engine.shards))
+    scored = _Scored(np.array([shard_id, shard_id]), np.array([0, 1]), np.array([5.0, -5.0]), np.zeros((2, 1)),
+                     np.ones(2), query_self=1.0, exact_query_self=1.0)
+    scored.exact[:] = True
+    scored.exact_scores[:] = [1.0, 10.0]
+    scored.exact_self_influence[:] = 1.0
+    scored.first = {"top": np.array([True, False]), "bottom": np.array([False, True])}
+    hits, opponents = db.engine._ends(scored, k=2, rank_by="score", opponents=True)
+    assert [(h.row, h.exact_score) for h in hits] == [(1, 10.0), (0, 1.0)]
+    assert opponents == []
+
+
 @pytest.mark.parametrize("budget, rescored", [(0.0, "none"), (1e30, "all")])
 def test_default_rescoring_spends_the_compute_budget(db, monkeypatch, budget, rescored):
     import query.engine as engine_module

@@ -67,10 +67,10 @@ def power_law_weights(module):
 
 
 def row_cost(modules, row_bytes: int, kind: str) -> RowCost:
-    from attribdb.rows import layout_from_weights
+    from attribdb.rows import index_dim, layout_from_weights
 
     row = layout_from_weights(kind, modules, power_law_weights, row_bytes)
-    return RowCost(len(modules), row.dense_bytes_per_row, row.bytes_per_row, 2 * row.dim)
+    return RowCost(len(modules), row.dense_bytes_per_row, row.bytes_per_row, 2 * index_dim(row.dim))
 
 
 def main() -> None:
