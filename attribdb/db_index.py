@@ -48,12 +48,14 @@ from attribdb import layout
 from attribdb.errors import StoreError
 from attribdb.faiss_index import search
 
-# Measured with tools/bench_query.py --rows (README), one thread.  At 10⁵ rows (dim 243) shard-by-shard flat
-# search took 193 ms per query, IVF-SQ8 132 ms with every list probed and still 50 ms at the 3/4 of its lists
-# that recall@10 ≥ 0.95 needs against brute force (query rows are not drawn from the rows' distribution:
-# 0.51 at 1/10 of the lists, 0.90 at 1/2).  pq4 scans all 10⁵ rows at 122 bytes each in under 1 ms per query
-# end; the true top 10 were always within its best 201 (p95 29), so re-ranking 8 × 128 from float16 finds
-# them (recall 1.000).  MEASURED_AT_1M
+# Measured with tools/bench_query.py --rows (README), one thread, 243-coordinate rows, 200 queries.  At 10⁵
+# rows shard-by-shard flat search took 193 ms per query, IVF-SQ8 132 ms with every list probed and still 50 ms
+# at the 3/4 of its lists that recall@10 ≥ 0.95 needs against brute force (query rows are not drawn from the
+# rows' distribution: 0.51 at 1/10 of the lists, 0.90 at 1/2).  pq4 scans all 10⁵ rows at 122 bytes each in
+# under 1 ms per query end; the true top 10 were always within its best 201 (p95 29).  At 10⁶ rows they were
+# always within its best 103 (p95 32), and a query's two ends took 11-14 ms with 2 to 8 × 128 re-ranked (machine
+# load 4): re-ranking 8 × the candidates costs nothing measurable and leaves a wide margin.  The threshold
+# itself was not measured again with pq4: below it the shards' own indexes answer exactly.
 AUTO_MIN_ROWS = 100_000
 DEFAULT_KIND = "pq4"
 KINDS = ("pq4", "ivf-sq8")  # database index kinds; also the index_kind settings that ask for one at any size
