@@ -163,6 +163,34 @@ def test_verify_checks_the_database_index(tmp_path, ivf_db):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_verify_finds_database_index_copies_that_differ_from_the_rows(tmp_path, ivf_db):
+    """An index whose checksum holds but whose float16 copy of a row is another row (what a bug in
+    building it would leave) fails verify: queries would score candidates from those copies."""
+    from attribdb.faiss_index import write_index
+
+    db = shutil.copytree(ivf_db, tmp_path / "db")
+    manifest = Manifest.load(db)
+    recorded = manifest.database_index
+    readers = {s: ShardReader(layout.shard_dir(db, s), manifest.row_layout()) for s in recorded["shards"]}
+    try:
+        index = db_index._trained("pq4", readers, sum(r.rows for r in readers.values()))
+        for shard_id, reader in readers.items():
+            vectors = reader.faiss_vectors()
+            if shard_id == recorded["shards"][-1]:
+                vectors[[0, 1]] = vectors[[1, 0]]  # two rows' copies swapped
+            index.add_with_ids(vectors, db_index.global_ids(shard_id, reader.rows))
+    finally:
+        for reader in readers.values():
+            reader.close()
+    path = db / layout.INDEX_DIR / recorded["file"]
+    write_index(index, path)
+    manifest.database_index = recorded | {"crc32c": db_index._file_crc32c(path)}
+    manifest.save(db)
+    result = cli("verify", db, check=False)
+    assert result.returncode == 1 and "differs from its rows" in result.stderr
+    assert f"shard {recorded['shards'][-1]:05d}" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_an_index_lost_before_the_manifest_recorded_it_is_rebuilt_the_same(tmp_path, ivf_db, model_dir):
     """A build killed after its shards sealed but before the manifest named the database index
     leaves the shards searchable on their own; running it again writes the same index."""
