@@ -18,7 +18,7 @@ import numpy as np
 from attribdb.native import faiss
 
 HNSW_NEIGHBOURS = 32
-DATABASE_KINDS = ("auto", "ivf-sq8")  # kinds served by one database-wide index (at scale, for "auto")
+DATABASE_KINDS = ("auto", "pq4", "ivf-sq8")  # kinds served by one database-wide index (at scale, for "auto")
 IVF_MIN_POINTS_PER_LIST = 39  # below this faiss warns that training is unreliable
 
 
@@ -31,7 +31,7 @@ def divide_by_norm(values, squared_norms):
 
 def shard_index_kind(index_kind: str) -> str:
     """The kind of a shard's own index: flat where a database-wide index takes over at scale
-    ("auto", "ivf-sq8"), so a shard is searchable exactly from its seal until that index covers it."""
+    ("auto", "pq4", "ivf-sq8"), so a shard is searchable exactly from its seal until that index covers it."""
     return "flat" if index_kind in DATABASE_KINDS else index_kind
 
 

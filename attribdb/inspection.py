@@ -150,7 +150,13 @@ def _verify_database_index(root: Path, manifest: Manifest) -> None:
         unsealed = [s for s, reader in readers.items() if not reader.sealed]
         if unsealed:
             raise StoreError(f"the database index covers shard {unsealed[0]:05d}, which is not sealed")
-        IndexSet.open(root, manifest, readers)
+        indexes = IndexSet.open(root, manifest, readers)
+        for shard_id, reader in readers.items():  # re-ranking copies, where it keeps them, are the stored rows
+            rows = np.arange(reader.rows)
+            held = indexes.stored_rows(np.full(reader.rows, shard_id), rows)
+            if held is not None and not np.array_equal(held, reader.read(layout.ROWS, rows)):
+                raise StoreError(f"the database index's copy of shard {shard_id:05d} differs from its rows: "
+                                 "the database index is damaged (run `attribdb build` again to rebuild it)")
     finally:
         for reader in readers.values():
             reader.close()

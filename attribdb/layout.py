@@ -11,7 +11,7 @@
       shards/NNNNN/meta.lmdb        row metadata, document index, commit journal
       shards/NNNNN/rows.faiss       inner-product index over the shard's rows
       shards/NNNNN/text.sqlite      SQLite FTS5 index of the rows' text (BM25), see text_index.py
-      index/rows-ivf-sq8-*.faiss    one index over every shard's rows, at scale (the manifest names it)
+      index/rows-<kind>-*.faiss     one index over every shard's rows, at scale (the manifest names it)
 """
 
 from pathlib import Path

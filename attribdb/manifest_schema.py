@@ -142,8 +142,11 @@ def _check_database_index(c: _Checker, recorded, shards: int) -> None:
     and the shards it covers, every one of them in a generation."""
     if recorded is None:
         return
-    c.keys(recorded, "database_index", {"kind", "file", "crc32c", "shards", "rows", "nlist", "nprobe"})
-    c.string(recorded["kind"], "database_index.kind", choices=("ivf-sq8",))
+    common = {"kind", "file", "crc32c", "shards", "rows"}
+    c.keys(recorded, "database_index", common, {"refine", "nlist", "nprobe"})
+    c.string(recorded["kind"], "database_index.kind", choices=("pq4", "ivf-sq8"))  # attribdb/db_index.py KINDS
+    search = ("refine",) if recorded["kind"] == "pq4" else ("nlist", "nprobe")  # what a search of that kind reads
+    c.keys(recorded, "database_index", common | set(search))
     if not (isinstance(recorded["file"], str) and re.fullmatch(r"[\w.-]+\.faiss", recorded["file"])):
         c.fail("database_index.file", f"must be a file name ending in .faiss, not {recorded['file']!r}")
     if not (isinstance(recorded["crc32c"], str) and re.fullmatch(r"[0-9a-f]{8}", recorded["crc32c"])):
@@ -153,7 +156,7 @@ def _check_database_index(c: _Checker, recorded, shards: int) -> None:
                                                           and 0 <= s < shards for s in covered)
             and covered == sorted(set(covered))):
         c.fail("database_index.shards", f"must be a sorted list of shard numbers below {shards}")
-    for name in ("rows", "nlist", "nprobe"):
+    for name in ("rows", *search):
         c.integer(recorded[name], f"database_index.{name}", minimum=1)
 
 

@@ -13,7 +13,7 @@ from attribdb.errors import ConfigError
 from attribdb.factors import FactorConfig
 from attribdb.rows import ROW_KINDS
 
-INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivf-sq8")  # attribdb/faiss_index.py says what each is
+INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "pq4", "ivf-sq8")  # attribdb/faiss_index.py says what each is
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
@@ -41,9 +41,9 @@ class DatabaseSettings:
     row_kind: str = setting("kron", "kron: a random Kronecker projection whose inner products estimate the EK-FAC "
                                     "score without bias; block: the exact block of the eigen-coordinates with the "
                                     "most expected influence (tools/eval_compression.py compares them)")
-    index_kind: str = setting("auto", "auto: flat while the database is small, one database-wide ivf-sq8 index "
-                                      "beyond a row count (attribdb/faiss_index.py); flat (exact, per shard) | "
-                                      "hnsw | ivf (per shard) | ivf-sq8 (database-wide, whatever the size)")
+    index_kind: str = setting("auto", "auto: flat while the database is small, one database-wide pq4 index "
+                                      "beyond a row count (attribdb/db_index.py); flat (exact, per shard) | "
+                                      "hnsw | ivf (per shard) | pq4 | ivf-sq8 (database-wide, whatever the size)")
     normalized_index: bool = setting(True, "FAISS indexes unit rows, so candidates come by the cosine the default "
                                            "ranking uses (false: by the raw score)")
     shard_size: int = setting(4096, "rows per shard: the unit of writing and of parallel build")

@@ -101,8 +101,8 @@ def _update_database_index(root: Path, quiet: bool) -> None:
     readers = {shard_id: ShardReader(path, manifest.row_layout()) for shard_id, path in existing_shards(root, manifest)}
     try:
         if db_index.update(root, manifest, readers):
-            say(f"database index: {manifest.database_index['rows']} rows in {manifest.database_index['nlist']} "
-                "lists", quiet)
+            say(f"database index {manifest.database_index['kind']}: {db_index.describe(manifest.database_index)}",
+                quiet)
     finally:
         for reader in readers.values():
             reader.close()

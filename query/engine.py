@@ -300,14 +300,16 @@ class QueryEngine:
         rows = np.array([p[1] for p in pairs], dtype=np.int64)
         if not pairs:
             return _Scored(shards, rows, np.zeros(0), np.zeros((0, len(self.modules))), np.zeros(0), query_self)
+        held = self.indexes.stored_rows(shards, rows)  # the database index's copies: no file reads
         stored, self_m = [], []
         for reader, wanted in self._by_shard(shards, rows):
-            stored.append(reader.read(layout.ROWS, wanted))
+            if held is None:
+                stored.append(reader.read(layout.ROWS, wanted))
             self_m.append(reader.whole(layout.SELF_INFLUENCE)[wanted])
         self_m = np.concatenate(self_m)
         device = query_row.device
         per_module = module_scores(self.runtime.row_layout, query_row,
-                                   torch.from_numpy(np.concatenate(stored)).to(device),
+                                   torch.from_numpy(np.concatenate(stored) if held is None else held).to(device),
                                    torch.from_numpy(self_m).to(device))[0].double().cpu().numpy()
         return _Scored(shards, rows, per_module.sum(1), per_module, self_m.astype(np.float64), query_self)
 

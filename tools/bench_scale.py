@@ -204,16 +204,17 @@ def scale(n: int, work: Path | None, row_bytes: int | None, index_kind: str | No
     kinds = f"{runtime.manifest.settings.index_kind}: {engine.indexes.kinds}"
     print(f"laps (median ms): " + ", ".join(f"{lap} {statistics.median(v):.2f}" for lap, v in laps.items()),
           file=sys.stderr)
-    print(f"database {db}: {engine.rows} rows in {len(engine.shards)} shards, rows of "
-          f"{runtime.row_layout.bytes_per_row} bytes (dim {runtime.row_layout.dim}), index {kinds}; "
-          f"disk {disk_mib(db):.0f} MiB; built in {built['seconds']:.0f} s, {built.get('cpu_seconds', float('nan')):.0f} CPU s "
-          f"({built['rows_per_second']:.0f} rows/s, {built.get('rows_per_cpu_second', float('nan')):.0f} rows per CPU second, "
-          f"1 thread; {built['computed']} rows computed in that run)")
     print(f"query process RSS: {rss_start:.0f} MiB before loading, {rss_open:.0f} MiB with every shard open "
-          f"(opened in {open_seconds:.1f} s), {rss_queried:.0f} MiB after {len(items) + 20} queries")
+          f"(opened in {open_seconds:.1f} s), {rss_queried:.0f} MiB after {len(items) + 20} queries", flush=True)
     print(f"{len(items)} queries: index p50 {1000 * statistics.median(ordered):.1f} ms, "
           f"p95 {1000 * ordered[int(0.95 * (len(ordered) - 1))]:.1f} ms (goal p50 <= 50 ms); "
           f"recall@10 against brute force over the stored rows {index_recall:.3f} (goal >= 0.95; "
           f"brute force {brute_seconds:.1f} s for the batch)"
           + (f"; recall@10 against full-space exhaustive on {exhaustive} queries {full_space:.3f}"
-             if full_space is not None else ""))
+             if full_space is not None else ""), flush=True)
+    # last: walking a large database's files for their blocks can take many minutes on a cold cache
+    print(f"database {db}: {engine.rows} rows in {len(engine.shards)} shards, rows of "
+          f"{runtime.row_layout.bytes_per_row} bytes (dim {runtime.row_layout.dim}), index {kinds}; "
+          f"disk {disk_mib(db):.0f} MiB; built in {built['seconds']:.0f} s, {built.get('cpu_seconds', float('nan')):.0f} CPU s "
+          f"({built['rows_per_second']:.0f} rows/s, {built.get('rows_per_cpu_second', float('nan')):.0f} rows per CPU second, "
+          f"1 thread; {built['computed']} rows computed in that run)")
