@@ -201,10 +201,11 @@ class IndexSet:
             database = to_gpu(database) if database is not None else None
         return cls(shard_indexes, database, recorded if database is not None else None)
 
-    def stored_rows(self, shards: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
-        """The float16 unit rows of (shard, row) pairs from a pq4 index's re-ranking copies (the
-        row store's values bit for bit, checked by the file's CRC32C on open), so candidates need no
-        row-store reads; None when the database index holds no such copies or lacks a pair."""
+    def stored_rows(self, shards: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray | None:
+        """The float16 unit rows (``dim`` wide, without the index's zero padding) of (shard, row)
+        pairs from a pq4 index's re-ranking copies (the row store's values bit for bit, checked by
+        the file's CRC32C on open), so candidates need no row-store reads; None when the database
+        index holds no such copies or lacks a pair."""
         if self.database is None or self.recorded["kind"] != "pq4":
             return None
         from attribdb.native import faiss
@@ -221,7 +222,7 @@ class IndexSet:
         at = np.minimum(np.searchsorted(sorted_ids, wanted), len(sorted_ids) - 1)
         if len(wanted) == 0 or not np.array_equal(sorted_ids[at], wanted):
             return None
-        return refine.reconstruct_batch(order[at].astype(np.int64)).astype(np.float16)
+        return refine.reconstruct_batch(order[at].astype(np.int64))[:, :dim].astype(np.float16)
 
     @property
     def kinds(self) -> str:

@@ -153,7 +153,7 @@ def _verify_database_index(root: Path, manifest: Manifest) -> None:
         indexes = IndexSet.open(root, manifest, readers)
         for shard_id, reader in readers.items():  # re-ranking copies, where it keeps them, are the stored rows
             rows = np.arange(reader.rows)
-            held = indexes.stored_rows(np.full(reader.rows, shard_id), rows)
+            held = indexes.stored_rows(np.full(reader.rows, shard_id), rows, reader.layout.dim)
             if held is not None and not np.array_equal(held, reader.read(layout.ROWS, rows)):
                 raise StoreError(f"the database index's copy of shard {shard_id:05d} differs from its rows: "
                                  "the database index is damaged (run `attribdb build` again to rebuild it)")

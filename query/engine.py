@@ -300,7 +300,7 @@ class QueryEngine:
         rows = np.array([p[1] for p in pairs], dtype=np.int64)
         if not pairs:
             return _Scored(shards, rows, np.zeros(0), np.zeros((0, len(self.modules))), np.zeros(0), query_self)
-        held = self.indexes.stored_rows(shards, rows)  # the database index's copies: no file reads
+        held = self.indexes.stored_rows(shards, rows, self.runtime.row_layout.dim)  # no file reads
         stored, self_m = [], []
         for reader, wanted in self._by_shard(shards, rows):
             if held is None:

@@ -117,10 +117,10 @@ def test_pq4_keeps_the_stored_rows_bit_for_bit(ivf_db):
         engine = db.engine
         shards = np.repeat(sorted(engine.shards), 3)
         rows = np.tile([0, 5, 9], len(engine.shards))
-        held = engine.indexes.stored_rows(shards, rows)
+        held = engine.indexes.stored_rows(shards, rows, engine.runtime.row_layout.dim)
         expected = np.concatenate([engine.shards[s].read(layout.ROWS, np.array([r])) for s, r in zip(shards, rows)])
         assert held.dtype == np.float16 and np.array_equal(held, expected)
-        assert engine.indexes.stored_rows(shards[:1], np.array([10 ** 6])) is None  # not in the index
+        assert engine.indexes.stored_rows(shards[:1], np.array([10 ** 6]), 1) is None  # not in the index
 
 
 def test_an_ivf_sq8_index_is_replaced_by_pq4_when_the_settings_want_it(tmp_path, model_dir):
