@@ -41,7 +41,7 @@ def subsets(facts, known: list[bool]) -> dict[str, list[bool]]:
     return {name: chosen for name, chosen in out.items() if any(chosen) and (name != "many" or any(out["once"]))}
 
 
-def evaluate_seed(world: str, workdir: Path, seed: int) -> dict:
+def evaluate_seed(world: str, workdir: Path, seed: int, dump: Path | None = None) -> dict:
     """One trained model: per method and subset, (MRR, recall@10); plus known counts and index fidelity."""
     from attribdb import api
     from attribdb.demo.train import known_facts
@@ -58,6 +58,11 @@ def evaluate_seed(world: str, workdir: Path, seed: int) -> dict:
         rankings.update(method_rankings(db, docs, facts, timings=timings))
         fidelity = index_recall(db, facts)
     known = known_facts(prepared.model_dir, facts)
+    if dump:  # every ranking, for analyses that need no model (e.g. other fusions of the same lists)
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / f"{world}-seed-{seed}.json").write_text(json.dumps(
+            {"facts": [{"prompt": f.prompt, "completion": f.completion, "doc_ids": list(f.doc_ids)} for f in facts],
+             "known": known, "rankings": rankings}))
     table = {}
     for method, ranked in rankings.items():
         for name, chosen in subsets(facts, known).items():
@@ -72,10 +77,11 @@ def main() -> None:
     parser.add_argument("--world", choices=sorted(WORLDS), default="demo")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the world's model")
     parser.add_argument("--workdir", type=Path, default=Path("attribdb-eval"))
+    parser.add_argument("--dump", type=Path, help="also write each seed's rankings and known queries as JSON here")
     args = parser.parse_args()
     code = commit()  # at the start: the code that runs, not what HEAD is when the figures print
 
-    runs = {seed: evaluate_seed(args.world, args.workdir, seed) for seed in args.seeds}
+    runs = {seed: evaluate_seed(args.world, args.workdir, seed, args.dump) for seed in args.seeds}
     first = runs[args.seeds[0]]
     print(f"world {args.world}, commit {code}, seeds {args.seeds}: {first['queries']} queries, "
           f"{first['documents']} documents; the model completes "
