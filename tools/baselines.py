@@ -14,6 +14,8 @@ from collections import Counter
 
 import torch
 
+from query.text import reciprocal_rank_fusion
+
 WORD = re.compile(r"\w+")
 
 
@@ -75,22 +77,7 @@ def attribdb_rankings(db, facts, k: int, rank_by: str) -> list[list[str]]:
 
 
 BM25_FILTER = 100  # documents the "BM25 top N + influence" method scores
-RRF_C = 60  # reciprocal-rank fusion's constant, as Cormack, Clarke and Buettcher (2009) set it; not tuned here
-HYBRID = f"hybrid: RRF of BM25 and influence, top {BM25_FILTER}"
-
-
-def reciprocal_rank_fusion(rankings: list[list[str]], c: int = RRF_C) -> list[str]:
-    """Documents by the sum over ``rankings`` of 1 / (c + their rank there), best first (rank 1 is
-    the best; a ranking that lacks a document adds nothing for it); ties keep the first ranking's order."""
-    fused: dict[str, float] = {}
-    for ranking in rankings:
-        for rank, doc_id in enumerate(ranking, start=1):
-            fused[doc_id] = fused.get(doc_id, 0.0) + 1.0 / (c + rank)
-    first = {}
-    for ranking in rankings:
-        for doc_id in ranking:
-            first.setdefault(doc_id, len(first))
-    return sorted(fused, key=lambda d: (-fused[d], first[d]))
+HYBRID = f"hybrid: RRF of BM25 and influence, top {BM25_FILTER}"  # query.text's fusion, as --rank-by hybrid ranks
 
 
 def bm25_rankings(bm25: BM25, doc_ids: list[str], texts: list[str]) -> list[list[str]]:
@@ -169,8 +156,8 @@ def method_rankings(db, docs: list[dict], facts, index_k: int = 200,
         [d for d in ranked if d in allowed]
         for ranked, allowed in zip(out["attribdb exhaustive"], (set(t[:BM25_FILTER]) for t in out["BM25"]))]
     timings[f"BM25 top {BM25_FILTER} + influence"] = timings["BM25"] + timings["attribdb exhaustive"]
-    # the hybrid: the BM25 top N fused with their influence ranking (what --prefilter bm25:N scores)
-    out[HYBRID] = [reciprocal_rank_fusion([text[:BM25_FILTER], influence])
+    # the hybrid: the BM25 top N fused with their influence order (--prefilter bm25:N --rank-by hybrid, per document)
+    out[HYBRID] = [[d for d, _ in reciprocal_rank_fusion([text[:BM25_FILTER], influence])]
                    for text, influence in zip(out["BM25"], out[f"BM25 top {BM25_FILTER} + influence"])]
     timings[HYBRID] = timings[f"BM25 top {BM25_FILTER} + influence"]
 
