@@ -90,14 +90,15 @@ def main() -> None:
     names = list(first["subsets"])
     print("query subsets (seed " + str(args.seeds[0]) + "): " + ", ".join(f"{n} {c}" for n, c in first["subsets"].items()))
     methods = list(dict.fromkeys(m for m, _ in first["table"]))
+    width = max(32, *(len(m) + 1 for m in methods))
     for column, label in ((0, "MRR"), (1, "recall@10")):
         print(f"\n{label}, mean ± sd over {len(runs)} seed(s)")
-        print(f"{'method':<32}" + "".join(f" {n:>16}" for n in names) + f" {'seconds':>8}")
+        print(f"{'method':<{width}}" + "".join(f" {n:>16}" for n in names) + f" {'seconds':>8}")
         for method in methods:
             cells = [mean_spread([r["table"][method, n][column] for r in runs.values() if (method, n) in r["table"]])
                      for n in names]
             seconds = sum(r["timings"].get(method, 0.0) for r in runs.values()) / len(runs)
-            print(f"{method:<32}" + "".join(f" {c:>16}" for c in cells) + f" {seconds:>8.1f}")
+            print(f"{method:<{width}}" + "".join(f" {c:>16}" for c in cells) + f" {seconds:>8.1f}")
     print("\nindex answers vs exhaustive on these trained models, recall@10 of rows: "
           + ", ".join(f"{rank_by} {mean_spread([r['fidelity'][rank_by] for r in runs.values()])}"
                       for rank_by in ("normalized", "score")))
