@@ -69,10 +69,12 @@ def rank_documents(row_scores: list[tuple[str, float]]) -> list[str]:
     return sorted(best, key=lambda d: -best[d])
 
 
-def attribdb_rankings(db, facts, k: int, rank_by: str) -> list[list[str]]:
-    """Per fact, documents by their best row among attribdb's top k, under ``rank_by``."""
+def attribdb_rankings(db, facts, k: int, rank_by: str, mode: str = "index") -> list[list[str]]:
+    """Per fact, documents by their best row among attribdb's top k in ``mode`` (index or exact),
+    under ``rank_by``."""
     field = "final_score" if rank_by == "score" else "final_normalized_score"  # exact where rescored
-    results = db.query_batch([(f.prompt, f.completion) for f in facts], k=k, rank_by=rank_by)
+    run = db.exact_batch if mode == "exact" else db.query_batch
+    results = run([(f.prompt, f.completion) for f in facts], k=k, rank_by=rank_by)
     return [rank_documents([(h.doc_id, getattr(h, field)) for h in r.hits]) for r in results]
 
 

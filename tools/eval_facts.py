@@ -55,6 +55,10 @@ def evaluate_seed(world: str, workdir: Path, seed: int, dump: Path | None = None
         started = time.time()
         rankings = {"attribdb default (k=10)": attribdb_rankings(db, facts, 10, "normalized")}
         timings["attribdb default (k=10)"] = time.time() - started
+        for rank_by, label in (("normalized", ""), ("score", ", by score")):  # fact tracing only: no retraining
+            started = time.time()
+            rankings[f"attribdb exact (k=100){label}"] = attribdb_rankings(db, facts, 100, rank_by, mode="exact")
+            timings[f"attribdb exact (k=100){label}"] = time.time() - started
         rankings.update(method_rankings(db, docs, facts, timings=timings))
         fidelity = index_recall(db, facts)
     known = known_facts(prepared.model_dir, facts)
