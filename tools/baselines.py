@@ -70,11 +70,14 @@ def rank_documents(row_scores: list[tuple[str, float]]) -> list[str]:
 
 
 def attribdb_rankings(db, facts, k: int, rank_by: str, mode: str = "index") -> list[list[str]]:
-    """Per fact, documents by their best row among attribdb's top k in ``mode`` (index or exact),
-    under ``rank_by``."""
-    field = "final_score" if rank_by == "score" else "final_normalized_score"  # exact where rescored
-    run = db.exact_batch if mode == "exact" else db.query_batch
-    results = run([(f.prompt, f.completion) for f in facts], k=k, rank_by=rank_by)
+    """Per fact, documents by their best row among attribdb's top k in ``mode`` (index, exact, or
+    the BM25 prefilter of the top k rows: ``prefilter``), under ``rank_by`` (``hybrid``: prefilter only)."""
+    queries = [(f.prompt, f.completion) for f in facts]
+    if mode == "prefilter":
+        results = db.prefilter_batch(queries, n=k, k=k, rank_by=rank_by)
+    else:
+        results = (db.exact_batch if mode == "exact" else db.query_batch)(queries, k=k, rank_by=rank_by)
+    field = {"score": "final_score", "hybrid": "fused"}.get(rank_by, "final_normalized_score")  # exact where rescored
     return [rank_documents([(h.doc_id, getattr(h, field)) for h in r.hits]) for r in results]
 
 
