@@ -157,7 +157,9 @@ class Database:
     def prefilter(self, prompt: str, completion: str, n: int = 100, k: int = 10, rank_by: str | None = None,
                   bm25_query: str | None = None):
         """Influence computed exactly (full EK-FAC, from the stored tokens) on the BM25 top ``n`` rows
-        only, ranked by ``rank_by``: the TF-IDF filter of Grosse et al. (2023) for large corpora."""
+        only, ranked by ``rank_by``: the TF-IDF filter of Grosse et al. (2023) for large corpora.
+        ``rank_by="hybrid"``: ranked by the reciprocal-rank fusion of their BM25 order and their
+        exact normalized influence order (``Hit.fused``; no token contributions), query/text.py."""
         return self.prefilter_batch([(prompt, completion)], n=n, k=k, rank_by=rank_by, bm25_query=bm25_query)[0]
 
     def prefilter_batch(self, queries: Iterable, n: int = 100, k: int = 10, rank_by: str | None = None,

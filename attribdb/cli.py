@@ -248,9 +248,11 @@ def _prefilter_size(ctx, param, value: str | None) -> int | None:
 @click.option("-k", "--top", "k", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--candidates", type=click.IntRange(min=1), default=None,
               help="rows FAISS hands to rescoring per end [default: 128, or k if larger]")
-@click.option("--rank-by", type=click.Choice(["normalized", "score"]), default="normalized", show_default=True,
+@click.option("--rank-by", type=click.Choice(["normalized", "score", "hybrid"]), default="normalized",
+              show_default=True,
               help="normalized: the cosine form of the influence, which does not favour rows with large "
-                   "gradients; score: the influence itself (the paper's ranking)")
+                   "gradients; score: the influence itself (the paper's ranking); hybrid (with --prefilter "
+                   "only): reciprocal-rank fusion of the BM25 order and the normalized influence order")
 @click.option("--rescore", type=click.IntRange(min=0), default=None,
               help="index mode: recompute this many of each end's best candidates in full and rank them by their "
                    "exact score [default: as many as a fixed compute budget per query allows; 0: none]")
@@ -284,6 +286,9 @@ def query(db, prompt, completion, queries_file, k, candidates, rank_by, rescore,
     if prefilter and mode in ("exhaustive", "text"):
         raise click.UsageError(f"--prefilter picks the rows that exact influence scores; it does not go with "
                                f"--mode {mode}")
+    if rank_by == "hybrid" and not prefilter:
+        raise click.UsageError("--rank-by hybrid fuses the BM25 and influence orders of the BM25 top N rows: "
+                               "give --prefilter bm25:N")
     if mode == "text" and completion is None:
         completion = ""  # BM25 alone can search with a prompt only
     items = _load_queries(prompt, completion, queries_file)

@@ -439,10 +439,11 @@ class QueryEngine:
         return results
 
     def exact_on(self, query: Query, rows: list[tuple[int, int]], k: int = 10,
-                 rank_by: str | None = None) -> QueryResult:
+                 rank_by: str | None = None, contributions: bool = True) -> QueryResult:
         """Exact mode on candidates chosen elsewhere (the BM25 prefilter, query/text.py): every
         (shard, row) in ``rows`` recomputed in full, the best ``k`` and most negative ``k`` by
-        their exact score returned with per-token contributions."""
+        their exact score returned with per-token contributions (unless ``contributions`` is
+        False: they cost the returned rows' recomputation once more)."""
         rank_by = _check_rank_by(rank_by)
         clock = _Clock()
         solved = self._solve([query])
@@ -456,7 +457,8 @@ class QueryEngine:
         scored.exact_query_self = float(solved.self_influence()[0])
         clock.lap("exact")
         hits, worst = self._ends(scored, k, rank_by, opponents=True)
-        self._contribute(hits + worst, solved.one(0))
+        if contributions:
+            self._contribute(hits + worst, solved.one(0))
         clock.lap("metadata")
         return QueryResult(query.prompt, query.completion, "exact", hits, worst, scored.exact_query_self,
                            len(scored.rows), clock.total(), rescored=int(scored.exact.sum()))

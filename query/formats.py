@@ -42,7 +42,8 @@ def _summary(r: QueryResult) -> str:
 
 
 HITS_TITLE = {"score": "named documents, by the rank they have in the index answer:",  # else the top rows
-              "text": "best text matches (BM25):"}
+              "text": "best text matches (BM25):",
+              "hybrid": "best by reciprocal-rank fusion of BM25 and influence:"}
 
 
 def render_table(results: list[QueryResult]) -> str:

@@ -27,6 +27,7 @@ class Hit:
     tokens: list[str] | None = None  # the sequence's tokens (exact mode)
     token_contributions: list[float] | None = None  # per-token split of exact_score
     bm25: float | None = None  # the row's BM25 score for the query's text (text mode and the BM25 prefilter)
+    fused: float | None = None  # the hybrid prefilter's reciprocal-rank fusion score, which ranked the hit
 
     @property
     def final_score(self) -> float:

@@ -9,6 +9,13 @@
   full from their stored tokens (the uncompressed EK-FAC score, as exact mode
   recomputes the index's candidates) and ranked by their exact score; FAISS
   is not searched.
+- *hybrid* (``--prefilter bm25:N --rank-by hybrid``): the same BM25 top N,
+  ranked by the reciprocal-rank fusion (Cormack et al., 2009) of their BM25
+  order and their exact influence order (the normalized, cosine key): a row
+  scores ``1 / (RRF_C + its BM25 rank) + 1 / (RRF_C + its influence rank)``,
+  ties going to the better BM25 rank.  On both evaluation worlds of issue 13
+  it traced facts better than BM25 top N + influence (README, Evidence).  Its
+  hits carry the fused score in ``fused`` and no per-token contributions.
 
 The BM25 query is the prompt and the completion by default: the completion
 holds the words the documents behind it state (on the fact corpus of issue 13,
@@ -32,6 +39,20 @@ from query.engine import Query, QueryEngine, _Clock
 from query.results import Hit, QueryResult
 
 BM25_QUERIES = ("prompt+completion", "prompt")  # the first is the default
+HYBRID = "hybrid"  # the prefilter's rank-by that fuses the BM25 and influence orders
+RRF_C = 60  # reciprocal-rank fusion's constant, as Cormack, Clarke and Buettcher (2009) set it; not tuned here
+
+
+def reciprocal_rank_fusion(rankings: list[list], c: int = RRF_C) -> list[tuple[object, float]]:
+    """Items of ``rankings`` (each best first) by the sum over rankings of 1 / (c + their rank
+    there), rank 1 the best and nothing from a ranking that lacks the item; ties keep the order in
+    which the items first appear, the first ranking before the second.  Returns (item, fused score)."""
+    fused: dict = {}
+    for ranking in rankings:
+        for rank, item in enumerate(ranking, start=1):
+            fused[item] = fused.get(item, 0.0) + 1.0 / (c + rank)
+    first = {item: i for i, item in enumerate(dict.fromkeys(item for ranking in rankings for item in ranking))}
+    return sorted(fused.items(), key=lambda pair: (-pair[1], first[pair[0]]))
 
 
 def bm25_text(query: Query, bm25_query: str | None) -> str:
@@ -90,17 +111,30 @@ def prefiltered(engine: QueryEngine, search: TextSearch, queries: list[Query], n
                 rank_by: str | None = None, bm25_query: str | None = None) -> list[QueryResult]:
     """The BM25 top ``n`` rows of each query recomputed in full and ranked by their exact
     ``rank_by`` key, as exact mode ranks the index's candidates: the best ``k`` and the ``k`` most
-    negative (opponents), each with the ``bm25`` score that let it in."""
+    negative (opponents), each with the ``bm25`` score that let it in.  ``rank_by="hybrid"`` ranks
+    the best ``k`` by the reciprocal-rank fusion of the BM25 and the exact normalized order
+    (:func:`reciprocal_rank_fusion`); opponents stay the most negative by influence."""
+    hybrid = rank_by == HYBRID
     results = []
     for query in queries:
         started = time.perf_counter()
         candidates, _ = search.top(query, n, bm25_query)
         bm25_ms = 1000 * (time.perf_counter() - started)
-        result = engine.exact_on(query, [(h.shard, h.row) for h in candidates], k=k, rank_by=rank_by)
+        rows = [(h.shard, h.row) for h in candidates]
+        if hybrid:  # every candidate in influence order, then fused with the BM25 order
+            result = engine.exact_on(query, rows, k=len(rows), rank_by=None, contributions=False)
+            by_row = {(h.shard, h.row): h for h in result.hits}
+            fused = reciprocal_rank_fusion([rows, [(h.shard, h.row) for h in result.hits]])[:k]
+            result.hits = [by_row[row] for row, _ in fused]
+            for rank, (hit, (_, score)) in enumerate(zip(result.hits, fused), start=1):
+                hit.rank, hit.fused = rank, score
+            result.opponents = result.opponents[:k]
+        else:
+            result = engine.exact_on(query, rows, k=k, rank_by=rank_by)
         bm25 = {(h.shard, h.row): h.bm25 for h in candidates}
         for hit in result.hits + result.opponents:
             hit.bm25 = bm25[(hit.shard, hit.row)]
-        result.mode = "prefilter"
+        result.mode = HYBRID if hybrid else "prefilter"
         result.timings_ms = {"bm25": bm25_ms} | result.timings_ms
         result.timings_ms["total"] += bm25_ms
         results.append(result)

@@ -137,6 +137,40 @@ def test_prefilter_scores_are_the_exhaustive_scores_of_the_bm25_top_n(db):
     assert [h.exact_score for h in by_score.hits] == sorted((h.exact_score for h in result.hits), reverse=True)[:5]
 
 
+def test_reciprocal_rank_fusion_sums_one_over_c_plus_rank_and_breaks_ties_by_first_appearance():
+    from query.text import reciprocal_rank_fusion
+
+    fused = reciprocal_rank_fusion([["a", "b", "c"], ["c", "b", "a", "d"]], c=60)
+    assert [item for item, _ in fused] == ["a", "c", "b", "d"]  # a and c tie: a comes first in the first ranking
+    assert dict(fused) == pytest.approx({"a": 1 / 61 + 1 / 63, "b": 2 / 62, "c": 1 / 63 + 1 / 61, "d": 1 / 64})
+    assert [item for item, _ in reciprocal_rank_fusion([["x", "y"], ["y", "x"]], c=1)] == ["x", "y"]
+
+
+def test_hybrid_prefilter_is_the_rank_fusion_of_bm25_and_exhaustive_influence(db):
+    """--rank-by hybrid against the fusion computed here from text mode's BM25 order and the
+    exhaustive pass's normalized scores of the same rows."""
+    prompt, completion, n, k, c = f"the {RARE} sat near", " the river", 20, 8, 60
+    text_order = [(h.shard, h.row) for h in db.text(prompt, completion, k=n).hits]
+    truth = {(h.shard, h.row): h for h in db.exhaustive([(prompt, completion)], k=10_000)[0].hits}
+    cosine = sorted(truth[row].normalized_score for row in text_order)
+    assert min(b - a for a, b in zip(cosine, cosine[1:])) > 1e-4  # no near-tie the two computations could order apart
+    influence_order = sorted(text_order, key=lambda row: -truth[row].normalized_score)
+    expected = {row: 1 / (c + text_order.index(row) + 1) + 1 / (c + influence_order.index(row) + 1)
+                for row in text_order}
+    best = sorted(text_order, key=lambda row: (-expected[row], text_order.index(row)))[:k]
+    result = db.prefilter(prompt, completion, n=n, k=k, rank_by="hybrid")
+    assert result.mode == "hybrid" and result.candidates == result.rescored == n
+    assert [(h.shard, h.row) for h in result.hits] == best and [h.rank for h in result.hits] == list(range(1, k + 1))
+    assert [h.fused for h in result.hits] == pytest.approx([expected[row] for row in best], rel=1e-12)
+    assert [(h.shard, h.row) for h in result.hits] != influence_order[:k]  # the fusion changed the order here
+    scale = max(abs(h.score) for h in truth.values())
+    for hit in result.hits + result.opponents:
+        assert hit.exact_score == pytest.approx(truth[(hit.shard, hit.row)].score, rel=1e-4, abs=1e-4 * scale)
+        assert hit.bm25 > 0 and hit.token_contributions is None
+    plain = db.prefilter(prompt, completion, n=n, k=k)
+    assert [(h.shard, h.row) for h in result.opponents] == [(h.shard, h.row) for h in plain.opponents]
+
+
 def test_a_kill_between_writing_the_indexes_and_sealing_resumes_to_the_same_text_index(
         tmp_path, text_corpus, model_dir, db_path):
     db = tmp_path / "db"
@@ -231,6 +265,14 @@ def test_cli_prefilter_and_its_option_errors(db_path):
         assert refused.returncode == 2 and "bm25:N" in refused.stderr, bad
     mixed = cli_here("query", db_path, "--prompt", "a", "--completion", " b", "--prefilter", "bm25:5", "--mode", "text")
     assert mixed.returncode == 2 and "does not go with --mode text" in mixed.stderr
+    out = cli_here("query", db_path, "--prompt", f"the {RARE}", "--completion", " sat", "--prefilter", "bm25:8",
+                   "--rank-by", "hybrid", "--format", "json", "-k", "3").stdout
+    obj = json.loads(out)
+    assert obj["mode"] == "hybrid" and [h["rank"] for h in obj["hits"]] == [1, 2, 3]
+    fused = [h["fused"] for h in obj["hits"]]
+    assert fused == sorted(fused, reverse=True) and all(h["bm25"] > 0 for h in obj["hits"])
+    alone = cli_here("query", db_path, "--prompt", "a", "--completion", " b", "--rank-by", "hybrid")
+    assert alone.returncode == 2 and "give --prefilter bm25:N" in alone.stderr
 
 
 @pytest.mark.parametrize("text", STRANGE_QUERIES)

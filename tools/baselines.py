@@ -14,6 +14,8 @@ from collections import Counter
 
 import torch
 
+from query.text import reciprocal_rank_fusion
+
 WORD = re.compile(r"\w+")
 
 
@@ -67,14 +69,20 @@ def rank_documents(row_scores: list[tuple[str, float]]) -> list[str]:
     return sorted(best, key=lambda d: -best[d])
 
 
-def attribdb_rankings(db, facts, k: int, rank_by: str) -> list[list[str]]:
-    """Per fact, documents by their best row among attribdb's top k, under ``rank_by``."""
-    field = "final_score" if rank_by == "score" else "final_normalized_score"  # exact where rescored
-    results = db.query_batch([(f.prompt, f.completion) for f in facts], k=k, rank_by=rank_by)
+def attribdb_rankings(db, facts, k: int, rank_by: str, mode: str = "index") -> list[list[str]]:
+    """Per fact, documents by their best row among attribdb's top k in ``mode`` (index, exact, or
+    the BM25 prefilter of the top k rows: ``prefilter``), under ``rank_by`` (``hybrid``: prefilter only)."""
+    queries = [(f.prompt, f.completion) for f in facts]
+    if mode == "prefilter":
+        results = db.prefilter_batch(queries, n=k, k=k, rank_by=rank_by)
+    else:
+        results = (db.exact_batch if mode == "exact" else db.query_batch)(queries, k=k, rank_by=rank_by)
+    field = {"score": "final_score", "hybrid": "fused"}.get(rank_by, "final_normalized_score")  # exact where rescored
     return [rank_documents([(h.doc_id, getattr(h, field)) for h in r.hits]) for r in results]
 
 
 BM25_FILTER = 100  # documents the "BM25 top N + influence" method scores
+HYBRID = f"hybrid: RRF of BM25 and influence, top {BM25_FILTER}"  # query.text's fusion, as --rank-by hybrid ranks
 
 
 def bm25_rankings(bm25: BM25, doc_ids: list[str], texts: list[str]) -> list[list[str]]:
@@ -153,6 +161,10 @@ def method_rankings(db, docs: list[dict], facts, index_k: int = 200,
         [d for d in ranked if d in allowed]
         for ranked, allowed in zip(out["attribdb exhaustive"], (set(t[:BM25_FILTER]) for t in out["BM25"]))]
     timings[f"BM25 top {BM25_FILTER} + influence"] = timings["BM25"] + timings["attribdb exhaustive"]
+    # the hybrid: the BM25 top N fused with their influence order (--prefilter bm25:N --rank-by hybrid, per document)
+    out[HYBRID] = [[d for d, _ in reciprocal_rank_fusion([text[:BM25_FILTER], influence])]
+                   for text, influence in zip(out["BM25"], out[f"BM25 top {BM25_FILTER} + influence"])]
+    timings[HYBRID] = timings[f"BM25 top {BM25_FILTER} + influence"]
 
     def representation() -> list[list[str]]:
         runtime = db.engine.runtime

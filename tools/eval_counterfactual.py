@@ -104,13 +104,14 @@ def main() -> None:
           f"({', '.join(str(int(r['known'].sum())) for r in runs)} known per seed"
           + (f"; {int(once.sum())} of facts stated once" if once.any() else "") + "); top-k documents per query "
           "removed per method, model retrained from the same seed; mean ± sd over seeds of per-seed means")
+    width = max(30, *(len(m) for m, _ in runs[0]["cells"]))
     for k in args.k:
         print(f"\nk = {k}")
-        print(f"{'method':<30} {'drop of log p':>15} {'median':>15} {'flipped (known)':>16} {'> BM25 (share)':>15}"
+        print(f"{'method':<{width}} {'drop of log p':>15} {'median':>15} {'flipped (known)':>16} {'> BM25 (share)':>15}"
               + (f" {'drop, once':>15} {'drop, many':>15}" if once.any() else "") + f" {'removed':>8} {'stating':>8}")
         for method in dict.fromkeys(m for m, kk in runs[0]["cells"] if kk == k):
             cells = [r["cells"][method, k] for r in runs]
-            line = (f"{method:<30} {mean_spread([float(c['drop'].mean()) for c in cells]):>15} "
+            line = (f"{method:<{width}} {mean_spread([float(c['drop'].mean()) for c in cells]):>15} "
                     f"{mean_spread([float(c['drop'].median()) for c in cells]):>15} "
                     f"{mean_spread([float(c['flips'].sum() / r['known'].sum()) for c, r in zip(cells, runs)]):>16} "
                     f"{mean_spread([float((c['drop'] > r['cells']['BM25', k]['drop']).double().mean()) for c, r in zip(cells, runs)]):>15}")

@@ -41,7 +41,7 @@ def subsets(facts, known: list[bool]) -> dict[str, list[bool]]:
     return {name: chosen for name, chosen in out.items() if any(chosen) and (name != "many" or any(out["once"]))}
 
 
-def evaluate_seed(world: str, workdir: Path, seed: int) -> dict:
+def evaluate_seed(world: str, workdir: Path, seed: int, dump: Path | None = None, exact: bool = False) -> dict:
     """One trained model: per method and subset, (MRR, recall@10); plus known counts and index fidelity."""
     from attribdb import api
     from attribdb.demo.train import known_facts
@@ -55,9 +55,25 @@ def evaluate_seed(world: str, workdir: Path, seed: int) -> dict:
         started = time.time()
         rankings = {"attribdb default (k=10)": attribdb_rankings(db, facts, 10, "normalized")}
         timings["attribdb default (k=10)"] = time.time() - started
+        # fact tracing only (no retraining): exact mode, and the query tool's own BM25 prefilter (FTS5 over
+        # rows, where method_rankings' "BM25 top 100 + influence" and hybrid fuse documents)
+        extra = [("attribdb --prefilter bm25:100", "prefilter", "normalized"),
+                 ("attribdb --prefilter bm25:100 --rank-by hybrid", "prefilter", "hybrid")]
+        if exact:  # every returned row's per-token contributions too: minutes per seed
+            extra += [("attribdb exact (k=100)", "exact", "normalized"),
+                      ("attribdb exact (k=100), by score", "exact", "score")]
+        for method, mode, rank_by in extra:
+            started = time.time()
+            rankings[method] = attribdb_rankings(db, facts, 100, rank_by, mode=mode)
+            timings[method] = time.time() - started
         rankings.update(method_rankings(db, docs, facts, timings=timings))
         fidelity = index_recall(db, facts)
     known = known_facts(prepared.model_dir, facts)
+    if dump:  # every ranking, for analyses that need no model (e.g. other fusions of the same lists)
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / f"{world}-seed-{seed}.json").write_text(json.dumps(
+            {"facts": [{"prompt": f.prompt, "completion": f.completion, "doc_ids": list(f.doc_ids)} for f in facts],
+             "known": known, "rankings": rankings}))
     table = {}
     for method, ranked in rankings.items():
         for name, chosen in subsets(facts, known).items():
@@ -72,10 +88,13 @@ def main() -> None:
     parser.add_argument("--world", choices=sorted(WORLDS), default="demo")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the world's model")
     parser.add_argument("--workdir", type=Path, default=Path("attribdb-eval"))
+    parser.add_argument("--dump", type=Path, help="also write each seed's rankings and known queries as JSON here")
+    parser.add_argument("--exact", action="store_true", help="also rank by exact mode (k=100; slow: per-token "
+                        "contributions of 200 rows per query)")
     args = parser.parse_args()
     code = commit()  # at the start: the code that runs, not what HEAD is when the figures print
 
-    runs = {seed: evaluate_seed(args.world, args.workdir, seed) for seed in args.seeds}
+    runs = {seed: evaluate_seed(args.world, args.workdir, seed, args.dump, args.exact) for seed in args.seeds}
     first = runs[args.seeds[0]]
     print(f"world {args.world}, commit {code}, seeds {args.seeds}: {first['queries']} queries, "
           f"{first['documents']} documents; the model completes "
@@ -84,14 +103,15 @@ def main() -> None:
     names = list(first["subsets"])
     print("query subsets (seed " + str(args.seeds[0]) + "): " + ", ".join(f"{n} {c}" for n, c in first["subsets"].items()))
     methods = list(dict.fromkeys(m for m, _ in first["table"]))
+    width = max(32, *(len(m) + 1 for m in methods))
     for column, label in ((0, "MRR"), (1, "recall@10")):
         print(f"\n{label}, mean ± sd over {len(runs)} seed(s)")
-        print(f"{'method':<32}" + "".join(f" {n:>16}" for n in names) + f" {'seconds':>8}")
+        print(f"{'method':<{width}}" + "".join(f" {n:>16}" for n in names) + f" {'seconds':>8}")
         for method in methods:
             cells = [mean_spread([r["table"][method, n][column] for r in runs.values() if (method, n) in r["table"]])
                      for n in names]
             seconds = sum(r["timings"].get(method, 0.0) for r in runs.values()) / len(runs)
-            print(f"{method:<32}" + "".join(f" {c:>16}" for c in cells) + f" {seconds:>8.1f}")
+            print(f"{method:<{width}}" + "".join(f" {c:>16}" for c in cells) + f" {seconds:>8.1f}")
     print("\nindex answers vs exhaustive on these trained models, recall@10 of rows: "
           + ", ".join(f"{rank_by} {mean_spread([r['fidelity'][rank_by] for r in runs.values()])}"
                       for rank_by in ("normalized", "score")))
