@@ -95,5 +95,4 @@ def search(index, queries: np.ndarray, k: int, nprobe: int | None = None) -> tup
         return empty.astype(np.float32), empty.astype(np.int64)
     configure_search(index, k, nprobe)
     queries = np.asarray(queries, dtype=np.float32)
-    queries = np.pad(queries, ((0, 0), (0, index.d - queries.shape[1])))
-    return index.search(np.ascontiguousarray(queries), k)
+    return index.search(np.pad(queries, ((0, 0), (0, index.d - queries.shape[1]))), k)

@@ -446,8 +446,7 @@ class RowProjection:
         if header.get("format_version") != PROJECTION_FORMAT_VERSION:
             raise StoreError(f"{path} holds row projections of format {header.get('format_version')}; this attribdb "
                              f"reads format {PROJECTION_FORMAT_VERSION}: build the database again")
-        if \
-                (stored_layout.get("kind"), stored_layout.get("blocks")) != (layout.kind, layout.to_dict()["blocks"]):
+        if (stored_layout.get("kind"), stored_layout.get("blocks")) != (layout.kind, layout.to_dict()["blocks"]):
             raise StoreError(f"{path} does not match the manifest's row layout: the database is damaged")
         for module, (k_out, k_in) in zip(layout.modules, layout.blocks):
             expected = {"out": (module.d_out, k_out), "inp": (module.d_in, k_in)}
