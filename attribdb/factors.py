@@ -52,6 +52,15 @@ STRATEGIES = {
 }
 
 
+# What the fit's arithmetic runs in.  float32: every product, as kronfluence's default (scores equal
+# its own to float error).  bfloat16: the fit's forward and backward passes under bfloat16 autocast and
+# the eigenvalue correction's rotations in bfloat16, as kronfluence's ``amp_dtype`` and
+# ``per_sample_gradient_dtype`` options do; covariances are still summed from float32 captures into
+# float64 and decomposed in float64.  It halves the fit's cost on a CPU with bfloat16 units
+# (tools/bench_build.py) at the fidelity tools/eval_fit_precision.py measures.
+FIT_PRECISIONS = ("float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class FactorConfig:
     """How factors are fitted; saved next to the factors they produce."""
@@ -61,10 +70,13 @@ class FactorConfig:
     damping_factor: float = 0.1  # λ = damping_factor × mean(D), per module
     damping: float | None = None  # an absolute λ for every module (overrides damping_factor)
     seed: int = 0  # seeds the label sampling of the true Fisher
+    precision: str = "float32"  # float32 | bfloat16: see FIT_PRECISIONS
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.precision not in FIT_PRECISIONS:
+            raise ConfigError(f"unknown fit precision {self.precision!r}; choose one of {', '.join(FIT_PRECISIONS)}")
         if self.fisher not in ("true", "empirical"):
             raise ConfigError(f"fisher must be 'true' or 'empirical', not {self.fisher!r}")
         for name, value in (("damping-factor", self.damping_factor), ("damping", self.damping)):
@@ -115,17 +127,6 @@ class ModuleFactors:
         """Per-sequence Q_Sᵀ G_m Q_A (B, d_out, d_in)."""
         grads_out, acts = self.rotated_tokens(capture)
         return torch.einsum("bto,bti->boi", grads_out, acts)
-
-    def squared_rotated_gradients(self, capture: Capture) -> torch.Tensor:
-        """``Σ_m (Q_Sᵀ G_m Q_A)²`` over the batch's sequences (d_out, d_in): the eigenvalue correction's
-        sum.  One sequence at a time, squared and summed in place, so the batch's (B, d_out, d_in)
-        gradients are never held and never squared into a second copy."""
-        grads_out, acts = self.rotated_tokens(capture)
-        total = torch.zeros(grads_out.shape[-1], acts.shape[-1], dtype=grads_out.dtype, device=grads_out.device)
-        for sequence_grads, sequence_acts in zip(grads_out, acts):
-            rotated = sequence_grads.T @ sequence_acts
-            total.addcmul_(rotated, rotated)
-        return total
 
     def denominator(self, power: float) -> torch.Tensor | float:
         if self.diagonal is None:

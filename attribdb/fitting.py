@@ -24,7 +24,7 @@ from torch import nn
 from attribdb.factors import Factors, FactorConfig, ModuleFactors, damping_for
 from attribdb.gradients import GradientRunner
 from attribdb.tasks import Task
-from attribdb.tracking import TrackedModule
+from attribdb.tracking import Capture, TrackedModule
 
 Progress = Callable[[int], None]  # called with the number of sequences just processed
 
@@ -51,15 +51,45 @@ class _Covariances:
         self.grads += gram(capture.grads_out.flatten(0, 1))
 
 
+def _through_numpy(tensor: torch.Tensor) -> bool:
+    """Whether a product of ``tensor`` runs through NumPy's BLAS (OpenBLAS): on this project's (AMD)
+    machines torch's CPU GEMM in float32 runs at about half of OpenBLAS's speed.  Other devices and
+    dtypes keep torch."""
+    return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64)
+
+
 def gram(rows: torch.Tensor) -> torch.Tensor:
-    """``rowsᵀ rows``.  On the CPU through NumPy, whose matmul recognises a product of an array with
+    """``rowsᵀ rows``.  Through NumPy on the CPU, whose matmul recognises a product of an array with
     its own transpose and calls BLAS ``syrk``: half the FLOPs of the general product torch runs, and
-    5× faster than it at GPT-2-small width on this project's (AMD) machines, where the covariances
-    cost twice the model's own forward and backward.  Other devices and dtypes keep torch."""
-    if rows.device.type != "cpu" or rows.dtype not in (torch.float32, torch.float64):
+    5× faster than it at GPT-2-small width, where the covariances cost twice the model's own forward
+    and backward."""
+    if not _through_numpy(rows):
         return rows.T @ rows
     array = rows.detach().contiguous().numpy()
     return torch.from_numpy(array.T @ array)
+
+
+def squared_rotated_gradients(basis: ModuleFactors, capture: Capture, dtype: torch.dtype) -> torch.Tensor:
+    """``Σ_m (Q_Sᵀ G_m Q_A)²`` over a batch's sequences (d_out, d_in): the eigenvalue correction's sum.
+
+    Each token's δ and a are rotated into the eigenbases (cheaper than rotating G when T < d), and
+    each sequence's ``Σ_t (Q_Sᵀ δ_t)(Q_Aᵀ a_t)ᵀ`` is squared and added in place, so the batch's
+    (B, d_out, d_in) gradients are never held.  The products run in ``dtype`` (the basis is already
+    in it); a bfloat16 batch is still summed in float32."""
+    grads_out, acts = capture.grads_out.to(dtype), capture.acts.to(dtype)
+    out_basis, in_basis = basis.eigvecs_out, basis.eigvecs_in
+    total = torch.zeros(grads_out.shape[-1], acts.shape[-1], device=grads_out.device,
+                        dtype=torch.promote_types(dtype, torch.float32))
+    if _through_numpy(grads_out):
+        grads_out, acts, total = grads_out.numpy(), acts.numpy(), total.numpy()
+        out_basis, in_basis = (None if q is None else q.numpy() for q in (out_basis, in_basis))
+    if out_basis is not None:
+        grads_out, acts = _rotate_tokens(grads_out, out_basis), _rotate_tokens(acts, in_basis)
+    for sequence_grads, sequence_acts in zip(grads_out, acts):
+        rotated = sequence_grads.T @ sequence_acts
+        rotated *= rotated
+        total += rotated
+    return torch.as_tensor(total)
 
 
 def fit_factors(model: nn.Module, task: Task, batches: Iterable, config: FactorConfig,
@@ -67,7 +97,9 @@ def fit_factors(model: nn.Module, task: Task, batches: Iterable, config: FactorC
                 dtype: torch.dtype = torch.float32, progress: Progress | None = None) -> Factors:
     """Fit ``config.strategy`` factors on ``batches`` (re-iterable: it may be read twice)."""
     strategy = config.kind
-    runner = GradientRunner(model, task, modules, device=device, dtype=dtype)
+    low_precision = config.precision == "bfloat16"
+    runner = GradientRunner(model, task, modules, device=device, dtype=dtype,
+                            autocast=torch.bfloat16 if low_precision else None)
     sample = config.fisher == "true"
     eigvecs: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {m.name: (None, None) for m in modules}
     diagonals: dict[str, torch.Tensor | None] = {m.name: None for m in modules}
@@ -86,7 +118,8 @@ def fit_factors(model: nn.Module, task: Task, batches: Iterable, config: FactorC
 
     if strategy.measures_diagonal:
         bases = {name: ModuleFactors(out, inp, None, 0.0) for name, (out, inp) in eigvecs.items()}
-        diagonals, n_sequences = _diagonal_pass(runner, batches, bases, sample, config.seed + 1, progress)
+        diagonals, n_sequences = _diagonal_pass(runner, batches, bases, torch.bfloat16 if low_precision else dtype,
+                                                sample, config.seed + 1, progress)
         info["n_sequences"] = n_sequences
 
     per_module = {
@@ -95,6 +128,11 @@ def fit_factors(model: nn.Module, task: Task, batches: Iterable, config: FactorC
         for m in modules
     }
     return Factors(config, list(modules), per_module, info)
+
+
+def _rotate_tokens(tokens, basis):
+    """(B, T, d) @ (d, d) as one (B·T, d) product, for NumPy arrays and tensors alike."""
+    return (tokens.reshape(-1, tokens.shape[-1]) @ basis).reshape(*tokens.shape[:-1], basis.shape[-1])
 
 
 def eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,16 +170,16 @@ def _covariance_pass(runner, batches, sample, seed, progress):
     return covariances, n_sequences, n_tokens
 
 
-def _diagonal_pass(runner, batches, bases, sample, seed, progress):
-    """Σ_m (Q_Sᵀ G_m Q_A)² per module, summed in float64 on the runner's device."""
+def _diagonal_pass(runner, batches, bases, dtype, sample, seed, progress):
+    """Σ_m (Q_Sᵀ G_m Q_A)² per module, its products in ``dtype``, summed in float64 on the runner's device."""
     generator = _generator(runner, seed)
-    bases = {name: basis.to(device=runner.device, dtype=runner.dtype) for name, basis in bases.items()}
+    bases = {name: basis.to(device=runner.device, dtype=dtype) for name, basis in bases.items()}
     sums = {m.name: torch.zeros(m.d_out, m.d_in, dtype=torch.float64, device=runner.device) for m in runner.modules}
     n_sequences = 0
     for batch in batches:
         captures, _ = runner.train_captures(batch, sample=sample, generator=generator)
         for name, capture in captures.items():
-            sums[name] += bases[name].squared_rotated_gradients(capture)
+            sums[name] += squared_rotated_gradients(bases[name], capture, dtype)
         size = next(iter(captures.values())).acts.shape[0]
         n_sequences += size
         if progress:

@@ -23,8 +23,10 @@ class GradientRunner:
     """
 
     def __init__(self, model: nn.Module, task: Task, modules: list[TrackedModule], *,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 autocast: torch.dtype | None = None):
         self.model = model.eval()
+        self.autocast = autocast  # the forward pass under torch.autocast in this dtype (a low-precision fit)
         self.task = task
         self.modules = list(modules)
         self.device = torch.device(device)
@@ -44,5 +46,8 @@ class GradientRunner:
         mask = self.task.token_mask(batch)
         with ModuleTracker(self.model, self.modules, dtype=self.dtype) as tracker, torch.enable_grad():
             tracker.reset(mask)
-            captures = tracker.backward(loss_fn(batch))
+            with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
+                                enabled=self.autocast is not None):
+                loss = loss_fn(batch)
+            captures = tracker.backward(loss)
         return captures, mask

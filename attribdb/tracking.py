@@ -149,21 +149,32 @@ class ModuleTracker:
                     f"module {name} got no gradient: it is not on the path from the inputs to the loss"
                 )
             capture = self.captures[name]
-            capture.grads_out = self._apply_mask(self._prepare(grad))
+            capture.grads_out = self._captured(grad)
             capture.output = None
         return self.captures
 
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+    def _captured(self, x: torch.Tensor, bias_column: bool = False) -> torch.Tensor:
+        """A detached (B, T, d) copy of ``x`` in the capture dtype with padded tokens zeroed, and a
+        trailing column of ones (zero on padding) when the module has a bias.  Written in one pass:
+        a GPT-2-small batch captures about a gigabyte, and a cast, a concatenation and a masking as
+        three passes cost a tenth of the forward and backward."""
         x = x.detach()
         if x.dim() == 2:
             flattened_tokens = self.mask is not None and x.shape[0] == self.mask.numel()
             x = x.reshape(*self.mask.shape, x.shape[-1]) if flattened_tokens else x.unsqueeze(1)
-        return x.to(self.dtype) if self.dtype is not None else x
-
-    def _apply_mask(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.dtype or x.dtype
+        if self.mask is None and not bias_column:
+            return x.to(dtype)
+        out = torch.empty(*x.shape[:-1], x.shape[-1] + bias_column, dtype=dtype, device=x.device)
+        body, bias = out[..., :x.shape[-1]], out[..., x.shape[-1]:]
         if self.mask is None:
-            return x
-        return x * self.mask.to(device=x.device, dtype=x.dtype).unsqueeze(-1)
+            body.copy_(x)
+            bias.fill_(1.0)
+        else:
+            mask = self.mask.to(device=x.device, dtype=dtype).unsqueeze(-1)
+            torch.mul(x, mask, out=body)
+            bias.copy_(mask.expand_as(bias))
+        return out
 
     def _forward_hook(self, tracked: TrackedModule):
         def hook(module, inputs, output):
@@ -172,11 +183,7 @@ class ModuleTracker:
                 raise ConfigError(
                     f"module {tracked.name} ran twice in one forward pass; shared layers cannot be tracked"
                 )
-            acts = self._prepare(inputs[0])
-            if tracked.has_bias:
-                ones = torch.ones(*acts.shape[:-1], 1, dtype=acts.dtype, device=acts.device)
-                acts = torch.cat([acts, ones], dim=-1)
-            capture.acts = self._apply_mask(acts)
+            capture.acts = self._captured(inputs[0], bias_column=tracked.has_bias)
             capture.output = output
 
         return hook

@@ -208,3 +208,19 @@ def test_factors_load_in_the_compute_dtype_and_the_computer_keeps_them(mlp, data
     computer = InfluenceComputer(copy.deepcopy(mlp).float(), CLASSIFICATION, loaded, dtype=torch.float32)
     for name, f in loaded.per_module.items():  # the same memory: no second copy
         assert computer.factors[name].eigvecs_in.data_ptr() == f.eigvecs_in.data_ptr()
+
+
+def test_bfloat16_fit_stays_close_to_the_float32_fit(mlp, data):
+    """The low-precision fit (bfloat16 autocast, bfloat16 correction) changes the factors by about
+    bfloat16's rounding, not more; and it does run in bfloat16 (the factors are not the float32 ones)."""
+    model32 = copy.deepcopy(mlp).float()
+    inputs, targets = data
+    fits = {precision: fit_factors(model32, CLASSIFICATION, batches_of(inputs.float(), targets, 16),
+                                   FactorConfig(strategy="ekfac", fisher="empirical", precision=precision),
+                                   find_tracked_modules(model32), dtype=torch.float32)
+            for precision in ("float32", "bfloat16")}
+    for name, f in fits["float32"].per_module.items():
+        low = fits["bfloat16"][name]
+        assert low.diagonal.dtype == torch.float64
+        error = torch.linalg.matrix_norm(low.fisher_matrix() - f.fisher_matrix()) / torch.linalg.matrix_norm(f.fisher_matrix())
+        assert 1e-5 < error < 0.03, (name, float(error))

@@ -8,12 +8,13 @@ random init, small vocabulary: speed and bytes do not depend on training):
   forward+backward training step (weight gradients included) on the same
   sequences and batch size (goal at 12×768: >= 1.0);
 - fit time over the time of the fit sample's own forward+backward steps
-  (goal: <= 3);
+  (goal: <= 3), at each fit precision asked for;
 - peak RSS of the build process (goal at 12×768: <= 3 GB), and for the tiny
   shape the peak on a corpus twice as large (goal: ratio ~1, the build streams);
 - bytes per row in the row store against the dense float32 Ĝ.
 
 Run: python tools/bench_build.py [--shapes tiny,gpt2-small] [--docs 1500] [--small-docs 400]
+     [--fit-precisions float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -88,27 +89,33 @@ def training_step_rate(model_dir: Path, corpus: Path, n_sequences: int) -> float
     return len(token_ids) / (time.perf_counter() - started)
 
 
-def measure(name: str, shape: Shape, docs: int, work: Path, twice: bool) -> dict:
+def measure(name: str, shape: Shape, docs: int, work: Path, twice: bool, precisions: list[str]) -> dict:
+    """The build once (its factors fitted at the first precision), and a fit at every precision."""
+    from attribdb import api
+
     model = make_model(work / f"model-{name}", english_paragraphs(), layers=shape.layers, width=shape.width)
     runs = {}
     for label, n_docs in (("once", docs), ("twice", 2 * docs)) if twice else (("once", docs),):
         corpus = write_corpus(work / f"corpus-{name}-{label}.jsonl", n_docs)
-        db = work / f"db-{name}-{label}"
-        shutil.rmtree(db, ignore_errors=True)
-        extra = {"fit_sample_size": shape.fit_sample}
-        fit = run_worker("fit", db, corpus, model, extra)
-        build = run_worker("build", db, corpus, model, extra)
-        from attribdb import api
-
-        runs[label] = {"fit": fit, "build": build, "info": api.open(db).info()}
-        print(f"{name} {label}: {runs[label]['info']['sequences']} sequences, fit {fit['seconds']:.1f}s, "
-              f"build {build['seconds']:.1f}s, peak RSS {build['peak_rss_mib']:.0f} MiB", file=sys.stderr)
-    info = runs["once"]["info"]
-    n = info["sequences"]
+        fits = {}
+        for precision in precisions if label == "once" else precisions[:1]:
+            db = work / f"db-{name}-{label}-{precision}"
+            shutil.rmtree(db, ignore_errors=True)
+            extra = {"fit_sample_size": shape.fit_sample, "fit_precision": precision}
+            fits[precision] = run_worker("fit", db, corpus, model, extra)
+            print(f"{name} {label}: fit at {precision} {fits[precision]['seconds']:.1f}s", file=sys.stderr, flush=True)
+            if precision == precisions[0]:
+                build = run_worker("build", db, corpus, model, extra)
+                info = api.open(db).info()
+        runs[label] = {"fits": fits, "build": build, "info": info}
+        print(f"{name} {label}: {info['sequences']} sequences, build {build['seconds']:.1f}s, "
+              f"peak RSS {build['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    n = runs["once"]["info"]["sequences"]
     step_rate = training_step_rate(model, work / f"corpus-{name}-once.jsonl", n)
     return {"runs": runs, "sequences": n, "step_rate": step_rate,
             "build_ratio": n / runs["once"]["build"]["seconds"] / step_rate,
-            "fit_ratio": runs["once"]["fit"]["seconds"] / (min(shape.fit_sample, n) / step_rate)}
+            "fit_ratios": {p: fit["seconds"] / (min(shape.fit_sample, n) / step_rate)
+                           for p, fit in runs["once"]["fits"].items()}}
 
 
 def main() -> None:
@@ -116,6 +123,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="tiny,gpt2-small")
     parser.add_argument("--docs", type=int, default=1500, help="documents for the tiny shape")
     parser.add_argument("--small-docs", type=int, default=400, help="documents for the GPT-2-small shape (enough for its fit sample of 512)")
+    parser.add_argument("--fit-precisions", default="float32",
+                        help="comma-separated fit precisions to time (float32, bfloat16); the build uses the first")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/attribdb-bench-build"))
     parser.add_argument("--worker", nargs=5, metavar=("COMMAND", "DB", "CORPUS", "MODEL", "SETTINGS"),
                         help=argparse.SUPPRESS)
@@ -127,7 +136,8 @@ def main() -> None:
     results = {}
     for name in args.shapes.split(","):
         docs = args.docs if name == "tiny" else args.small_docs
-        results[name] = measure(name, SHAPES[name], docs, args.workdir, twice=name == "tiny")
+        results[name] = measure(name, SHAPES[name], docs, args.workdir, twice=name == "tiny",
+                                precisions=args.fit_precisions.split(","))
     for name, r in results.items():
         info, once = r["runs"]["once"]["info"], r["runs"]["once"]
         row = info["row"]
@@ -140,9 +150,11 @@ def main() -> None:
               f"lmdb {per['lmdb'] / 1024:.1f} KiB")
         print(f"[{name}] training step {r['step_rate']:.2f} seq/s; build {r['sequences'] / once['build']['seconds']:.2f}"
               f" seq/s on {r['sequences']} sequences: ratio {r['build_ratio']:.3f}  (goal >= 1.0 at 12×768)")
-        print(f"[{name}] fit {once['fit']['seconds']:.1f}s on {min(SHAPES[name].fit_sample, r['sequences'])} sequences "
-              f"= {r['fit_ratio']:.2f}× their training steps  (goal <= 3)")
-        print(f"[{name}] peak RSS: build {once['build']['peak_rss_mib']:.0f} MiB, fit {once['fit']['peak_rss_mib']:.0f} MiB")
+        for precision, fit in once["fits"].items():
+            print(f"[{name}] fit at {precision} {fit['seconds']:.1f}s on {min(SHAPES[name].fit_sample, r['sequences'])} "
+                  f"sequences = {r['fit_ratios'][precision]:.2f}× their training steps  (goal <= 3); "
+                  f"peak RSS {fit['peak_rss_mib']:.0f} MiB")
+        print(f"[{name}] peak RSS of the build {once['build']['peak_rss_mib']:.0f} MiB")
         if "twice" in r["runs"]:
             twice = r["runs"]["twice"]
             print(f"[{name}] build peak RSS for {twice['info']['sequences']} sequences: "
