@@ -30,6 +30,14 @@ def test_damping_must_be_finite_and_not_negative(tmp_path, corpus, model_dir, op
         DatabaseSettings(model_path="m", **{option.lstrip("-").replace("-", "_"): float(value)})
 
 
+def test_an_unknown_fit_precision_is_refused_and_leaves_nothing(tmp_path, corpus, model_dir):
+    db = tmp_path / "db"
+    result = cli_here("fit", db, "--corpus", corpus, "--model", model_dir, "--quiet", *FIT_SETTINGS,
+                      "--fit-precision", "float16")
+    one_line_error(result, "unknown fit precision 'float16'", "bfloat16")
+    assert not db.exists()
+
+
 def test_max_length_beyond_the_context_fails_first_and_leaves_nothing(tmp_path, corpus, model_dir):
     db = tmp_path / "db"
     args = ["fit", db, "--corpus", corpus, "--model", model_dir, "--quiet", *FIT_SETTINGS]
