@@ -30,12 +30,10 @@ def test_damping_must_be_finite_and_not_negative(tmp_path, corpus, model_dir, op
         DatabaseSettings(model_path="m", **{option.lstrip("-").replace("-", "_"): float(value)})
 
 
-def test_an_unknown_fit_precision_is_refused_and_leaves_nothing(tmp_path, corpus, model_dir):
-    db = tmp_path / "db"
-    result = cli_here("fit", db, "--corpus", corpus, "--model", model_dir, "--quiet", *FIT_SETTINGS,
-                      "--fit-precision", "float16")
-    one_line_error(result, "unknown fit precision 'float16'", "bfloat16")
-    assert not db.exists()
+def test_an_unknown_fit_precision_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="unknown fit precision 'float16'; choose one of float32, bfloat16"):
+        api.fit(tmp_path / "db", tmp_path / "no-corpus.jsonl", tmp_path / "no-model", fit_precision="float16")
+    assert not (tmp_path / "db").exists()
 
 
 def test_max_length_beyond_the_context_fails_first_and_leaves_nothing(tmp_path, corpus, model_dir):
