@@ -115,16 +115,13 @@ def row_cosines(results) -> list[dict[tuple[str, tuple[int, ...]], float]]:
     return [{(h.doc_id, tuple(h.token_span)): h.normalized_score for h in r.hits} for r in results]
 
 
-def checkpoint_cosines(paths, queries) -> list[list[dict]]:
-    """row_cosines of the exhaustive EK-FAC pass over each checkpoint's database (factors fitted on
+def checkpoint_cosines(path: Path, queries) -> list[dict]:
+    """row_cosines of the exhaustive EK-FAC pass over a checkpoint's database (factors fitted on
     that checkpoint's model)."""
     from attribdb import api
 
-    out = []
-    for path in paths:
-        with api.open(path) as db:
-            out.append(row_cosines(db.exhaustive(queries, k=db.engine.rows, quiet=True)))
-    return out
+    with api.open(path) as db:
+        return row_cosines(db.exhaustive(queries, k=db.engine.rows, quiet=True))
 
 
 def rank_rows(cosines: list[dict]) -> list[list[str]]:
@@ -208,11 +205,16 @@ def method_rankings(db, docs: list[dict], facts, index_k: int = 200, timings: di
     out[HYBRID] = hybrid(out["BM25"], out["attribdb exhaustive"])
     timings[HYBRID] = timings[f"BM25 top {BM25_FILTER} + influence"]
     if checkpoint_dbs:
-        started = time.time()
-        per_step = checkpoint_cosines(checkpoint_dbs, queries) + [row_cosines(every_row)]
-        timings[CHECKPOINTS] = timings["attribdb exhaustive"] + time.time() - started
-        for path, cosines in zip(checkpoint_dbs, per_step):
-            out[f"{CHECKPOINTS}, step {path.name.rsplit('-', 1)[-1]} only"] = rank_rows(cosines)
+        per_step = []
+        for path in checkpoint_dbs:
+            started = time.time()
+            per_step.append(checkpoint_cosines(path, queries))
+            alone = f"{CHECKPOINTS}, step {path.name.rsplit('-', 1)[-1]} only"
+            out[alone] = rank_rows(per_step[-1])
+            timings[alone] = time.time() - started
+        timings[CHECKPOINTS] = sum(timings[m] for m in out if m.startswith(f"{CHECKPOINTS},")) \
+            + timings["attribdb exhaustive"]
+        per_step.append(row_cosines(every_row))
         out[CHECKPOINTS] = rank_rows([{row: sum(step[i][row] for step in per_step) for row in final}
                                       for i, final in enumerate(per_step[-1])])
         out[CHECKPOINT_HYBRID] = hybrid(out["BM25"], out[CHECKPOINTS])
