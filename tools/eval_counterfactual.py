@@ -12,6 +12,7 @@ of the per-seed means.  A retrained model is cached by the exact set of document
 methods that remove the same set share one training, and a rerun reuses every finished one.
 
 Run: python tools/eval_counterfactual.py [--world demo-small] [--seeds 0] [--k 3] [--workdir attribdb-eval]
+     [--checkpoints 200 400 600]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import method_rankings  # noqa: E402
-from worlds import WORLDS, checkpoint_databases, commit, mean_spread, prepare_world, seeded  # noqa: E402
+from worlds import WORLDS, add_checkpoints_option, checkpoint_databases, commit, mean_spread, prepare_world, seeded  # noqa: E402
 
 SKIPPED = ("BM25, prompt only",)  # a fact-tracing reference, not one of the methods judged here
 
@@ -59,7 +60,7 @@ def evaluate_seed(world: str, workdir: Path, seed: int, ks: list[int], methods: 
     folder = prepared.db_path.parent
     facts = prepared.facts
     docs = [json.loads(line) for line in prepared.corpus.read_text().splitlines()]
-    checkpoint_dbs = checkpoint_databases(world, workdir, seed, checkpoints) if checkpoints else []
+    checkpoint_dbs = checkpoint_databases(world, seed, prepared, checkpoints) if checkpoints else []
     with api.open(prepared.db_path) as db:
         rankings = {m: r for m, r in method_rankings(db, docs, facts, index_k=100, checkpoint_dbs=checkpoint_dbs).items()
                     if m not in SKIPPED}
@@ -98,9 +99,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", help="only these methods (each costs one training per k and seed; "
                         "BM25 is needed for the '> BM25' column); default: all")
     parser.add_argument("--workdir", type=Path, default=Path("attribdb-eval"))
-    parser.add_argument("--checkpoints", type=int, nargs="+", default=[], help="also checkpoint influence, summed "
-                        "over the model after these training steps and the final model (one training and one "
-                        "database per checkpoint and seed, cached)")
+    add_checkpoints_option(parser)
     args = parser.parse_args()
     code = commit()  # at the start: the code that runs, not what HEAD is when the figures print
 

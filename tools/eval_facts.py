@@ -9,7 +9,7 @@ over facts stated once and facts stated many times.  Each seed trains the world'
 tables give mean ± standard deviation over seeds.  Also: how many rows of the exhaustive top 10
 the index answer returns (index fidelity on this trained model).
 
-Run: python tools/eval_facts.py [--world demo] [--seeds 0] [--workdir attribdb-eval]
+Run: python tools/eval_facts.py [--world demo] [--seeds 0] [--workdir attribdb-eval] [--checkpoints 200 400 600]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import attribdb_rankings, method_rankings, mrr_and_recall  # noqa: E402
 from benchutil import recall  # noqa: E402
-from worlds import WORLDS, checkpoint_databases, commit, mean_spread, prepare_world  # noqa: E402
+from worlds import WORLDS, add_checkpoints_option, checkpoint_databases, commit, mean_spread, prepare_world  # noqa: E402
 
 
 def index_recall(db, facts, k: int = 10) -> dict[str, float]:
@@ -50,7 +50,7 @@ def evaluate_seed(world: str, workdir: Path, seed: int, dump: Path | None = None
     prepared = prepare_world(world, workdir, seed)
     facts = prepared.facts
     docs = [json.loads(line) for line in prepared.corpus.read_text().splitlines()]
-    checkpoint_dbs = checkpoint_databases(world, workdir, seed, checkpoints) if checkpoints else []
+    checkpoint_dbs = checkpoint_databases(world, seed, prepared, checkpoints) if checkpoints else []
     timings: dict[str, float] = {}
     with api.open(prepared.db_path) as db:
         # the default query path (k=10, default candidates) first; the others rank deeper, for MRR past rank 10
@@ -90,9 +90,7 @@ def main() -> None:
     parser.add_argument("--world", choices=sorted(WORLDS), default="demo")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the world's model")
     parser.add_argument("--workdir", type=Path, default=Path("attribdb-eval"))
-    parser.add_argument("--checkpoints", type=int, nargs="+", default=[], help="also checkpoint influence, summed "
-                        "over the model after these training steps and the final model (one training and one "
-                        "database per checkpoint and seed, cached)")
+    add_checkpoints_option(parser)
     parser.add_argument("--dump", type=Path, help="also write each seed's rankings and known queries as JSON here")
     parser.add_argument("--exact", action="store_true", help="also rank by exact mode (k=100; slow: per-token "
                         "contributions of 200 rows per query)")

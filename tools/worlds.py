@@ -56,15 +56,14 @@ def prepare_world(name: str, workdir: Path, seed: int) -> Prepared:
                    generate=WORLDS[name].generate)
 
 
-def checkpoint_databases(name: str, workdir: Path, seed: int, steps: tuple[int, ...]) -> list[Path]:
-    """Databases of the world's model as it was after each of ``steps`` (cached), for influence
-    summed over training: the world's training is run again, saving those checkpoints, in
+def checkpoint_databases(name: str, seed: int, prepared: Prepared, steps: tuple[int, ...]) -> list[Path]:
+    """Databases of the world's model (``prepared``) as it was after each of ``steps`` (cached), for
+    influence summed over training: the world's training is run again, saving those checkpoints, in
     ``model-checkpoints`` beside the world's model, and each checkpoint gets a database at the
     world's settings.  The final model is not among them: it is the world's own, whose database
     prepare_world made (checked, since the sum relies on it)."""
     from attribdb import api
 
-    prepared = prepare_world(name, workdir, seed)
     config = seeded(name, seed)
     folder = prepared.db_path.parent
     run = train_model(prepared.corpus, folder / "model-checkpoints", config.model, progress=False,
@@ -77,6 +76,12 @@ def checkpoint_databases(name: str, workdir: Path, seed: int, steps: tuple[int, 
         paths.append(folder / f"db-{key}-checkpoint-{step}")
         api.build(paths[-1], str(prepared.corpus), str(run / f"checkpoint-{step}"), quiet=True, **config.build)
     return paths
+
+
+def add_checkpoints_option(parser) -> None:
+    parser.add_argument("--checkpoints", type=int, nargs="+", default=[], help="also checkpoint influence, summed "
+                        "over the model after these training steps and the final model (one more training per "
+                        "seed and one database per checkpoint, cached)")
 
 
 def commit() -> str:
