@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from attribdb.demo.facts import RELATIONS, DemoCorpusConfig, generate_corpus, load_facts
+from attribdb.demo.train import CACHE_FILE, DemoModelConfig, train_model
 
 from dbtools import cli
 
@@ -46,3 +47,17 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
     assert "demo finished" in result.stdout
     again = cli("demo", "--quick", "--quiet", "--workdir", tmp_path / "demo")  # cached: same answers
     assert again.stdout.split("demo finished")[0].count("score") == result.stdout.split("demo finished")[0].count("score")
+
+
+def test_checkpoints_leave_the_final_model_and_its_cache_key_alone(tmp_path):
+    """Saving checkpoints must not change the training, nor the fingerprint of models trained without them."""
+    corpus, _ = generate_corpus(tmp_path / "corpus", SMALL)
+    config = DemoModelConfig(vocab_size=512, n_layer=1, n_embd=32, batch_size=4, train_steps=6, fact_repeats=2)
+    plain = train_model(corpus, tmp_path / "plain", config, progress=False)
+    saved = train_model(corpus, tmp_path / "saved", config, progress=False, checkpoints=(2, 4))
+    assert (saved / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
+    assert "checkpoints" not in json.loads((plain / CACHE_FILE).read_text())
+    assert json.loads((saved / CACHE_FILE).read_text())["checkpoints"] == [2, 4]
+    for step in (2, 4):
+        assert (saved / f"checkpoint-{step}" / "model.safetensors").read_bytes() != (plain / "model.safetensors").read_bytes()
+        assert (saved / f"checkpoint-{step}" / "tokenizer.json").is_file()

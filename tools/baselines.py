@@ -11,6 +11,7 @@ import math
 import re
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -93,6 +94,40 @@ def bm25_rankings(bm25: BM25, doc_ids: list[str], texts: list[str]) -> list[list
     return out
 
 
+def bm25_filtered(bm25: list[list[str]], influence: list[list[str]]) -> list[list[str]]:
+    """The influence order of the BM25 top ``BM25_FILTER`` documents (the paper's TF-IDF filter)."""
+    return [[d for d in ranked if d in allowed] for ranked, allowed in zip(influence, (set(t[:BM25_FILTER]) for t in bm25))]
+
+
+def hybrid(bm25: list[list[str]], influence: list[list[str]]) -> list[list[str]]:
+    """The BM25 top N fused with their influence order (--prefilter bm25:N --rank-by hybrid, per document)."""
+    return [[d for d, _ in reciprocal_rank_fusion([text[:BM25_FILTER], filtered])]
+            for text, filtered in zip(bm25, bm25_filtered(bm25, influence))]
+
+
+CHECKPOINTS = "checkpoint influence"
+CHECKPOINT_HYBRID = f"hybrid: RRF of BM25 and checkpoint influence, top {BM25_FILTER}"
+
+
+def row_cosines(results) -> list[dict[tuple[str, tuple[int, ...]], float]]:
+    """Per query, every row's normalized (cosine) influence, keyed by document and token span:
+    the key a row has in every database built over the same corpus at the same settings."""
+    return [{(h.doc_id, tuple(h.token_span)): h.normalized_score for h in r.hits} for r in results]
+
+
+def checkpoint_cosines(path: Path, queries) -> list[dict]:
+    """row_cosines of the exhaustive EK-FAC pass over a checkpoint's database (factors fitted on
+    that checkpoint's model)."""
+    from attribdb import api
+
+    with api.open(path) as db:
+        return row_cosines(db.exhaustive(queries, k=db.engine.rows, quiet=True))
+
+
+def rank_rows(cosines: list[dict]) -> list[list[str]]:
+    return [rank_documents([(doc_id, score) for (doc_id, _), score in rows.items()]) for rows in cosines]
+
+
 def identity_computer(runtime):
     from attribdb.factors import FactorConfig, Factors, ModuleFactors
     from attribdb.influence import InfluenceComputer
@@ -127,8 +162,8 @@ def gradient_cosine_rows(engine, facts) -> list[list[tuple[str, float]]]:
     return rows
 
 
-def method_rankings(db, docs: list[dict], facts, index_k: int = 200,
-                    timings: dict[str, float] | None = None) -> dict[str, list[list[str]]]:
+def method_rankings(db, docs: list[dict], facts, index_k: int = 200, timings: dict[str, float] | None = None,
+                    checkpoint_dbs: list[Path] = ()) -> dict[str, list[list[str]]]:
     """Per method, per fact, document ids best first.
 
     attribdb through its index (the default cosine ranking and ``--rank-by score``, ``index_k``
@@ -136,6 +171,14 @@ def method_rankings(db, docs: list[dict], facts, index_k: int = 200,
     ``BM25_FILTER`` documents (the paper's TF-IDF filter: exact influence on the filtered set is the
     exhaustive score restricted to it, so it is read off the exhaustive pass), BM25 on prompt +
     completion and on the prompt alone, gradient cosine and representation similarity.
+
+    With ``checkpoint_dbs`` (databases of earlier checkpoints of ``db``'s model, oldest first), also
+    checkpoint influence: per row, the exhaustive cosine summed over those checkpoints and the final
+    model (TracIn-style, EK-FAC-preconditioned at each checkpoint as in Bae et al. 2024, SOURCE),
+    each checkpoint alone, and the sum's hybrid with BM25.  Why: at the final checkpoint the model
+    has memorised documents repeated many times, which leaves them almost no gradient; earlier it had
+    not, so their gradients can still align with the query's.  Cosines, not scores: each
+    checkpoint's scale (gradient norms, damping) would otherwise weigh the sum.
     """
     timings = {} if timings is None else timings
     doc_ids = [d["id"] for d in docs]
@@ -157,14 +200,25 @@ def method_rankings(db, docs: list[dict], facts, index_k: int = 200,
     bm25 = BM25([d["text"] for d in docs])
     timed("BM25", lambda: bm25_rankings(bm25, doc_ids, [f.prompt + f.completion for f in facts]))
     timed("BM25, prompt only", lambda: bm25_rankings(bm25, doc_ids, [f.prompt for f in facts]))
-    out[f"BM25 top {BM25_FILTER} + influence"] = [
-        [d for d in ranked if d in allowed]
-        for ranked, allowed in zip(out["attribdb exhaustive"], (set(t[:BM25_FILTER]) for t in out["BM25"]))]
+    out[f"BM25 top {BM25_FILTER} + influence"] = bm25_filtered(out["BM25"], out["attribdb exhaustive"])
     timings[f"BM25 top {BM25_FILTER} + influence"] = timings["BM25"] + timings["attribdb exhaustive"]
-    # the hybrid: the BM25 top N fused with their influence order (--prefilter bm25:N --rank-by hybrid, per document)
-    out[HYBRID] = [[d for d, _ in reciprocal_rank_fusion([text[:BM25_FILTER], influence])]
-                   for text, influence in zip(out["BM25"], out[f"BM25 top {BM25_FILTER} + influence"])]
+    out[HYBRID] = hybrid(out["BM25"], out["attribdb exhaustive"])
     timings[HYBRID] = timings[f"BM25 top {BM25_FILTER} + influence"]
+    if checkpoint_dbs:
+        per_step = []
+        for path in checkpoint_dbs:
+            started = time.time()
+            per_step.append(checkpoint_cosines(path, queries))
+            alone = f"{CHECKPOINTS}, step {path.name.rsplit('-', 1)[-1]} only"
+            out[alone] = rank_rows(per_step[-1])
+            timings[alone] = time.time() - started
+        timings[CHECKPOINTS] = sum(timings[m] for m in out if m.startswith(f"{CHECKPOINTS},")) \
+            + timings["attribdb exhaustive"]
+        per_step.append(row_cosines(every_row))
+        out[CHECKPOINTS] = rank_rows([{row: sum(step[i][row] for step in per_step) for row in final}
+                                      for i, final in enumerate(per_step[-1])])
+        out[CHECKPOINT_HYBRID] = hybrid(out["BM25"], out[CHECKPOINTS])
+        timings[CHECKPOINT_HYBRID] = timings[CHECKPOINTS] + timings["BM25"]
 
     def representation() -> list[list[str]]:
         runtime = db.engine.runtime

@@ -12,6 +12,7 @@ of the per-seed means.  A retrained model is cached by the exact set of document
 methods that remove the same set share one training, and a rerun reuses every finished one.
 
 Run: python tools/eval_counterfactual.py [--world demo-small] [--seeds 0] [--k 3] [--workdir attribdb-eval]
+     [--checkpoints 200 400 600]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import method_rankings  # noqa: E402
-from worlds import WORLDS, commit, mean_spread, prepare_world, seeded  # noqa: E402
+from worlds import WORLDS, add_checkpoints_option, checkpoint_databases, commit, mean_spread, prepare_world, seeded  # noqa: E402
 
 SKIPPED = ("BM25, prompt only",)  # a fact-tracing reference, not one of the methods judged here
 
@@ -49,7 +50,8 @@ def completion_logprob(model_dir: Path, facts) -> torch.Tensor:
     return torch.stack(out)
 
 
-def evaluate_seed(world: str, workdir: Path, seed: int, ks: list[int], methods: list[str] | None) -> dict:
+def evaluate_seed(world: str, workdir: Path, seed: int, ks: list[int], methods: list[str] | None,
+                  checkpoints: tuple[int, ...] = ()) -> dict:
     """Per (method, k): per-query drops, flips, and how many removed documents state a queried fact."""
     from attribdb import api
     from attribdb.demo.train import known_facts, train_model
@@ -58,8 +60,10 @@ def evaluate_seed(world: str, workdir: Path, seed: int, ks: list[int], methods: 
     folder = prepared.db_path.parent
     facts = prepared.facts
     docs = [json.loads(line) for line in prepared.corpus.read_text().splitlines()]
+    checkpoint_dbs = checkpoint_databases(world, seed, prepared, checkpoints) if checkpoints else []
     with api.open(prepared.db_path) as db:
-        rankings = {m: r for m, r in method_rankings(db, docs, facts, index_k=100).items() if m not in SKIPPED}
+        rankings = {m: r for m, r in method_rankings(db, docs, facts, index_k=100, checkpoint_dbs=checkpoint_dbs).items()
+                    if m not in SKIPPED}
     rng = random.Random(seed)
     rankings["random"] = [rng.sample([d["id"] for d in docs], max(ks)) for _ in facts]
     if methods:
@@ -95,10 +99,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", help="only these methods (each costs one training per k and seed; "
                         "BM25 is needed for the '> BM25' column); default: all")
     parser.add_argument("--workdir", type=Path, default=Path("attribdb-eval"))
+    add_checkpoints_option(parser)
     args = parser.parse_args()
     code = commit()  # at the start: the code that runs, not what HEAD is when the figures print
 
-    runs = [evaluate_seed(args.world, args.workdir, seed, args.k, args.methods) for seed in args.seeds]
+    runs = [evaluate_seed(args.world, args.workdir, seed, args.k, args.methods, tuple(args.checkpoints))
+            for seed in args.seeds]
     queries, once = len(runs[0]["known"]), runs[0]["once"]
     print(f"world {args.world}, commit {code}, seeds {args.seeds}: {queries} queries "
           f"({', '.join(str(int(r['known'].sum())) for r in runs)} known per seed"

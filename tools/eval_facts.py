@@ -9,7 +9,7 @@ over facts stated once and facts stated many times.  Each seed trains the world'
 tables give mean ± standard deviation over seeds.  Also: how many rows of the exhaustive top 10
 the index answer returns (index fidelity on this trained model).
 
-Run: python tools/eval_facts.py [--world demo] [--seeds 0] [--workdir attribdb-eval]
+Run: python tools/eval_facts.py [--world demo] [--seeds 0] [--workdir attribdb-eval] [--checkpoints 200 400 600]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import attribdb_rankings, method_rankings, mrr_and_recall  # noqa: E402
 from benchutil import recall  # noqa: E402
-from worlds import WORLDS, commit, mean_spread, prepare_world  # noqa: E402
+from worlds import WORLDS, add_checkpoints_option, checkpoint_databases, commit, mean_spread, prepare_world  # noqa: E402
 
 
 def index_recall(db, facts, k: int = 10) -> dict[str, float]:
@@ -41,7 +41,8 @@ def subsets(facts, known: list[bool]) -> dict[str, list[bool]]:
     return {name: chosen for name, chosen in out.items() if any(chosen) and (name != "many" or any(out["once"]))}
 
 
-def evaluate_seed(world: str, workdir: Path, seed: int, dump: Path | None = None, exact: bool = False) -> dict:
+def evaluate_seed(world: str, workdir: Path, seed: int, dump: Path | None = None, exact: bool = False,
+                  checkpoints: tuple[int, ...] = ()) -> dict:
     """One trained model: per method and subset, (MRR, recall@10); plus known counts and index fidelity."""
     from attribdb import api
     from attribdb.demo.train import known_facts
@@ -49,6 +50,7 @@ def evaluate_seed(world: str, workdir: Path, seed: int, dump: Path | None = None
     prepared = prepare_world(world, workdir, seed)
     facts = prepared.facts
     docs = [json.loads(line) for line in prepared.corpus.read_text().splitlines()]
+    checkpoint_dbs = checkpoint_databases(world, seed, prepared, checkpoints) if checkpoints else []
     timings: dict[str, float] = {}
     with api.open(prepared.db_path) as db:
         # the default query path (k=10, default candidates) first; the others rank deeper, for MRR past rank 10
@@ -66,7 +68,7 @@ def evaluate_seed(world: str, workdir: Path, seed: int, dump: Path | None = None
             started = time.time()
             rankings[method] = attribdb_rankings(db, facts, 100, rank_by, mode=mode)
             timings[method] = time.time() - started
-        rankings.update(method_rankings(db, docs, facts, timings=timings))
+        rankings.update(method_rankings(db, docs, facts, timings=timings, checkpoint_dbs=checkpoint_dbs))
         fidelity = index_recall(db, facts)
     known = known_facts(prepared.model_dir, facts)
     if dump:  # every ranking, for analyses that need no model (e.g. other fusions of the same lists)
@@ -88,13 +90,15 @@ def main() -> None:
     parser.add_argument("--world", choices=sorted(WORLDS), default="demo")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the world's model")
     parser.add_argument("--workdir", type=Path, default=Path("attribdb-eval"))
+    add_checkpoints_option(parser)
     parser.add_argument("--dump", type=Path, help="also write each seed's rankings and known queries as JSON here")
     parser.add_argument("--exact", action="store_true", help="also rank by exact mode (k=100; slow: per-token "
                         "contributions of 200 rows per query)")
     args = parser.parse_args()
     code = commit()  # at the start: the code that runs, not what HEAD is when the figures print
 
-    runs = {seed: evaluate_seed(args.world, args.workdir, seed, args.dump, args.exact) for seed in args.seeds}
+    runs = {seed: evaluate_seed(args.world, args.workdir, seed, args.dump, args.exact, tuple(args.checkpoints))
+            for seed in args.seeds}
     first = runs[args.seeds[0]]
     print(f"world {args.world}, commit {code}, seeds {args.seeds}: {first['queries']} queries, "
           f"{first['documents']} documents; the model completes "

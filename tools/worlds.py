@@ -17,12 +17,13 @@ thread, where the demo's model takes about 5.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from attribdb.demo.facts import DemoCorpusConfig, generate_corpus
 from attribdb.demo.run import FULL, DemoConfig, Prepared, prepare
-from attribdb.demo.train import DemoModelConfig
+from attribdb.demo.train import CACHE_FILE, DemoModelConfig, train_model
 from attribdb.demo.world2 import World2Config, generate_world
 
 SMALL_MODEL = DemoModelConfig(vocab_size=1024, n_embd=64, batch_size=8, train_steps=800, fact_repeats=24,
@@ -53,6 +54,34 @@ def prepare_world(name: str, workdir: Path, seed: int) -> Prepared:
     """Corpus, model trained with ``seed`` and its database, in ``workdir/name/seed-N`` (cached)."""
     return prepare(workdir / name / f"seed-{seed}", seeded(name, seed), name, quiet=True,
                    generate=WORLDS[name].generate)
+
+
+def checkpoint_databases(name: str, seed: int, prepared: Prepared, steps: tuple[int, ...]) -> list[Path]:
+    """Databases of the world's model (``prepared``) as it was after each of ``steps`` (cached), for
+    influence summed over training: the world's training is run again, saving those checkpoints, in
+    ``model-checkpoints`` beside the world's model, and each checkpoint gets a database at the
+    world's settings.  The final model is not among them: it is the world's own, whose database
+    prepare_world made (checked, since the sum relies on it)."""
+    from attribdb import api
+
+    config = seeded(name, seed)
+    folder = prepared.db_path.parent
+    run = train_model(prepared.corpus, folder / "model-checkpoints", config.model, progress=False,
+                      tokenizer_from=prepared.model_dir, checkpoints=steps)
+    if (run / "model.safetensors").read_bytes() != (prepared.model_dir / "model.safetensors").read_bytes():
+        raise RuntimeError(f"{run} ended on another model than {prepared.model_dir}: training is not reproducible here")
+    key = hashlib.sha256((run / CACHE_FILE).read_bytes()).hexdigest()[:12]
+    paths = []
+    for step in steps:
+        paths.append(folder / f"db-{key}-checkpoint-{step}")
+        api.build(paths[-1], str(prepared.corpus), str(run / f"checkpoint-{step}"), quiet=True, **config.build)
+    return paths
+
+
+def add_checkpoints_option(parser) -> None:
+    parser.add_argument("--checkpoints", type=int, nargs="+", default=[], help="also checkpoint influence, summed "
+                        "over the model after these training steps and the final model (one more training per "
+                        "seed and one database per checkpoint, cached)")
 
 
 def commit() -> str:

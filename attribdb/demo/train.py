@@ -77,11 +77,16 @@ def _token_stream(docs: list[dict], tokenizer, config: DemoModelConfig, rng: ran
 
 
 def train_model(corpus_jsonl: Path, out_dir: Path, config: DemoModelConfig = DemoModelConfig(),
-                progress: bool = True, tokenizer_from: Path | None = None) -> Path:
+                progress: bool = True, tokenizer_from: Path | None = None,
+                checkpoints: tuple[int, ...] = ()) -> Path:
     """Train (or reuse, when config and corpus match) the demo model in ``out_dir``.
 
     ``tokenizer_from`` reuses another model's tokenizer instead of training one,
     so models trained on different subsets of a corpus stay comparable.
+    ``checkpoints``: steps after which the model so far is also saved, with the
+    tokenizer, as ``out_dir/checkpoint-STEP``: influence summed over training
+    sees the fact documents before the model has memorised them.  Saving
+    consumes no randomness, so the final model is the one trained without them.
     """
     from tqdm import tqdm
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
@@ -89,6 +94,8 @@ def train_model(corpus_jsonl: Path, out_dir: Path, config: DemoModelConfig = Dem
     fingerprint = _fingerprint(corpus_jsonl, config)
     if tokenizer_from is not None:
         fingerprint["tokenizer_from"] = str(tokenizer_from)
+    if checkpoints:  # only when asked for: models trained before checkpoints existed stay valid
+        fingerprint["checkpoints"] = sorted(checkpoints)
     cache = out_dir / CACHE_FILE
     if cache.is_file() and json.loads(cache.read_text()) == fingerprint:
         return out_dir
@@ -113,7 +120,7 @@ def train_model(corpus_jsonl: Path, out_dir: Path, config: DemoModelConfig = Dem
     windows: list[list[int]] = []
     model.train()
     bar = tqdm(range(config.train_steps), desc="train demo model", file=sys.stderr, disable=not progress)
-    for _ in bar:
+    for step in bar:
         batch = []
         while len(batch) < config.batch_size:
             if not windows:
@@ -130,6 +137,10 @@ def train_model(corpus_jsonl: Path, out_dir: Path, config: DemoModelConfig = Dem
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step + 1 in checkpoints:
+            model.eval().save_pretrained(work / f"checkpoint-{step + 1}")
+            tokenizer.save_pretrained(work / f"checkpoint-{step + 1}")
+            model.train()
     model.eval().save_pretrained(work)
     (work / CACHE_FILE).write_text(json.dumps(fingerprint))
     shutil.rmtree(out_dir, ignore_errors=True)
