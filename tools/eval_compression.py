@@ -85,7 +85,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import mrr_and_recall  # noqa: E402
-from trained_models import MODEL_SETS, TrainedModel  # noqa: E402
+from trained_models import MODEL_SETS, TrainedModel, add_evaluation_options  # noqa: E402
 
 FRACTIONS = (16, 64, 256, 1024)  # budget = dense float32 Ĝ / fraction
 METHODS = ("eigen Λ/(Λ+λ)", "PCA (LoGra)", "random Kron.", "rank-r SVD", "PCA, our k's", "eigen E_data[Ĝ²]")
@@ -496,17 +496,9 @@ def print_table(header: dict, results: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-set", choices=sorted(MODEL_SETS), default="both")
-    parser.add_argument("--workdir", type=Path, default=Path("attribdb-demo"),
-                        help="where the trained models are cached (the demo's own folder by default)")
-    parser.add_argument("--rows", type=int, default=1500)
-    parser.add_argument("--queries", type=int, default=60)
-    parser.add_argument("--fit-sequences", type=int, default=256)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
+    add_evaluation_options(parser, rows=1500)
     parser.add_argument("--throughput-sequences", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2, help="timing repeats (the best is kept)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     torch.set_grad_enabled(False)

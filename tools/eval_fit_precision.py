@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from eval_compression import (batches_of, choose_rows, flat_scores, log, mean_mrr, pearson, recall_at,  # noqa: E402
                               round_robin, spearman)
-from trained_models import MODEL_SETS, TrainedModel  # noqa: E402
+from trained_models import MODEL_SETS, TrainedModel, add_evaluation_options  # noqa: E402
 
 FITS = {"float32, seed 0 (reference)": ("float32", 0), "float32, seed 1": ("float32", 1),
         "bfloat16, seed 0": ("bfloat16", 0)}
@@ -99,15 +99,7 @@ def evaluate(trained: TrainedModel, args) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-set", choices=sorted(MODEL_SETS), default="both")
-    parser.add_argument("--workdir", type=Path, default=Path("attribdb-demo"),
-                        help="where the trained models are cached (the demo's own folder by default)")
-    parser.add_argument("--rows", type=int, default=1000)
-    parser.add_argument("--queries", type=int, default=60)
-    parser.add_argument("--fit-sequences", type=int, default=256)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0, help="chooses the rows, the queries and the fit sample")
+    add_evaluation_options(parser, rows=1000)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 

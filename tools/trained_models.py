@@ -1,4 +1,5 @@
-"""Trained models for the fidelity evaluations (tools/eval_compression.py), each cached in a work folder.
+"""Trained models for the fidelity evaluations (tools/eval_compression.py, tools/eval_fit_precision.py),
+each cached in a work folder.
 
 - ``demo``: the demo's corpus and model, in the folders ``attribdb demo --workdir`` uses
   (``corpus/``, ``model/``), so either reuses what the other trained.
@@ -59,3 +60,18 @@ def second_model(workdir: Path) -> TrainedModel:
 
 
 MODEL_SETS = {"demo": (demo_model,), "second": (second_model,), "both": (demo_model, second_model)}
+
+
+def add_evaluation_options(parser, rows: int) -> None:
+    """The options of every evaluation over these models: which models and where they are cached, and
+    how many rows, queries and fitting sequences it draws from each."""
+    parser.add_argument("--model-set", choices=sorted(MODEL_SETS), default="both")
+    parser.add_argument("--workdir", type=Path, default=Path("attribdb-demo"),
+                        help="where the trained models are cached (the demo's own folder by default)")
+    parser.add_argument("--rows", type=int, default=rows)
+    parser.add_argument("--queries", type=int, default=60)
+    parser.add_argument("--fit-sequences", type=int, default=256)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="chooses the rows, the queries and the fit sample (and seeds any random projection)")
