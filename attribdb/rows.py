@@ -330,12 +330,18 @@ def _kron_map(factors: ModuleFactors, module: TrackedModule, k_out: int, k_in: i
     r_out = torch.randn(k_out, module.d_out, generator=generator, dtype=torch.float64) / k_out ** 0.5
     r_in = torch.randn(k_in, module.d_in, generator=generator, dtype=torch.float64) / k_in ** 0.5
     u, v = _low_rank(root.pow(2), query_rank, generator)  # (d_out, r), (d_in, r)
-    query_out = (u / p[:, None]).T[:, :, None] * r_out.T[None]  # (r, d_out, k_out) in the eigenbasis
-    query_inp = (v / q[:, None]).T[:, :, None] * r_in.T[None]
-    return BlockMap(out=out_basis @ (r_out * p).T, inp=in_basis @ (r_in * q).T,
+    # the query maps in the eigenbasis, (d_out, r·k_out): column j·k_out + c is u_j / p ∘ r_out[c]
+    query_out = ((u / p[:, None])[:, :, None] * r_out.T[:, None]).flatten(1)
+    query_inp = ((v / q[:, None])[:, :, None] * r_in.T[:, None]).flatten(1)
+    return BlockMap(out=_product(out_basis, (r_out * p).T), inp=_product(in_basis, (r_in * q).T),
                     inverse_scale=torch.ones(k_out, k_in, dtype=torch.float64),
-                    query_out=torch.cat(list(out_basis @ query_out), dim=1),
-                    query_inp=torch.cat(list(in_basis @ query_inp), dim=1))
+                    query_out=_product(out_basis, query_out), query_inp=_product(in_basis, query_inp))
+
+
+def _product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """A float64 product on the CPU through NumPy's BLAS (OpenBLAS): torch's runs at a sixth of
+    its speed on this project's machines, where a GPT-2-small database's maps take 20 s instead of 3."""
+    return torch.from_numpy(left.numpy() @ right.numpy())
 
 
 def kron_layout(modules: list[TrackedModule], weights: Callable[[TrackedModule], torch.Tensor], row_bytes: int,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attribdb.factors import FactorConfig, Factors
-from attribdb.fitting import eigh, fit_factors
+from attribdb.fitting import _add_gram, eigh, fit_factors
 from attribdb.gradients import GradientRunner
 from attribdb.influence import InfluenceComputer, pairwise_scores, self_influence
 from attribdb.tasks import RegressionTask
@@ -188,7 +188,8 @@ def test_default_damping_is_a_tenth_of_mean_eigenvalue(mlp, data):
 
 
 def test_float32_batches_accumulate_into_float64_factors(mlp, data):
-    """Per-batch products run in the compute dtype; the sums and factors stay float64."""
+    """Per-batch products and the covariances' running sums are in the compute dtype; the factors
+    are float64 and agree with a float64 fit."""
     model32 = copy.deepcopy(mlp).float()
     inputs, targets = data
     config = FactorConfig(strategy="ekfac", fisher="empirical")
@@ -198,6 +199,21 @@ def test_float32_batches_accumulate_into_float64_factors(mlp, data):
     for name, f in single.per_module.items():
         assert f.eigvecs_in.dtype == f.diagonal.dtype == torch.float64
         torch.testing.assert_close(f.fisher_matrix(), double[name].fisher_matrix(), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_covariance_sums_equal_the_products_they_add(dtype):
+    """In place through BLAS syrk (float32/64 on the CPU, one triangle written) or torch's addmm
+    (every other dtype and device): the running sum of two batches is Σ rowsᵀ rows in its lower
+    triangle, the one eigh reads."""
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(50, 7, generator=generator, dtype=torch.float64) for _ in range(2)]
+    total = torch.zeros(7, 7, dtype=dtype)
+    for rows in batches:
+        _add_gram(total, rows.to(dtype))
+    expected = sum(rows.to(dtype).double().T @ rows.to(dtype).double() for rows in batches)
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(total.double().tril(), expected.tril(), rtol=tolerance, atol=tolerance * 100)
 
 
 def test_factors_load_in_the_compute_dtype_and_the_computer_keeps_them(mlp, data, tmp_path):
