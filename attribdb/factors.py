@@ -55,9 +55,9 @@ STRATEGIES = {
 # What the fit's arithmetic runs in.  float32: every product, as kronfluence's default (scores equal
 # its own to float error).  bfloat16: the fit's forward and backward passes under bfloat16 autocast and
 # the eigenvalue correction's rotations in bfloat16, as kronfluence's ``amp_dtype`` and
-# ``per_sample_gradient_dtype`` options do; covariances are still summed from float32 captures into
-# float64 and decomposed in float64.  It halves the fit's cost on a CPU with bfloat16 units
-# (tools/bench_build.py) at the fidelity tools/eval_fit_precision.py measures.
+# ``per_sample_gradient_dtype`` options do, and the eigendecompositions in float32; covariances are
+# still summed from float32 captures in float32.  It takes 0.6 of the float32 fit's time on a CPU with
+# bfloat16 units (tools/bench_build.py) at the fidelity tools/eval_fit_precision.py measures.
 FIT_PRECISIONS = ("float32", "bfloat16")
 
 

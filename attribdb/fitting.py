@@ -4,7 +4,7 @@ Two passes at most, each one forward and one backward per batch:
 
 1. *Covariances* (kfac, ekfac): ``A = Σ_tokens a aᵀ / n_tokens`` and
    ``S = Σ_m Σ_t δ δᵀ / n_sequences``, so ``S ⊗ A`` approximates the Fisher of
-   a whole sequence's gradient, then a float64 eigendecomposition of each.
+   a whole sequence's gradient, then an eigendecomposition of each (float64; float32 in a bfloat16 fit).
 2. *Diagonal* (diagonal, ekfac): ``D = E_m[(Q_Sᵀ G_m Q_A)²]`` over per-sequence
    pseudo-gradients, the eigenvalue correction of EK-FAC.
 

@@ -37,9 +37,9 @@ class DatabaseSettings:
     fit_sample_size: int = setting(512, "sequences sampled from the corpus to fit the factors")
     fit_seed: int = setting(0, "seeds the fitting sample and the label sampling")
     fit_precision: str = setting("float32", "float32 | bfloat16: the fit's forward/backward under bfloat16 "
-                                            "autocast and its eigenvalue correction in bfloat16 (covariances and "
-                                            "eigendecompositions stay float32/float64); about 2× faster on a CPU "
-                                            "with bfloat16 units, see tools/eval_fit_precision.py for fidelity")
+                                            "autocast, its eigenvalue correction in bfloat16 and its eigendecompositions "
+                                            "in float32 (covariances stay float32); 0.6 of the float32 fit's time on "
+                                            "a CPU with bfloat16 units, see tools/eval_fit_precision.py for fidelity")
     row_bytes: int = setting(32768, "bytes of each stored row: the EK-FAC-preconditioned gradient's block in the "
                                     "eigenvectors that carry the most expected influence, spent over all modules")
     row_kind: str = setting("kron", "kron: a random Kronecker projection whose inner products estimate the EK-FAC "
