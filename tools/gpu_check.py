@@ -17,7 +17,11 @@ Python API only (the on-disk row format is not part of the contract):
    mode (index, exact, exhaustive): the same rows in the same order, and
    scores equal within ``--tolerance`` (default 2e-3) of the largest |score|
    in the list; two rows may trade places only where their scores are that
-   close (a tie at float precision).
+   close (a tie at float precision);
+5. a ``fit_precision=bfloat16`` fit (autocast, a bfloat16 correction, float32
+   eigendecompositions: other code paths on CUDA than on the CPU) on each
+   side: exhaustive answers, which read nothing but the factors and the
+   tokens, within 3% of each list's largest |score|.
 
 Why not bit-equality: the rows are float16 and the GPU sums in another order,
 so scores differ in the last float32 digits. TF32 is switched off, and the
@@ -49,6 +53,7 @@ QUERIES = [("The function returns", " a new list."), ("An exception is raised wh
            ("The default value is", " None."), ("Each module has", " its own namespace.")]
 K = 8
 CRASH_AFTER_COMMITS = 2
+LOW_PRECISION_TOLERANCE = 3e-2  # bfloat16 fits: the CPU and the GPU round their products in other orders
 
 
 class InjectedCrash(RuntimeError):
@@ -101,6 +106,25 @@ def uninterrupted(db: Path, corpus: Path, extra: Path, model: Path, device: str)
     api.fit(db, str(corpus), str(model), device=device, quiet=True, **SETTINGS)
     api.build(db, str(corpus), device=device, quiet=True)
     api.build(db, str(extra), append=True, device=device, quiet=True)
+
+
+def low_precision_fits_differ(workdir: Path, corpus: Path, model: Path, device: str) -> list[str]:
+    """Check 5: the same bfloat16 fit on the device and on the CPU, compared by exhaustive answers."""
+    from attribdb import api
+
+    items = [{"prompt": p, "completion": c} for p, c in QUERIES]
+    found = {}
+    for label, dev in (("device", device), ("cpu", "cpu")):
+        db = workdir / f"db-bfloat16-{label}"
+        api.fit(db, str(corpus), str(model), device=dev, quiet=True, **SETTINGS, fit_precision="bfloat16")
+        api.build(db, str(corpus), device=dev, quiet=True)
+        database = api.open(db, device=dev)
+        try:
+            found[label] = [[_hit(h, "score") for h in result.hits] for result in database.exhaustive(items, k=K)]
+        finally:
+            database.close()
+    return [problem for number, (mine, theirs) in enumerate(zip(found["device"], found["cpu"]))
+            for problem in compare_lists(f"bfloat16 fit, exhaustive q{number}", mine, theirs, LOW_PRECISION_TOLERANCE)]
 
 
 def stored_rows_differ(resumed: Path, straight: Path) -> list[str]:
@@ -248,10 +272,15 @@ def run(device: str, workdir: Path, tolerance: float) -> list[str]:
     built = _guarded(lambda: uninterrupted(straight, corpus, extra, model, device))
     if isinstance(built, Failure):
         return [f"uninterrupted build on {device} failed: {built}"]
+    print(f"{device} and cpu: a bfloat16 fit each ...", file=sys.stderr)
+    low_precision = _guarded(lambda: low_precision_fits_differ(workdir, corpus, model, device))
+    if isinstance(low_precision, Failure):
+        low_precision = [f"bfloat16 fit failed: {low_precision}"]
     counts = results["cpu"]["counts"]
     print(f"compared {counts['sequences']} rows in {counts['shards']} shards, {len(QUERIES)} queries × 3 modes; "
           f"resumed against uninterrupted build on {device}, bit for bit")
-    return stored_rows_differ(workdir / "db-device", straight) + compare(results["device"], results["cpu"], tolerance)
+    return (stored_rows_differ(workdir / "db-device", straight) + compare(results["device"], results["cpu"], tolerance)
+            + low_precision)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print(f"FAILED: {len(problems)} differences beyond tolerance {args.tolerance} on {args.device}")
         return 1
-    print(f"ok: {args.device} and cpu agree within {args.tolerance} of each list's largest |score|")
+    print(f"ok: {args.device} and cpu agree within {args.tolerance} of each list's largest |score| "
+          f"({LOW_PRECISION_TOLERANCE} for the bfloat16 fits)")
     return 0
 
 
