@@ -648,11 +648,12 @@ def prepare(workdir: Path, quick: bool) -> Pristine:
         made = run(lambda: {"model": str(make_model(model, sentences[:2000], layers=2, width=32, vocab=400,
                                                     positions=64))})
         assert "model" in made, made
+    # built afresh every run: a pristine database kept from a --quick run (another corpus) or from
+    # older code would make every rebuilt scenario look "silently wrong"
     db = workdir / "pristine"
-    if not (db / "manifest.json").exists():
-        shutil.rmtree(db, ignore_errors=True)
-        built = cli("build", db, "--corpus", paths["corpus"], "--model", model, "--quiet", *SETTINGS)
-        assert built["exit"] == 0, built
+    shutil.rmtree(db, ignore_errors=True)
+    built = cli("build", db, "--corpus", paths["corpus"], "--model", model, "--quiet", *SETTINGS)
+    assert built["exit"] == 0, built
     queries = workdir / "queries.jsonl"
     queries.write_text("".join(json.dumps(q) + "\n" for q in QUERIES))
     reference = cli("query", db, "--queries", queries, "--format", "json", "-k", "5")
