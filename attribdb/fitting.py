@@ -37,7 +37,7 @@ class _Covariances:
     √n_batches·2⁻²⁴ of its value, far below the sampling noise of the fit.  On the CPU each batch
     is added in place by BLAS ``syrk``, which writes only one triangle: half the FLOPs of a general
     product, no temporary and no separate addition.  At GPT-2-small width that is twice as fast as
-    a product followed by a float64 addition, and the covariances cost half a training step.
+    a product followed by a float64 addition, and the covariances cost two thirds of a training step.
     """
 
     def __init__(self, module: TrackedModule, device: torch.device, dtype: torch.dtype):
@@ -70,7 +70,7 @@ def _add_gram(total: torch.Tensor, rows: torch.Tensor) -> None:
 
 
 def _through_numpy(tensor: torch.Tensor) -> bool:
-    """Whether a product of ``tensor`` runs through NumPy's BLAS (OpenBLAS): on this project's (AMD)
+    """Whether a product of ``tensor`` runs through NumPy's or SciPy's BLAS (OpenBLAS): on this project's (AMD)
     machines torch's CPU GEMM in float32 runs at about half of OpenBLAS's speed.  Other devices and
     dtypes keep torch."""
     return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64)
