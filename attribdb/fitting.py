@@ -70,9 +70,9 @@ def _add_gram(total: torch.Tensor, rows: torch.Tensor) -> None:
 
 
 def _through_numpy(tensor: torch.Tensor) -> bool:
-    """Whether a product of ``tensor`` runs through NumPy's or SciPy's BLAS (OpenBLAS): on this project's (AMD)
-    machines torch's CPU GEMM in float32 runs at about half of OpenBLAS's speed.  Other devices and
-    dtypes keep torch."""
+    """Whether a product of ``tensor`` runs through NumPy's or SciPy's BLAS (OpenBLAS): on this
+    project's (AMD) machines torch's CPU GEMM in float32 runs at about half of OpenBLAS's speed.
+    Other devices and dtypes keep torch."""
     return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64)
 
 

@@ -3,8 +3,8 @@
 The low-precision fit (attribdb.factors.FIT_PRECISIONS) runs the fit's forward and backward passes
 under bfloat16 autocast, its eigenvalue correction in bfloat16 and its eigendecompositions in float32.
 Its error is judged against a yardstick the fit has anyway: the float32 fit with another fit seed,
-which samples other labels for the true Fisher.  If bfloat16 moves the scores less than re-sampling does, its rounding is below the
-fit's own noise.
+which samples other labels for the true Fisher.  If bfloat16 moves the scores less than re-sampling
+does, its rounding is below the fit's own noise.
 
 For each trained model (tools/trained_models.py), three fits on the same sequences: float32 at seed 0
 (the reference), float32 at seed 1, bfloat16 at seed 0.  Against the reference, per fit: the relative

@@ -51,6 +51,7 @@ SETTINGS = dict(max_length=32, shard_size=48, commit_rows=8, batch_size=8, fit_s
                 fisher="empirical")
 QUERIES = [("The function returns", " a new list."), ("An exception is raised when", " the file does not exist."),
            ("The default value is", " None."), ("Each module has", " its own namespace.")]
+QUERY_ITEMS = [{"prompt": p, "completion": c} for p, c in QUERIES]
 K = 8
 CRASH_AFTER_COMMITS = 2
 LOW_PRECISION_TOLERANCE = 3e-2  # bfloat16 fits: the CPU and the GPU round their products in other orders
@@ -112,7 +113,6 @@ def low_precision_fits_differ(workdir: Path, corpus: Path, model: Path, device: 
     """Check 5: the same bfloat16 fit on the device and on the CPU, compared by exhaustive answers."""
     from attribdb import api
 
-    items = [{"prompt": p, "completion": c} for p, c in QUERIES]
     found = {}
     for label, dev in (("device", device), ("cpu", "cpu")):
         db = workdir / f"db-bfloat16-{label}"
@@ -120,7 +120,8 @@ def low_precision_fits_differ(workdir: Path, corpus: Path, model: Path, device: 
         api.build(db, str(corpus), device=dev, quiet=True)
         database = api.open(db, device=dev)
         try:
-            found[label] = [[_hit(h, "score") for h in result.hits] for result in database.exhaustive(items, k=K)]
+            found[label] = [[_hit(h, "score") for h in result.hits]
+                            for result in database.exhaustive(QUERY_ITEMS, k=K)]
         finally:
             database.close()
     return [problem for number, (mine, theirs) in enumerate(zip(found["device"], found["cpu"]))
@@ -169,11 +170,10 @@ def answers(db: Path, device: str) -> dict:
                           "verified_rows": report.rows, "verified_shards": report.shards},
                "self_influence": _guarded(lambda: [_hit(h, "self_influence")
                                                    for h in database.self_influence(top=rows)])}
-        items = [{"prompt": p, "completion": c} for p, c in QUERIES]
         # every row is a candidate: the comparison is of scores, not of the sketch's sampling noise
-        modes = {"index": lambda: database.query_batch(items, k=K, candidates=rows),
-                 "exact": lambda: database.exact_batch(items, k=K, candidates=rows),
-                 "exhaustive": lambda: database.exhaustive(items, k=K)}
+        modes = {"index": lambda: database.query_batch(QUERY_ITEMS, k=K, candidates=rows),
+                 "exact": lambda: database.exact_batch(QUERY_ITEMS, k=K, candidates=rows),
+                 "exhaustive": lambda: database.exhaustive(QUERY_ITEMS, k=K)}
         for mode, ask in modes.items():
             results = _guarded(ask)
             if isinstance(results, Failure):
