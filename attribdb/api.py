@@ -31,7 +31,7 @@ EXHAUSTIVE_COPIES = 2
 def _as_query(item):
     """A Query from a Query, a dict or a pair; its text valid Unicode (a lone surrogate made the
     tokenizer raise a TypeError)."""
-    from query.engine import Query
+    from attribdb.query.engine import Query
 
     if isinstance(item, Query):
         prompt, completion = item.prompt, item.completion
@@ -74,8 +74,8 @@ class Database:
 
     @cached_property
     def engine(self):
+        from attribdb.query.engine import QueryEngine
         from attribdb.runtime import Runtime
-        from query.engine import QueryEngine
 
         return QueryEngine(Runtime.load(self.path, device=self.device))
 
@@ -106,7 +106,8 @@ class Database:
         return self._stream("query", _as_queries(queries), quiet, lambda chunk: self.engine.query(
             chunk, k=k, candidates=candidates, opponents=opponents, rank_by=rank_by, rescore=rescore))
 
-    def exact(self, prompt: str, completion: str, k: int = 10, candidates: int | None = None, rank_by: str | None = None):
+    def exact(self, prompt: str, completion: str, k: int = 10, candidates: int | None = None,
+              rank_by: str | None = None):
         """Every candidate recomputed in full and ranked by its exact score, plus per-token contributions."""
         return self.exact_batch([(prompt, completion)], k=k, candidates=candidates, rank_by=rank_by, quiet=True)[0]
 
@@ -141,7 +142,7 @@ class Database:
 
     @cached_property
     def text_search(self):
-        from query.text import TextSearch
+        from attribdb.query.text import TextSearch
 
         return TextSearch(self.path)
 
@@ -164,7 +165,7 @@ class Database:
 
     def prefilter_batch(self, queries: Iterable, n: int = 100, k: int = 10, rank_by: str | None = None,
                         bm25_query: str | None = None):
-        from query.text import prefiltered
+        from attribdb.query.text import prefiltered
 
         _check_count("k", k)
         _check_count("n", n)
@@ -172,7 +173,7 @@ class Database:
                            rank_by=rank_by, bm25_query=bm25_query)
 
     def _exhaustive(self, queries: list, k: int, quiet: bool, rank_by: str | None, single: bool):
-        from query.engine import BOTH, RANK_BY, _check_rank_by
+        from attribdb.query.engine import BOTH, RANK_BY, _check_rank_by
 
         _check_count("k", k)
         rankings = RANK_BY if rank_by == BOTH else (_check_rank_by(rank_by),)
@@ -192,7 +193,7 @@ class Database:
         normalized score, per-token contributions, and as ``rank`` the place the row would have
         in the index answer ranked by ``rank_by`` (its position among all rows by the compressed
         key; query/named.py).  An id no row belongs to is a QueryError."""
-        from query.named import score_documents
+        from attribdb.query.named import score_documents
 
         if isinstance(doc_ids, str):
             raise QueryError("doc_ids is a list of document ids, not one string")
@@ -217,7 +218,7 @@ class Database:
     def _chunk_size(self, memory: int, copies: int, most: int) -> int:
         """Queries per chunk: as many as keep ``copies`` of their dense gradients within ``memory``."""
         from attribdb.models import compute_dtype
-        from query.engine import queries_per_chunk
+        from attribdb.query.engine import queries_per_chunk
 
         return queries_per_chunk(self.manifest.modules, compute_dtype(self.manifest.settings.dtype).itemsize,
                                  memory, copies, most)
@@ -240,7 +241,7 @@ class Database:
 
     @staticmethod
     def _candidates(k: int, candidates: int | None) -> int:
-        from query.engine import DEFAULT_CANDIDATES
+        from attribdb.query.engine import DEFAULT_CANDIDATES
 
         _check_count("k", k)
         _check_count("candidates", candidates)
@@ -266,9 +267,9 @@ def open(path: str | Path, device: str | None = None) -> Database:  # noqa: A001
 def build(path: str | Path, corpus: str, model: str | None = None, *, append: bool = False,
           device: str | None = None, quiet: bool = False, corpus_options: dict | None = None, **settings):
     """Build (or resume, or with ``append`` extend) a database from a corpus and a local model folder."""
+    from attribdb.indexer.build import build_database
+    from attribdb.indexer.corpus import CorpusSpec
     from attribdb.settings import DatabaseSettings
-    from indexer.build import build_database
-    from indexer.corpus import CorpusSpec
 
     spec = CorpusSpec(path=str(corpus), **(corpus_options or {}))
     given = {key: value for key, value in settings.items() if value is not None}
@@ -277,12 +278,21 @@ def build(path: str | Path, corpus: str, model: str | None = None, *, append: bo
                           model_path=str(Path(model).resolve()) if model else None, device=device, quiet=quiet)
 
 
+def plan(model: str | Path | None = None, *, shape: str | None = None, row_bytes: int | None = None,
+         row_kind: str | None = None):
+    """What a row will cost for a local model folder or a named shape (every named shape given
+    neither), before anything is built: a list of :class:`attribdb.plan.Plan`."""
+    from attribdb.plan import plan as plan_rows
+
+    return plan_rows(model, shape, row_bytes, row_kind)
+
+
 def fit(path: str | Path, corpus: str, model: str, *, device: str | None = None, quiet: bool = False,
         refit: bool = False, corpus_options: dict | None = None, **settings):
     """Create a database and fit its factors (``build`` does this itself when needed)."""
+    from attribdb.indexer.corpus import CorpusSpec
+    from attribdb.indexer.fit import fit_database, open_or_create
     from attribdb.settings import DatabaseSettings
-    from indexer.corpus import CorpusSpec
-    from indexer.fit import fit_database, open_or_create
 
     given = {key: value for key, value in settings.items() if value is not None}
     existing = open_or_create(Path(path), None, given) if exists(path) else None

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from attribdb.errors import AttribdbError
+from attribdb.plan import SHAPES
 
 
 class FriendlyGroup(click.Group):
@@ -181,6 +182,37 @@ def info(db, as_json):
     click.echo("settings   " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "model_path"))
 
 
+@main.command()
+@click.option("--model", type=click.Path(exists=True, file_okay=False),
+              help="local model folder (reads its config only)")
+@click.option("--shape", type=click.Choice(list(SHAPES)),
+              help="a named model shape instead of a folder  [default: all of them]")
+@click.option("--rows", type=click.IntRange(min=1), default=1_000_000, show_default=True,
+              help="database size to price")
+@click.option("--row-bytes", type=int, default=None, help="row budget, as for build  [default: a new database's]")
+@click.option("--row-kind", default=None, help="row kind, as for build  [default: a new database's]")
+def plan(model, shape, rows, row_bytes, row_kind):
+    """What a row and a database of --rows rows will cost for a model, before building."""
+    from attribdb import api
+
+    plans = api.plan(model, shape=shape, row_bytes=row_bytes, row_kind=row_kind)
+    click.echo(f"{plans[0].row_kind} rows of at most {plans[0].row_bytes} bytes (--row-bytes)")
+    click.echo(f"{'model':<24} {'modules':>7} {'dense Ĝ':>10} {'row store':>10} {'+ FAISS':>10} {f'{rows:,} rows':>14}")
+    for p in plans:
+        c = p.cost
+        click.echo(f"{p.label:<24} {c.modules:>7} {c.dense_bytes / 2**20:>8.0f}Mi {c.row_store_bytes / 1024:>8.1f}Ki "
+                   f"{c.total / 1024:>8.1f}Ki {_binary_size(p.database_bytes(rows)):>14}")
+    click.echo("per row besides: its LMDB record (text, token ids, spans), about the size of the text and its tokens")
+
+
+def _binary_size(n: float) -> str:
+    for unit in ("B", "Ki", "Mi", "Gi"):
+        if n < 1024:
+            return f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}Ti"
+
+
 VERIFY_PENDING_EXIT = 3
 
 
@@ -281,7 +313,7 @@ def query(db, prompt, completion, queries_file, k, candidates, rank_by, rescore,
     Answers are written as they are ready (JSON: one line per query; HTML: one page at the end);
     a --queries batch shows its progress on stderr when that is a terminal."""
     from attribdb import api
-    from query.formats import write
+    from attribdb.query.formats import write
 
     if prefilter and mode in ("exhaustive", "text"):
         raise click.UsageError(f"--prefilter picks the rows that exact influence scores; it does not go with "
@@ -325,7 +357,7 @@ def query(db, prompt, completion, queries_file, k, candidates, rank_by, rescore,
 def shell(db, device):
     """Keep DB loaded and answer queries interactively (PROMPT || COMPLETION per line)."""
     from attribdb import api
-    from query.shell import run_shell
+    from attribdb.query.shell import run_shell
 
     with api.open(db, device=device) as database:
         sys.exit(run_shell(database))

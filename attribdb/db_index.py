@@ -48,7 +48,7 @@ from attribdb import layout
 from attribdb.errors import StoreError
 from attribdb.faiss_index import search
 
-# Measured with tools/bench_query.py --rows (README), one thread, 243-coordinate rows, 200 queries.  At 10⁵
+# Measured with tools/benchmarks/bench_query.py --rows (README), one thread, 243-coordinate rows, 200 queries.  At 10⁵
 # rows shard-by-shard flat search took 193 ms per query, IVF-SQ8 132 ms with every list probed and still 50 ms
 # at the 3/4 of its lists that recall@10 ≥ 0.95 needs against brute force (query rows are not drawn from the
 # rows' distribution: 0.51 at 1/10 of the lists, 0.90 at 1/2).  pq4 scans all 10⁵ rows at 122 bytes each in

@@ -57,7 +57,7 @@ STRATEGIES = {
 # the eigenvalue correction's rotations in bfloat16, as kronfluence's ``amp_dtype`` and
 # ``per_sample_gradient_dtype`` options do, and the eigendecompositions in float32; covariances are
 # still summed from float32 captures in float32.  It takes 0.6 of the float32 fit's time on a CPU with
-# bfloat16 units (tools/bench_build.py) at the fidelity tools/eval_fit_precision.py measures.
+# bfloat16 units (tools/benchmarks/bench_build.py) at the fidelity tools/evaluations/eval_fit_precision.py measures.
 FIT_PRECISIONS = ("float32", "bfloat16")
 
 

@@ -21,7 +21,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from attribdb.factors import Factors, FactorConfig, ModuleFactors, damping_for
+from attribdb.factors import FactorConfig, Factors, ModuleFactors, damping_for
 from attribdb.gradients import GradientRunner
 from attribdb.tasks import Task
 from attribdb.tracking import Capture, TrackedModule

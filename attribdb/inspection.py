@@ -21,6 +21,7 @@ from attribdb.manifest import Generation, Manifest
 from attribdb.rows import RowProjection
 from attribdb.shard import ShardReader
 
+
 def _size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -146,7 +147,8 @@ def _verify_database_index(root: Path, manifest: Manifest) -> None:
                if (layout.shard_dir(root, s) / layout.META_LMDB).is_dir()}
     try:
         if len(readers) != len(covered):
-            raise StoreError(f"the database index covers shard {min(set(covered) - set(readers)):05d}, which is missing")
+            missing = min(set(covered) - set(readers))
+            raise StoreError(f"the database index covers shard {missing:05d}, which is missing")
         unsealed = [s for s, reader in readers.items() if not reader.sealed]
         if unsealed:
             raise StoreError(f"the database index covers shard {unsealed[0]:05d}, which is not sealed")

@@ -17,8 +17,8 @@ from pathlib import Path
 from attribdb import manifest_schema
 from attribdb.errors import ConfigError, ModelMismatchError, StoreError
 from attribdb.layout import FORMAT_VERSION, MANIFEST, factor_files
-from attribdb.settings import DatabaseSettings
 from attribdb.rows import RowLayout
+from attribdb.settings import DatabaseSettings
 from attribdb.tracking import TrackedModule
 
 
@@ -33,7 +33,7 @@ class Generation:
     sequences: int | None = None
     documents: int | None = None
     malformed: int = 0
-    fingerprint: str | None = None  # sha256 of the corpus's sequence stream (indexer.sequences.plan)
+    fingerprint: str | None = None  # sha256 of the corpus's sequence stream (attribdb.indexer.sequences.plan)
 
     @property
     def shard_ids(self) -> range:

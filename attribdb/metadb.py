@@ -14,9 +14,9 @@ by path and closed when their last user closes them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-import os
 from pathlib import Path
 from typing import TypeVar
 
@@ -72,7 +72,8 @@ def check_data_file(path: Path) -> None:
         metas.append(handle.read(_META_LAST_PAGE + 16))
     needed = 0
     for meta in metas:
-        if len(meta) < _META_LAST_PAGE + 16 or int.from_bytes(meta[_META_MAGIC:_META_MAGIC + 4], "little") != LMDB_MAGIC:
+        magic = int.from_bytes(meta[_META_MAGIC:_META_MAGIC + 4], "little")
+        if len(meta) < _META_LAST_PAGE + 16 or magic != LMDB_MAGIC:
             raise StoreError(f"{data} has a damaged header: the shard's metadata is damaged")
         needed = max(needed, (int.from_bytes(meta[_META_LAST_PAGE:_META_LAST_PAGE + 8], "little") + 1) * page_size)
     if size < needed:

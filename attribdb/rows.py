@@ -365,7 +365,7 @@ def kron_layout(modules: list[TrackedModule], weights: Callable[[TrackedModule],
 def layout_from_weights(kind: str, modules: list[TrackedModule], weights: Callable[[TrackedModule], torch.Tensor],
                         row_bytes: int, normalized_index: bool = True) -> RowLayout:
     """The layout a fit makes of ``kind`` rows under ``row_bytes``, given each module's coordinate
-    weights: what tools/row_bytes.py predicts without a fitted model."""
+    weights: what `attribdb plan` predicts without a fitted model."""
     if kind == "block":
         return plan_from_weights(modules, weights, row_bytes, normalized_index).layout
     return kron_layout(modules, weights, row_bytes, normalized_index)

@@ -27,7 +27,8 @@ class DatabaseSettings:
     """Settings of one attribution database (each field is recorded in manifest.json)."""
 
     model_path: str = field(metadata={"help": "local folder of a Hugging Face causal LM (and its tokenizer)"})
-    module_patterns: tuple[str, ...] | None = setting(None, "fnmatch patterns of the layers to track (default: every linear layer in the transformer blocks)")
+    module_patterns: tuple[str, ...] | None = setting(None, "fnmatch patterns of the layers to track (default: every "
+                                                            "linear layer in the transformer blocks)")
     max_length: int = setting(128, "tokens per training sequence (longer documents are split)")
     stride: int | None = setting(None, "step between windows of a long document; None = max_length")
     strategy: str = setting("ekfac", "identity | diagonal | kfac | ekfac")
@@ -37,16 +38,17 @@ class DatabaseSettings:
     fit_sample_size: int = setting(512, "sequences sampled from the corpus to fit the factors")
     fit_seed: int = setting(0, "seeds the fitting sample and the label sampling")
     fit_precision: str = setting("float32", "float32 | bfloat16: the fit's forward/backward under bfloat16 "
-                                            "autocast, its eigenvalue correction in bfloat16 and its eigendecompositions "
-                                            "in float32 (covariances stay float32); 0.6 of the float32 fit's time on "
-                                            "a CPU with bfloat16 units, see tools/eval_fit_precision.py for fidelity")
+                                            "autocast, its eigenvalue correction in bfloat16 and its "
+                                            "eigendecompositions in float32 (covariances stay float32); 0.6 of the "
+                                            "float32 fit's time on a CPU with bfloat16 units, its rounding 5-8x below "
+                                            "the fit's own sampling noise (docs/evidence.md)")
     row_bytes: int = setting(32768, "bytes of each stored row: the EK-FAC-preconditioned gradient's block in the "
                                     "eigenvectors that carry the most expected influence, spent over all modules")
     row_kind: str = setting("kron", "kron: a random Kronecker projection whose inner products estimate the EK-FAC "
                                     "score without bias; block: the exact block of the eigen-coordinates with the "
-                                    "most expected influence (tools/eval_compression.py compares them)")
+                                    "most expected influence (docs/evidence.md compares them)")
     index_kind: str = setting("auto", "auto: flat while the database is small, one database-wide pq4 index "
-                                      "beyond a row count (attribdb/db_index.py); flat (exact, per shard) | "
+                                      "beyond a row count; flat (exact, per shard) | "
                                       "hnsw | ivf (per shard) | pq4 | ivf-sq8 (database-wide, whatever the size)")
     normalized_index: bool = setting(True, "FAISS indexes unit rows, so candidates come by the cosine the default "
                                            "ranking uses (false: by the raw score)")
@@ -70,7 +72,7 @@ class DatabaseSettings:
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.shard_size % self.commit_rows:
             raise ConfigError(f"shard-size ({self.shard_size}) must be a multiple of commit-rows ({self.commit_rows})")
-        self.factor_config  # validates strategy, fisher and damping
+        _ = self.factor_config  # its __post_init__ validates strategy, fisher and damping
 
     @property
     def factor_config(self) -> FactorConfig:

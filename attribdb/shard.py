@@ -399,7 +399,8 @@ class ShardReader:
         except RuntimeError as exc:
             raise StoreError(f"{path} cannot be read: {str(exc).splitlines()[0][:120]}") from None
         if index.ntotal != self.rows:
-            raise StoreError(f"{path} holds {index.ntotal} vectors for {self.rows} committed rows: the shard is damaged")
+            raise StoreError(f"{path} holds {index.ntotal} vectors for {self.rows} committed rows: "
+                             "the shard is damaged")
         return index
 
     @property

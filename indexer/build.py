@@ -19,17 +19,17 @@ from pathlib import Path
 
 from attribdb import db_index, faults, layout
 from attribdb.errors import ConfigError
+from attribdb.indexer import sequences
+from attribdb.indexer.corpus import CorpusSpec
+from attribdb.indexer.distributed import World, join, leave
+from attribdb.indexer.fit import fit_database, is_fitted, open_or_create
+from attribdb.indexer.writing import writing
 from attribdb.inspection import existing_shards
 from attribdb.manifest import Generation, Manifest
 from attribdb.progress import progress_bar, say
 from attribdb.runtime import Runtime
 from attribdb.settings import DatabaseSettings
 from attribdb.shard import ShardReader, ShardWriter
-from indexer import sequences
-from indexer.corpus import CorpusSpec
-from indexer.distributed import World, join, leave
-from indexer.fit import fit_database, is_fitted, open_or_create
-from indexer.writing import writing
 
 
 @dataclass

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from attribdb.errors import ConfigError
-from indexer.corpus import Document, ReadReport
+from attribdb.indexer.corpus import Document, ReadReport
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def chunk_documents(documents: Iterable[Document], tokenizer, config: ChunkConfi
                     report: ReadReport | None = None) -> Iterator[TextSequence]:
     """The windows of every document, in order, one document in memory at a time.
 
-    ``report`` should be the one :func:`indexer.corpus.read_documents` fills: a
+    ``report`` should be the one :func:`attribdb.indexer.corpus.read_documents` fills: a
     document without tokens moves from its documents to its malformed records,
     and dropped short trailing windows are counted in it.
     """

@@ -9,17 +9,16 @@ from attribdb.coverage import measure_coverage, refuse_untracked_experts
 from attribdb.errors import ConfigError
 from attribdb.factors import Factors
 from attribdb.fitting import fit_factors
+from attribdb.indexer import sequences
+from attribdb.indexer.corpus import CorpusSpec
+from attribdb.indexer.writing import writing
 from attribdb.manifest import Manifest, exists
-from attribdb.models import (check_context, compute_dtype, deterministic_on, fingerprint, load_model,
-                             resolve_device)
+from attribdb.models import check_context, compute_dtype, deterministic_on, fingerprint, load_model, resolve_device
 from attribdb.progress import progress_bar, say
 from attribdb.rows import RowProjection
 from attribdb.settings import DatabaseSettings
 from attribdb.tasks import CausalLMTask, collate_sequences
 from attribdb.tracking import find_tracked_modules
-from indexer import sequences
-from indexer.corpus import CorpusSpec
-from indexer.writing import writing
 
 
 def open_or_create(root: Path, settings: DatabaseSettings | None, overrides: dict) -> Manifest | None:

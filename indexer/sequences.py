@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from attribdb.errors import CorpusError
+from attribdb.indexer.chunking import ChunkConfig, TextSequence, chunk_documents
+from attribdb.indexer.corpus import CorpusSpec, ReadReport, read_documents
 from attribdb.settings import DatabaseSettings
-from indexer.chunking import ChunkConfig, TextSequence, chunk_documents
-from indexer.corpus import CorpusSpec, ReadReport, read_documents
 
 
 @dataclass

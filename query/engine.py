@@ -9,7 +9,7 @@ Three modes answer the same question at different costs:
   compressed scores per module.  The best of them by that score are then
   *rescored*: recomputed in full from their stored token ids and re-ranked by
   the uncompressed EK-FAC score.  A few KiB per row cannot hold a gradient's
-  cosines to the precision a top 10 needs (tools/eval_compression.py); the
+  cosines to the precision a top 10 needs (tools/evaluations/eval_compression.py); the
   compressed ranking finds the right neighbourhood and recomputation orders
   it.  How many rows are rescored is ``rescore``; by default as many as fit in
   a fixed budget of floating-point operations per query (:data:`RESCORE_FLOPS`),
@@ -29,22 +29,22 @@ import numpy as np
 import torch
 
 from attribdb import layout
-from attribdb.errors import QueryError
 from attribdb.db_index import IndexSet
+from attribdb.errors import QueryError
 from attribdb.faiss_index import divide_by_norm
 from attribdb.influence import eigenbasis_scores, inverse_hvp_self_influence, token_contributions
 from attribdb.inspection import existing_shards
 from attribdb.progress import progress_bar
+from attribdb.query.results import Hit, QueryResult
 from attribdb.rows import module_scores
 from attribdb.runtime import Runtime
 from attribdb.shard import ShardReader
 from attribdb.tasks import collate_sequences
-from query.results import Hit, QueryResult
 
 DEFAULT_CANDIDATES = 128  # per end, whatever k is (up to k itself), so a query's top k never depends on k
 # Floating-point operations per query that default rescoring may spend, per device type: about 2 s
 # of one CPU core, or a small fraction of a second of a GPU.  Every candidate of the demo model fits;
-# on GPT-2 small on a CPU, none does (tools/bench_query.py prints the trade-off).
+# on GPT-2 small on a CPU, none does (tools/benchmarks/bench_query.py prints the trade-off).
 RESCORE_FLOPS = {"cpu": 1e11, "cuda": 2e13}
 SOLVED_BYTES = 1 << 30  # queries whose inverse-HVPs are held at once are chunked to about this much
 
@@ -64,8 +64,8 @@ def normalized(scores, self_q: float, self_m):
     """score / sqrt(self-influence of query × of row): the cosine of the two preconditioned
     gradients.  Raw scores favour rows with large gradients; this ranks by direction alone.
     It is the default because it did better on both demo evaluations: it found the documents
-    stating a fact more often (tools/eval_facts.py), and removing its top documents cost the
-    retrained model more of the fact (tools/eval_counterfactual.py), which is influence itself."""
+    stating a fact more often (tools/evaluations/eval_facts.py), and removing its top documents cost the
+    retrained model more of the fact (tools/evaluations/eval_counterfactual.py), which is influence itself."""
     return divide_by_norm(scores, self_q * np.asarray(self_m, dtype=np.float64))
 
 

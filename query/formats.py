@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterable
 from typing import TextIO
 
-from query.results import Hit, QueryResult
+from attribdb.query.results import Hit, QueryResult
 
 FORMATS = ("table", "json", "html")
 SNIPPET = 72
@@ -107,7 +107,8 @@ def _hits_html(title: str, hits: list[Hit]) -> str:
         cards.append(
             f"<div class='hit'><div><span class='score'>#{h.rank} · score {h.score:.4g}{exact}</span>"
             f" <span class='meta'>· normalised {_normalized(h.normalized_score)} · document {html.escape(h.doc_id)}"
-            f" · {html.escape(h.source)} · tokens {html.escape(str(h.token_span[0]))}–{html.escape(str(h.token_span[1]))}"
+            f" · {html.escape(h.source)}"
+            f" · tokens {html.escape(str(h.token_span[0]))}–{html.escape(str(h.token_span[1]))}"
             "</span></div>"
             f"<div class='text'>{_token_html(h)}</div>{_modules_html(h)}</div>")
     return f"<h3>{title}</h3>" + "".join(cards) if hits else ""

@@ -28,8 +28,8 @@ import time
 import numpy as np
 
 from attribdb.errors import QueryError
-from query.engine import DEFAULT_CANDIDATES, Query, QueryEngine, _check_rank_by
-from query.results import QueryResult
+from attribdb.query.engine import DEFAULT_CANDIDATES, Query, QueryEngine, _check_rank_by
+from attribdb.query.results import QueryResult
 
 SCAN_ROWS = 1024  # rows read at once when ranking: 1024 rows of 32 KiB, 32 MiB (64 MiB as float32)
 
@@ -75,7 +75,9 @@ def index_ranks(engine: QueryEngine, query: Query, query_row, self_q: float, pai
     for shard_id, row in pairs:
         if (shard_id, row) not in ranks:
             at = offsets[shard_id] + row
-            before = np.count_nonzero(outside & (keys > keys[at])) + np.count_nonzero(outside[:at] & (keys[:at] == keys[at]))
+            ahead = np.count_nonzero(outside & (keys > keys[at]))
+            tied_before = np.count_nonzero(outside[:at] & (keys[:at] == keys[at]))
+            before = ahead + tied_before
             ranks[(shard_id, row)] = len(answer) + 1 + int(before)
     return [ranks[pair] for pair in pairs]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attribdb.errors import AttribdbError
-from query.formats import render
+from attribdb.query.formats import render
 
 HELP = """enter:  PROMPT || COMPLETION     e.g.  The capital of Vorlandia is || Quessel
         :k N   :mode index|exact   :format table|json   :help   :quit"""
@@ -61,7 +61,7 @@ def run_shell(db, stdin=sys.stdin, stdout=sys.stdout) -> int:
         _setup_history()
     rows = db.info()["sequences"]
     print(f"attribdb shell: {db.path} ({rows} sequences). {HELP}", file=stdout)
-    db.engine  # load the model and indexes before the first prompt
+    _ = db.engine  # load the model and indexes before the first prompt
     state = ShellState()
     while True:
         if interactive:

@@ -33,10 +33,10 @@ from attribdb.errors import QueryError
 from attribdb.inspection import existing_shards
 from attribdb.manifest import Manifest
 from attribdb.progress import say
+from attribdb.query.engine import Query, QueryEngine, _Clock
+from attribdb.query.results import Hit, QueryResult
 from attribdb.shard import ShardReader
 from attribdb.text_index import QueryTerms, bm25_top
-from query.engine import Query, QueryEngine, _Clock
-from query.results import Hit, QueryResult
 
 BM25_QUERIES = ("prompt+completion", "prompt")  # the first is the default
 HYBRID = "hybrid"  # the prefilter's rank-by that fuses the BM25 and influence orders

@@ -23,7 +23,7 @@ def write_corpus(path: Path, n_docs: int, seed: int = 0, start: int = 0) -> Path
 
 def write_tokenizer(folder: Path):
     """A small byte-level BPE tokenizer trained offline on WORDS, saved into ``folder``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -11,9 +11,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from attribdb.errors import ConfigError, CorpusError
-from indexer import corpus
-from indexer.chunking import ChunkConfig, chunk_documents
-from indexer.corpus import CorpusSpec, Document, ReadReport, read_documents
+from attribdb.indexer import corpus
+from attribdb.indexer.chunking import ChunkConfig, chunk_documents
+from attribdb.indexer.corpus import CorpusSpec, Document, ReadReport, read_documents
 
 pa = pytest.importorskip("pyarrow")
 import pyarrow.ipc  # noqa: E402
@@ -340,9 +340,9 @@ def test_a_document_without_tokens_is_counted_malformed():
 
 
 def test_reading_and_chunking_stream_together(tmp_path, caplog, monkeypatch):
-    import indexer.chunking
+    import attribdb.indexer.chunking
 
-    monkeypatch.setattr(indexer.chunking, "ENCODE_BATCH", 2)  # documents are tokenized a batch at a time
+    monkeypatch.setattr(attribdb.indexer.chunking, "ENCODE_BATCH", 2)  # documents are tokenized a batch at a time
     tokenizer = byte_level_bpe()
     path = write_jsonl(tmp_path / "c.jsonl", DOCS + [("d00", "duplicate")])
     report = ReadReport()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from attribdb.indexer import sequences
+from attribdb.indexer.corpus import CorpusSpec
 from attribdb.manifest import Manifest
-from indexer import sequences
-from indexer.corpus import CorpusSpec
 
 from conftest import write_corpus
 from dbtools import SMALL_SETTINGS, cli, cli_here, one_line_error

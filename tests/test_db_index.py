@@ -71,7 +71,7 @@ def _queries(n: int) -> list[tuple[str, str]]:
 def _answers_and_rows(db_path: Path, queries):
     """Index answers (``rescore=0``: the index's answer, not its exact rescoring) and query rows."""
     import attribdb
-    from query.engine import Query
+    from attribdb.query.engine import Query
 
     with attribdb.open(db_path) as db:
         engine = db.engine
@@ -92,7 +92,7 @@ def test_pq4_re_ranking_every_row_is_brute_force(ivf_db):
     the same rows in the same order, with the same scores up to float32 summation order."""
     import attribdb
     from attribdb.native import faiss
-    from query.engine import Query
+    from attribdb.query.engine import Query
 
     with attribdb.open(ivf_db) as db:
         indexes = db.engine.indexes

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from attribdb.demo.facts import RELATIONS, DemoCorpusConfig, generate_corpus, load_facts
 from attribdb.demo.train import CACHE_FILE, DemoModelConfig, train_model
@@ -41,14 +44,27 @@ def test_facts_are_stated_where_claimed_and_nowhere_else(tmp_path):
     assert kinds == {"fact", "distractor", "background"}
 
 
+@pytest.mark.slow
 def test_reduced_demo_runs_end_to_end(tmp_path):
     result = cli("demo", "--quick", "--quiet", "--workdir", tmp_path / "demo")
     assert result.stdout.count("rank of the first document that states the fact") == 3
     assert "demo finished" in result.stdout
-    again = cli("demo", "--quick", "--quiet", "--workdir", tmp_path / "demo")  # cached: same answers
-    assert again.stdout.split("demo finished")[0].count("score") == result.stdout.split("demo finished")[0].count("score")
+    hits = _answer_lines(result.stdout)
+    assert len([line for line in hits if "cosine" in line]) == 3 * 5, "five hits per query"
+    corpus_ids = {json.loads(line)["id"] for path in (tmp_path / "demo" / "corpus").glob("*.jsonl")
+                  for line in path.open()}
+    shown = {re.search(r"score\s+\S+\s+(\S+)", line).group(1) for line in hits if "cosine" in line}
+    assert shown and shown <= corpus_ids, "every hit names a document of the corpus"
+    again = cli("demo", "--quick", "--quiet", "--workdir", tmp_path / "demo")  # from the cache
+    assert _answer_lines(again.stdout) == hits, "the cached model and database give the same hits and scores"
 
 
+def _answer_lines(stdout: str) -> list[str]:
+    """The hits and ranks the demo printed, without the timings."""
+    return [line for line in stdout.split("demo finished")[0].splitlines() if line.startswith("  ")]
+
+
+@pytest.mark.slow
 def test_checkpoints_leave_the_final_model_and_its_cache_key_alone(tmp_path):
     """Saving checkpoints must not change the training, nor the fingerprint of models trained without them."""
     corpus, _ = generate_corpus(tmp_path / "corpus", SMALL)
@@ -59,5 +75,6 @@ def test_checkpoints_leave_the_final_model_and_its_cache_key_alone(tmp_path):
     assert "checkpoints" not in json.loads((plain / CACHE_FILE).read_text())
     assert json.loads((saved / CACHE_FILE).read_text())["checkpoints"] == [2, 4]
     for step in (2, 4):
-        assert (saved / f"checkpoint-{step}" / "model.safetensors").read_bytes() != (plain / "model.safetensors").read_bytes()
+        weights = (saved / f"checkpoint-{step}" / "model.safetensors").read_bytes()
+        assert weights != (plain / "model.safetensors").read_bytes()
         assert (saved / f"checkpoint-{step}" / "tokenizer.json").is_file()

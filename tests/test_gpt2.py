@@ -96,7 +96,8 @@ def test_token_contributions_sum_to_the_sequence_score(model, tokens):
     query = lm_batches([tokens[0]], 1, score_from=[4])[0]
     train = lm_batches(tokens[1:6], 5)[0]
     scores = pairwise_scores(computer.query_preconditioned(query), computer.train_preconditioned(train))[0]
-    ihvp = {name: r[0] for name, r in computer.rotated_inverse_hvp(computer.runner.measurement_captures(query)[0]).items()}
+    rotated = computer.rotated_inverse_hvp(computer.runner.measurement_captures(query)[0])
+    ihvp = {name: r[0] for name, r in rotated.items()}
     captures, mask = computer.runner.train_captures(train)
     contributions = token_contributions(computer.factors, ihvp, captures)
     assert torch.all(contributions[mask == 0] == 0), "padding must contribute nothing"

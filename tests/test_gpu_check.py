@@ -1,4 +1,4 @@
-"""tools/gpu_check.py: exits 0 without CUDA, and its comparison catches what it must."""
+"""tools/checks/gpu_check.py: exits 0 without CUDA, and its comparison catches what it must."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-sys.path.insert(0, str(TOOLS))
-import gpu_check  # noqa: E402
+from tools.checks import gpu_check
+
+pytestmark = pytest.mark.gpu
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the real check")
 def test_without_cuda_it_says_so_and_exits_0():
-    result = subprocess.run([sys.executable, str(TOOLS / "gpu_check.py")], capture_output=True, text=True,
-                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    result = subprocess.run([sys.executable, "-m", "tools.checks.gpu_check"], capture_output=True, text=True,
+                            cwd=REPOSITORY, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0 and "no CUDA device" in result.stdout
 
 

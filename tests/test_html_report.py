@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from query.formats import render_html
-from query.results import Hit, QueryResult
+from attribdb.query.formats import render_html
+from attribdb.query.results import Hit, QueryResult
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -169,7 +169,8 @@ def test_stored_block_rows_are_blocks_of_the_dense_preconditioned_gradient(tmp_p
     rows = np.arange(10)
     dense = runtime.computer.train_preconditioned(
         collate_sequences([m["token_ids"] for m in reader.metadata(rows)], runtime.tokenizer.pad_token_id))
-    stored = reader.read(layout.ROWS, rows).astype(np.float64) * np.sqrt(reader.read(layout.SELF_INFLUENCE, rows))[:, None]
+    lengths = np.sqrt(reader.read(layout.SELF_INFLUENCE, rows))[:, None]
+    stored = reader.read(layout.ROWS, rows).astype(np.float64) * lengths
     for module in runtime.manifest.modules:
         factors, block_map = runtime.computer.factors[module.name], runtime.projection.maps[module.name]
         kept_out = (factors.eigvecs_out.T @ block_map.out.to(factors.eigvecs_out.dtype)).abs().argmax(0)

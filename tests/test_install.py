@@ -14,3 +14,30 @@ def test_missing_faiss_is_one_clear_error_naming_the_extras():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert "FAISS is not installed" in result.stdout and "attribdb[cpu]" in result.stdout
+
+
+def test_the_wheel_installs_one_namespace(tmp_path):
+    """indexer/ and query/ sit at the top of the repository but install inside attribdb, so a
+    user's own query.py or indexer/ cannot shadow them."""
+    import zipfile
+    from pathlib import Path
+
+    repository = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(tmp_path / "wheel"), str(repository)], check=True, capture_output=True)
+    [wheel] = (tmp_path / "wheel").glob("attribdb-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp_path / "site")
+        tops = {name.split("/")[0] for name in archive.namelist()}
+    assert {top for top in tops if not top.endswith(".dist-info")} == {"attribdb"}
+    site = tmp_path / "site"
+    assert (site / "attribdb" / "query" / "engine.py").is_file()
+    assert (site / "attribdb" / "indexer" / "build.py").is_file()
+    probe = ("import importlib.util, attribdb.query.engine, attribdb.indexer.build\n"
+             "print(attribdb.query.engine.__file__)\n"
+             "print([importlib.util.find_spec(name) for name in ('query', 'indexer')])\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
+                            env=os.environ | {"PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    engine_file, specs = result.stdout.splitlines()
+    assert engine_file.startswith(str(site)) and specs == "[None, None]"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -12,11 +10,9 @@ from attribdb import layout
 from attribdb.errors import StoreError
 from attribdb.manifest import Manifest
 from attribdb.shard import ShardReader
+from tools.checks.torture import manifest_setter  # the fault-injection tool edits manifests the same way)
 
 from dbtools import cli_here, copy_db, one_line_error, rewrite_manifest
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-from torture import manifest_setter  # noqa: E402  (the fault-injection tool edits manifests the same way)
 
 
 def test_a_hand_edit_fails_the_checksum(tmp_path, built_db):
@@ -48,7 +44,8 @@ def _delete(*keys):
     (manifest_setter("settings", "damping_factor", value=None), "settings.damping_factor must be a finite number"),
     (manifest_setter("generations", 0, "shards", value=10 ** 9), "generations[0].shards is 1000000000, but"),
     (manifest_setter("generations", 0, "sequences", value=-5), "generations[0].sequences must be at least 1"),
-    (manifest_setter("generations", 0, "state", value="done"), "generations[0].state must be one of building, complete"),
+    (manifest_setter("generations", 0, "state", value="done"),
+     "generations[0].state must be one of building, complete"),
     (manifest_setter("generations", 0, "first_shard", value=3), "generations[0].first_shard is 3"),
     (_delete("rows"), "rows is missing"),
     (manifest_setter("rows", value=None), "rows is null although the factors were fitted"),

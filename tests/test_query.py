@@ -91,7 +91,8 @@ def test_index_answers_equal_a_brute_force_scan_of_the_stored_rows(db, rank_by):
     pairs, unit, squared = _all_stored_rows(db)
     query_rows = db.engine.query_rows([api._as_query(q) for q in QUERIES]).double().numpy()
     cosines = query_rows @ unit.T / np.linalg.norm(query_rows, axis=1, keepdims=True)
-    keys = cosines if rank_by == "normalized" else cosines * np.linalg.norm(query_rows, axis=1, keepdims=True) * np.sqrt(squared)
+    lengths = np.linalg.norm(query_rows, axis=1, keepdims=True) * np.sqrt(squared)
+    keys = cosines if rank_by == "normalized" else cosines * lengths
     results = db.query_batch(QUERIES, k=10, rank_by=rank_by, rescore=0)
     position = {pair: i for i, pair in enumerate(pairs)}
     for result, key in zip(results, keys):
@@ -143,7 +144,7 @@ def test_a_row_rescored_for_the_bottom_end_ranks_at_the_top_by_its_exact_score(d
     is a top hit, ahead of a top candidate whose exact score is lower (+1), and no opponent."""
     import numpy as np
 
-    from query.engine import _Scored
+    from attribdb.query.engine import _Scored
 
     shard_id = next(iter(db.engine.shards))
     scored = _Scored(np.array([shard_id, shard_id]), np.array([0, 1]), np.array([5.0, -5.0]), np.zeros((2, 1)),
@@ -159,7 +160,7 @@ def test_a_row_rescored_for_the_bottom_end_ranks_at_the_top_by_its_exact_score(d
 
 @pytest.mark.parametrize("budget, rescored", [(0.0, "none"), (1e30, "all")])
 def test_default_rescoring_spends_the_compute_budget(db, monkeypatch, budget, rescored):
-    import query.engine as engine_module
+    import attribdb.query.engine as engine_module
 
     monkeypatch.setattr(engine_module, "RESCORE_FLOPS", {"cpu": budget})
     result = db.query(**QUERIES[0], k=10, candidates=32)

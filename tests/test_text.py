@@ -138,7 +138,7 @@ def test_prefilter_scores_are_the_exhaustive_scores_of_the_bm25_top_n(db):
 
 
 def test_reciprocal_rank_fusion_sums_one_over_c_plus_rank_and_breaks_ties_by_first_appearance():
-    from query.text import reciprocal_rank_fusion
+    from attribdb.query.text import reciprocal_rank_fusion
 
     fused = reciprocal_rank_fusion([["a", "b", "c"], ["c", "b", "a", "d"]], c=60)
     assert [item for item, _ in fused] == ["a", "c", "b", "d"]  # a and c tie: a comes first in the first ranking

@@ -1,4 +1,4 @@
-"""The reduced fault-injection run (tools/torture.py --quick): no traceback, crash, wrong answer or lost row."""
+"""The reduced fault-injection run (tools/checks/torture.py --quick): no traceback, crash, wrong answer or lost row."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "torture.py"
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.torture]
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def test_quick_torture_run_has_no_bad_outcome(tmp_path):
-    result = subprocess.run([sys.executable, str(TOOL), "--quick", "--workdir", str(tmp_path)], capture_output=True,
-                            text=True, env=os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, timeout=300)
+    command = [sys.executable, "-m", "tools.checks.torture", "--quick", "--workdir", str(tmp_path)]
+    result = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=300,
+                            env=os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     totals = {}
     for line in result.stdout.splitlines():

@@ -124,7 +124,8 @@ def run_demo(workdir: Path, quick: bool = False, quiet: bool = False) -> list[tu
                        f"({result.timings_ms['total']:.0f} ms; documents stating the fact: {', '.join(fact.doc_ids)})")
             for hit in result.hits[:5]:
                 mark = "*" if hit.doc_id in fact.doc_ids else " "
-                click.echo(f"  {mark} {hit.rank:>2}. cosine {hit.final_normalized_score:>6.3f}  score {hit.final_score:>10.4g}  "
+                click.echo(f"  {mark} {hit.rank:>2}. cosine {hit.final_normalized_score:>6.3f}  "
+                           f"score {hit.final_score:>10.4g}  "
                            f"{hit.doc_id:<16} "
                            f"{' '.join(hit.text.split())[:70]}")
             click.echo(f"  rank of the first document that states the fact: {rank if rank else 'not in top 30'}")

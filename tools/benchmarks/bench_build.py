@@ -13,7 +13,7 @@ random init, small vocabulary: speed and bytes do not depend on training):
   shape the peak on a corpus twice as large (goal: ratio ~1, the build streams);
 - bytes per row in the row store against the dense float32 Ĝ.
 
-Run: python tools/bench_build.py [--shapes tiny,gpt2-small] [--docs 1500] [--small-docs 400]
+Run: python -m tools.benchmarks.bench_build [--shapes tiny,gpt2-small] [--docs 1500] [--small-docs 400]
      [--fit-precisions float32,bfloat16]
 """
 
@@ -28,8 +28,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from benchutil import english_paragraphs, make_model, peak_rss_mib, write_corpus  # noqa: E402
+from tools.benchutil import english_paragraphs, make_model, peak_rss_mib, write_corpus
+
+REPOSITORY = Path(__file__).resolve().parents[2]  # the worker runs as a module of the tools package
 
 SETTINGS = {"max_length": 128, "batch_size": 8, "commit_rows": 64, "shard_size": 1024}
 
@@ -58,8 +59,9 @@ def worker(command: str, db: str, corpus: str, model: str, extra: str) -> None:
 
 
 def run_worker(command: str, db: Path, corpus: Path, model: Path, extra: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", command, str(db), str(corpus), str(model),
-                          json.dumps(extra)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "tools.benchmarks.bench_build", "--worker", command,
+                          str(db), str(corpus), str(model), json.dumps(extra)],
+                         capture_output=True, text=True, cwd=REPOSITORY)
     if out.returncode:
         raise SystemExit(f"{command} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -70,10 +72,10 @@ def training_step_rate(model_dir: Path, corpus: Path, n_sequences: int) -> float
     included) on the corpus's first sequences, in the build's batches."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from attribdb.indexer import sequences
+    from attribdb.indexer.corpus import CorpusSpec
     from attribdb.settings import DatabaseSettings
     from attribdb.tasks import CausalLMTask, collate_sequences
-    from indexer import sequences
-    from indexer.corpus import CorpusSpec
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -122,7 +124,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="tiny,gpt2-small")
     parser.add_argument("--docs", type=int, default=1500, help="documents for the tiny shape")
-    parser.add_argument("--small-docs", type=int, default=400, help="documents for the GPT-2-small shape (enough for its fit sample of 512)")
+    parser.add_argument("--small-docs", type=int, default=400,
+                        help="documents for the GPT-2-small shape (enough for its fit sample of 512)")
     parser.add_argument("--fit-precisions", default="float32",
                         help="comma-separated fit precisions to time (float32, bfloat16); the build uses the first")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/attribdb-bench-build"))
@@ -148,17 +151,20 @@ def main() -> None:
         per = info["bytes_per_sequence"]
         print(f"[{name}] on disk per row: zarr {per['zarr'] / 1024:.1f} KiB, faiss {per['faiss'] / 1024:.1f} KiB, "
               f"lmdb {per['lmdb'] / 1024:.1f} KiB")
-        print(f"[{name}] training step {r['step_rate']:.2f} seq/s; build {r['sequences'] / once['build']['seconds']:.2f}"
-              f" seq/s on {r['sequences']} sequences: ratio {r['build_ratio']:.3f}  (goal >= 1.0 at 12×768)")
+        print(f"[{name}] training step {r['step_rate']:.2f} seq/s; "
+              f"build {r['sequences'] / once['build']['seconds']:.2f} seq/s on {r['sequences']} sequences: "
+              f"ratio {r['build_ratio']:.3f}  (goal >= 1.0 at 12×768)")
         for precision, fit in once["fits"].items():
-            print(f"[{name}] fit at {precision} {fit['seconds']:.1f}s on {min(SHAPES[name].fit_sample, r['sequences'])} "
-                  f"sequences = {r['fit_ratios'][precision]:.2f}× their training steps  (goal <= 3); "
+            print(f"[{name}] fit at {precision} {fit['seconds']:.1f}s "
+                  f"on {min(SHAPES[name].fit_sample, r['sequences'])} sequences "
+                  f"= {r['fit_ratios'][precision]:.2f}× their training steps  (goal <= 3); "
                   f"peak RSS {fit['peak_rss_mib']:.0f} MiB")
         print(f"[{name}] peak RSS of the build {once['build']['peak_rss_mib']:.0f} MiB")
         if "twice" in r["runs"]:
             twice = r["runs"]["twice"]
             print(f"[{name}] build peak RSS for {twice['info']['sequences']} sequences: "
-                  f"{twice['build']['peak_rss_mib']:.0f} MiB, ratio {twice['build']['peak_rss_mib'] / once['build']['peak_rss_mib']:.3f}"
+                  f"{twice['build']['peak_rss_mib']:.0f} MiB, "
+                  f"ratio {twice['build']['peak_rss_mib'] / once['build']['peak_rss_mib']:.3f}"
                   "  (goal ~1: the build streams)")
 
 

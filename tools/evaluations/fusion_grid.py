@@ -3,23 +3,21 @@
 The hybrid (``--prefilter bm25:N --rank-by hybrid``) fuses the BM25 top N with their exact
 influence order by reciprocal-rank fusion with constant c; the evaluations fix N = 100 and c = 60
 (the constant of Cormack et al., 2009) in advance.  This reads the rankings that
-``tools/eval_facts.py --dump DIR`` saved per world and seed (BM25 on prompt + completion and
+``tools/evaluations/eval_facts.py --dump DIR`` saved per world and seed (BM25 on prompt + completion and
 exhaustive normalized influence over every document) and prints MRR / recall@10 of the fusion for
 other N and c, per seed and averaged: a sensitivity check, not a way to pick them on the test queries.
 
-Run: python tools/fusion_grid.py DIR [--worlds world2 demo-small] [--seeds 0 1 2]
+Run: python -m tools.evaluations.fusion_grid DIR [--worlds world2 demo-small] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from baselines import mrr_and_recall, reciprocal_rank_fusion  # noqa: E402
-from worlds import mean_spread  # noqa: E402
+from tools.evaluations.baselines import mrr_and_recall, reciprocal_rank_fusion
+from tools.evaluations.worlds import mean_spread
 
 
 def fused_scores(saved: dict, n: int, c: int) -> tuple[float, float]:
@@ -36,7 +34,7 @@ def fused_scores(saved: dict, n: int, c: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dump", type=Path, help="the --dump folder of tools/eval_facts.py")
+    parser.add_argument("dump", type=Path, help="the --dump folder of tools/evaluations/eval_facts.py")
     parser.add_argument("--worlds", nargs="+", default=["world2", "demo-small"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n", type=int, nargs="+", default=[20, 50, 100])

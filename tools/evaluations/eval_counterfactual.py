@@ -2,7 +2,7 @@
 
 Fact tracing asks whether a method finds the documents that *state* a fact; this asks whether it
 finds the documents the model's answer *depends on*, which is what influence claims to measure.
-On an evaluation world (tools/worlds.py), each method of ``baselines.method_rankings`` (plus k
+On an evaluation world (tools/evaluations/worlds.py), each method of ``baselines.method_rankings`` (plus k
 random documents) names its top-k documents for every query; their union is removed from the
 corpus and the model is retrained with the same seed and tokenizer.  Per query: the drop of
 log p(completion | held-out prompt) against the model trained on everything, and whether a
@@ -11,7 +11,7 @@ world's model anew, ranks, removes and retrains; tables give mean ± standard de
 of the per-seed means.  A retrained model is cached by the exact set of documents removed, so
 methods that remove the same set share one training, and a rerun reuses every finished one.
 
-Run: python tools/eval_counterfactual.py [--world demo-small] [--seeds 0] [--k 3] [--workdir attribdb-eval]
+Run: python -m tools.evaluations.eval_counterfactual [--world demo-small] [--seeds 0] [--k 3] [--workdir attribdb-eval]
      [--checkpoints 200 400 600]
 """
 
@@ -26,9 +26,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from baselines import method_rankings  # noqa: E402
-from worlds import WORLDS, add_checkpoints_option, checkpoint_databases, commit, mean_spread, prepare_world, seeded  # noqa: E402
+from tools.evaluations.baselines import method_rankings
+from tools.evaluations.worlds import (
+    WORLDS,
+    add_checkpoints_option,
+    checkpoint_databases,
+    commit,
+    mean_spread,
+    prepare_world,
+    seeded,
+)
 
 SKIPPED = ("BM25, prompt only",)  # a fact-tracing reference, not one of the methods judged here
 
@@ -62,8 +69,8 @@ def evaluate_seed(world: str, workdir: Path, seed: int, ks: list[int], methods: 
     docs = [json.loads(line) for line in prepared.corpus.read_text().splitlines()]
     checkpoint_dbs = checkpoint_databases(world, seed, prepared, checkpoints) if checkpoints else []
     with api.open(prepared.db_path) as db:
-        rankings = {m: r for m, r in method_rankings(db, docs, facts, index_k=100, checkpoint_dbs=checkpoint_dbs).items()
-                    if m not in SKIPPED}
+        all_rankings = method_rankings(db, docs, facts, index_k=100, checkpoint_dbs=checkpoint_dbs)
+        rankings = {m: r for m, r in all_rankings.items() if m not in SKIPPED}
     rng = random.Random(seed)
     rankings["random"] = [rng.sample([d["id"] for d in docs], max(ks)) for _ in facts]
     if methods:
@@ -78,7 +85,8 @@ def evaluate_seed(world: str, workdir: Path, seed: int, ks: list[int], methods: 
             removed = sorted({d for r in ranked for d in r[:k]})
             key = hashlib.sha256(json.dumps(removed).encode()).hexdigest()[:12]
             corpus = folder / f"without-{key}.jsonl"
-            corpus.write_text("".join(json.dumps(d, sort_keys=True) + "\n" for d in docs if d["id"] not in set(removed)))
+            corpus.write_text("".join(json.dumps(d, sort_keys=True) + "\n"
+                                      for d in docs if d["id"] not in set(removed)))
             model = train_model(corpus, folder / f"model-without-{key}", seeded(world, seed).model, progress=False,
                                 tokenizer_from=prepared.model_dir)
             drop = base - completion_logprob(model, facts)
@@ -117,13 +125,17 @@ def main() -> None:
               + (f" {'drop, once':>15} {'drop, many':>15}" if once.any() else "") + f" {'removed':>8} {'stating':>8}")
         for method in dict.fromkeys(m for m, kk in runs[0]["cells"] if kk == k):
             cells = [r["cells"][method, k] for r in runs]
+            beats_bm25 = [float((c["drop"] > r["cells"]["BM25", k]["drop"]).double().mean())
+                          for c, r in zip(cells, runs)]
             line = (f"{method:<{width}} {mean_spread([float(c['drop'].mean()) for c in cells]):>15} "
                     f"{mean_spread([float(c['drop'].median()) for c in cells]):>15} "
                     f"{mean_spread([float(c['flips'].sum() / r['known'].sum()) for c, r in zip(cells, runs)]):>16} "
-                    f"{mean_spread([float((c['drop'] > r['cells']['BM25', k]['drop']).double().mean()) for c, r in zip(cells, runs)]):>15}")
+                    f"{mean_spread(beats_bm25):>15}")
             if once.any():
-                line += "".join(f" {mean_spread([float(c['drop'][mask].mean()) for c in cells]):>15}" for mask in (once, ~once))
-            print(line + f" {sum(c['removed'] for c in cells) / len(cells):>8.0f} {sum(c['stating'] for c in cells) / len(cells):>8.0f}")
+                line += "".join(f" {mean_spread([float(c['drop'][mask].mean()) for c in cells]):>15}"
+                                for mask in (once, ~once))
+            print(line + f" {sum(c['removed'] for c in cells) / len(cells):>8.0f}"
+                  f" {sum(c['stating'] for c in cells) / len(cells):>8.0f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Trained models for the fidelity evaluations (tools/eval_compression.py, tools/eval_fit_precision.py),
+"""Trained models for the fidelity evaluations (tools/evaluations/eval_compression.py, \
+tools/evaluations/eval_fit_precision.py),
 each cached in a work folder.
 
 - ``demo``: the demo's corpus and model, in the folders ``attribdb demo --workdir`` uses
@@ -15,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchutil import write_corpus
+from tools.benchutil import write_corpus
 
 SECOND_MODEL = dict(vocab_size=4096, n_layer=4, n_embd=256, n_head=4, n_positions=128, seq_length=128,
                     batch_size=16, train_steps=300, learning_rate=2e-3, fact_repeats=24, seed=0)

@@ -6,30 +6,36 @@ Its error is judged against a yardstick the fit has anyway: the float32 fit with
 which samples other labels for the true Fisher.  If bfloat16 moves the scores less than re-sampling
 does, its rounding is below the fit's own noise.
 
-For each trained model (tools/trained_models.py), three fits on the same sequences: float32 at seed 0
+For each trained model (tools/evaluations/trained_models.py), three fits on the same sequences: float32 at seed 0
 (the reference), float32 at seed 1, bfloat16 at seed 0.  Against the reference, per fit: the relative
 Frobenius difference of the corrected eigenvalues Λ (over every module), Pearson and Spearman of the
 exhaustive EK-FAC scores of the fact queries against every row, recall@10 of the top rows by the
 default cosine ranking, and the fact-tracing MRR of that ranking.  The fit's time is printed too;
-tools/bench_build.py measures its ratio to training steps at 12×768.
+tools/benchmarks/bench_build.py measures its ratio to training steps at 12×768.
 
-Run: OMP_NUM_THREADS=1 python tools/eval_fit_precision.py [--model-set both] [--rows 1000 --queries 60]
+Run: OMP_NUM_THREADS=1 python -m tools.evaluations.eval_fit_precision [--model-set both] [--rows 1000 --queries 60]
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from eval_compression import (batches_of, choose_rows, flat_scores, log, mean_mrr, pearson, recall_at,  # noqa: E402
-                              round_robin, spearman)
-from trained_models import MODEL_SETS, TrainedModel, add_evaluation_options  # noqa: E402
+from tools.evaluations.eval_compression import (
+    batches_of,
+    choose_rows,
+    flat_scores,
+    log,
+    mean_mrr,
+    pearson,
+    recall_at,
+    round_robin,
+    spearman,
+)
+from tools.evaluations.trained_models import MODEL_SETS, TrainedModel, add_evaluation_options
 
 FITS = {"float32, seed 0 (reference)": ("float32", 0), "float32, seed 1": ("float32", 1),
         "bfloat16, seed 0": ("bfloat16", 0)}
@@ -88,7 +94,8 @@ def evaluate(trained: TrainedModel, args) -> list[dict]:
     for label, r in results.items():
         table.append({
             "model": trained.name, "fit": label, "fit seconds": r["seconds"],
-            "Λ difference": float((r["eigenvalues"] - reference["eigenvalues"]).norm() / reference["eigenvalues"].norm()),
+            "Λ difference": float((r["eigenvalues"] - reference["eigenvalues"]).norm()
+                                  / reference["eigenvalues"].norm()),
             "Pearson": pearson(r["scores"], reference["scores"]),
             "Spearman": spearman(r["scores"], reference["scores"]),
             "recall@10": recall_at(r["cosines"], reference["cosines"], 10),

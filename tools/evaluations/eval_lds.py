@@ -8,7 +8,7 @@ query loss), with the query loss actually reached by the model trained on that
 half.  The LDS is that correlation averaged over queries.  Representation
 similarity (cosine of hidden activations) is the baseline.
 
-Run: python tools/eval_lds.py [--subsets 60] [--seeds 2]
+Run: python -m tools.evaluations.eval_lds [--subsets 60] [--seeds 2]
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def load_digits_tensors():
     targets = torch.tensor(data.target)
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(0))
     inputs, targets = inputs[order], targets[order]
-    return (inputs[:N_TRAIN], targets[:N_TRAIN]), (inputs[N_TRAIN:N_TRAIN + N_QUERY], targets[N_TRAIN:N_TRAIN + N_QUERY])
+    return ((inputs[:N_TRAIN], targets[:N_TRAIN]),
+            (inputs[N_TRAIN:N_TRAIN + N_QUERY], targets[N_TRAIN:N_TRAIN + N_QUERY]))
 
 
 def train(inputs, targets, seed: int) -> nn.Module:

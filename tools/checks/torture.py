@@ -20,7 +20,7 @@ path as the ``attribdb`` command, a second instead of five per command.  The
 parent never touches a database, so each child starts clean.  Kills use the
 ``ATTRIBDB_KILL_AT`` points of :mod:`attribdb.faults`.
 
-Run: python tools/torture.py [--workdir /tmp/attribdb-torture] [--quick]
+Run: python -m tools.checks.torture [--workdir /tmp/attribdb-torture] [--quick]
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import random
 import re
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -43,9 +42,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchutil import english_sentences, make_model  # noqa: E402
+from tools.benchutil import english_sentences, make_model
 
 CLASSES = ("survived cleanly", "clear error", "traceback or unclear error", "crash without message",
            "silently wrong result", "rows lost")
@@ -211,7 +208,8 @@ class Report:
         for cls in CLASSES:
             per = [sum(1 for g, _, o, _ in self.rows if g == group and o == cls) for group in groups]
             body += f"| {cls} | {' | '.join(map(str, per))} | {counts[cls]} |\n"
-        return header + body + f"| **scenarios** | {' | '.join(str(sum(1 for g, *_ in self.rows if g == x)) for x in groups)} | {len(self.rows)} |"
+        totals = " | ".join(str(sum(1 for g, *_ in self.rows if g == x)) for x in groups)
+        return header + body + f"| **scenarios** | {totals} | {len(self.rows)} |"
 
 
 def judge_damaged(p: Pristine, db: Path) -> tuple[str, str]:
@@ -287,7 +285,7 @@ def damage_scenarios(p: Pristine, rng: random.Random, per_kind: int) -> list[Sce
     ops = [("flip", 0.0), ("flip", 0.5), ("flip", 0.999999), ("flip", rng.random()), ("flip", rng.random()),
            ("truncate", 0.5), ("truncate", 0.0), ("delete", None)]
     out = []
-    for kind, members in sorted(kinds.items()):
+    for _kind, members in sorted(kinds.items()):
         for rel in rng.sample(members, min(per_kind, len(members))):
             for op, position in ops:
                 label = f"{op}{'' if position is None else f'@{position:.2f}'} {rel}"
@@ -566,8 +564,9 @@ def api_call(call: Callable) -> Callable[[dict], dict]:
 
 
 def input_files(where: Path) -> dict[str, Path]:
-    files = {"empty.jsonl": b"", "binary.jsonl": bytes(range(256)) * 4, "latin1.jsonl": b'{"id": "a", "text": "caf\xe9"}\n',
-             "notjson.jsonl": b"{not json\n", "notext.jsonl": b'{"id": "a", "body": "x"}\n',
+    files = {"empty.jsonl": b"", "binary.jsonl": bytes(range(256)) * 4,
+             "latin1.jsonl": b'{"id": "a", "text": "caf\xe9"}\n', "notjson.jsonl": b"{not json\n",
+             "notext.jsonl": b'{"id": "a", "body": "x"}\n',
              "dupids.jsonl": b'{"id": "a", "text": "one two three"}\n{"id": "a", "text": "four five six"}\n',
              "q-latin1.jsonl": b'{"prompt": "caf\xe9", "completion": " x"}\n', "q-bad.jsonl": b"[1, 2]\n",
              "q-empty.jsonl": b'{"prompt": "a", "completion": ""}\n'}
@@ -604,8 +603,8 @@ def option_scenarios(quick: bool) -> list[Scenario]:
                                                                     "--quiet", fresh=False)),
         Scenario("inputs", "build another corpus into it", refused("build", "{db}", "--corpus", "{extra}",
                                                                    "--quiet", fresh=False)),
-        Scenario("inputs", "rebuild with another row size", refused("build", "{db}", "--corpus", "{corpus}", "--row-bytes", "2048",
-                                                                "--quiet", fresh=False)),
+        Scenario("inputs", "rebuild with another row size", refused("build", "{db}", "--corpus", "{corpus}",
+                                                                    "--row-bytes", "2048", "--quiet", fresh=False)),
         Scenario("inputs", "fit again without --refit", refused("fit", "{db}", "--corpus", "{corpus}", "--model",
                                                                 "{model}", "--quiet", fresh=False)),
         Scenario("inputs", "non-UTF-8 query file", refused("query", "{db}", "--queries", "{where}/q-latin1.jsonl",
@@ -687,9 +686,9 @@ def warm_imports() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel  # noqa: F401
 
     import attribdb.cli  # noqa: F401
+    import attribdb.indexer.build  # noqa: F401
+    import attribdb.query.engine  # noqa: F401
     import attribdb.runtime  # noqa: F401
-    import indexer.build  # noqa: F401
-    import query.engine  # noqa: F401
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Every attribution method the evaluations compare, as one ranking of documents per fact.
 
-tools/eval_facts.py scores the rankings against the documents that state each fact;
-tools/eval_counterfactual.py removes their top documents and retrains.  Both call ``method_rankings``
+tools/evaluations/eval_facts.py scores the rankings against the documents that state each fact;
+tools/evaluations/eval_counterfactual.py removes their top documents and retrains.  Both call ``method_rankings``
 so that the two evaluations judge exactly the same lists.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from query.text import reciprocal_rank_fusion
+from attribdb.query.text import reciprocal_rank_fusion
 
 WORD = re.compile(r"\w+")
 
@@ -51,7 +51,8 @@ def mean_hidden_states(model, tokenizer, texts: list[str], max_length: int, batc
 
     vectors = []
     for start in range(0, len(texts), batch_size):
-        ids = [tokenizer(t)["input_ids"][:max_length] or [tokenizer.eos_token_id] for t in texts[start:start + batch_size]]
+        ids = [tokenizer(t)["input_ids"][:max_length] or [tokenizer.eos_token_id]
+               for t in texts[start:start + batch_size]]
         batch = collate_sequences(ids, tokenizer.pad_token_id)
         with torch.no_grad():
             hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -96,7 +97,8 @@ def bm25_rankings(bm25: BM25, doc_ids: list[str], texts: list[str]) -> list[list
 
 def bm25_filtered(bm25: list[list[str]], influence: list[list[str]]) -> list[list[str]]:
     """The influence order of the BM25 top ``BM25_FILTER`` documents (the paper's TF-IDF filter)."""
-    return [[d for d in ranked if d in allowed] for ranked, allowed in zip(influence, (set(t[:BM25_FILTER]) for t in bm25))]
+    return [[d for d in ranked if d in allowed]
+            for ranked, allowed in zip(influence, (set(t[:BM25_FILTER]) for t in bm25))]
 
 
 def hybrid(bm25: list[list[str]], influence: list[list[str]]) -> list[list[str]]:

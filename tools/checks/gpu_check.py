@@ -32,7 +32,7 @@ Elsewhere it prints "no CUDA device" and exits 0. ``--device cpu`` runs the
 whole comparison against a second CPU run, which is how this script is tested
 on machines without a GPU.
 
-Run: python tools/gpu_check.py [--device cuda:0] [--workdir DIR] [--tolerance 2e-3]
+Run: python -m tools.checks.gpu_check [--device cuda:0] [--workdir DIR] [--tolerance 2e-3]
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from benchutil import english_paragraphs, make_model, write_corpus  # noqa: E402
+from tools.benchutil import english_paragraphs, make_model, write_corpus
 
 SETTINGS = dict(max_length=32, shard_size=48, commit_rows=8, batch_size=8, fit_sample_size=64, row_bytes=4096,
                 fisher="empirical")
@@ -262,7 +261,7 @@ def run(device: str, workdir: Path, tolerance: float) -> list[str]:
     for label, dev in (("device", device), ("cpu", "cpu")):
         db = workdir / f"db-{label}"
         print(f"{label} ({dev}): fit, interrupted build, resume, append ...", file=sys.stderr)
-        built = _guarded(lambda: build_database(db, corpus, extra, model, dev))
+        built = _guarded(lambda db=db, dev=dev: build_database(db, corpus, extra, model, dev))
         if isinstance(built, Failure):
             return [f"fit/build/resume/append on {dev} failed: {built}"]
         print(f"{label} ({dev}): queries in every mode ...", file=sys.stderr)

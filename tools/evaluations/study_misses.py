@@ -1,6 +1,6 @@
 """Why does influence miss the documents that state a fact, where it does?  Numbers per suspected cause.
 
-On a world and seed of tools/worlds.py (the cached model and database), for every query the model
+On a world and seed of tools/evaluations/worlds.py (the cached model and database), for every query the model
 completes (known), every row is recomputed without compression (exact mode over all rows: EK-FAC
 scores with per-token contributions), documents are ranked by their best row's cosine score, and
 the stating documents are split into those in the top 10 and those missed.  For each group:
@@ -15,20 +15,18 @@ the stating documents are split into those in the top 10 and those missed.  For 
 - the completion: MRR of the exhaustive cosine ranking with the whole completion against its
   first token only (with a leading bare-space token, up to the first token that is not one).
 
-Run: python tools/study_misses.py [--world world2] [--seed 0] [--workdir attribdb-eval]
+Run: python -m tools.evaluations.study_misses [--world world2] [--seed 0] [--workdir attribdb-eval]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from baselines import mrr_and_recall, rank_documents  # noqa: E402
-from worlds import WORLDS, commit, prepare_world  # noqa: E402
+from tools.evaluations.baselines import mrr_and_recall, rank_documents
+from tools.evaluations.worlds import WORLDS, commit, prepare_world
 
 COMMON = 0.2  # a token in at least this share of rows counts as common
 
@@ -135,7 +133,8 @@ def main() -> None:
              ("self-influence percentile among all rows", lambda ds: _median(ds, "self percentile")),
              ("loss of the value's tokens (nats/token)", lambda ds: _median(ds, "value loss")),
              ("share of the score on the statement's tokens", lambda ds: _median(ds, "statement share")),
-             (f"share of the score on common tokens (in >= {COMMON:.0%} of rows)", lambda ds: _median(ds, "common share")),
+             (f"share of the score on common tokens (in >= {COMMON:.0%} of rows)",
+              lambda ds: _median(ds, "common share")),
              ("statement split across windows (share of documents)",
               lambda ds: f"{sum(d['split'] for d in ds) / len(ds):.3f}" if ds else "-"))
     for label, cell in lines:

@@ -1,6 +1,6 @@
 """Scale: index latency, recall, memory and disk of a database of N short sequences.
 
-Run through ``python tools/bench_query.py --rows N``.  The database is a real
+Run through ``python -m tools.benchmarks.bench_query --rows N``.  The database is a real
 one, built by ``attribdb.build`` from a JSONL corpus on a tiny random GPT-2
 (1 layer, 32 wide, a 512-token BPE vocabulary, 16-token sequences): the build
 then costs little more than writing the rows, so 10⁶ rows build in well under
@@ -18,7 +18,7 @@ Figures (printed last):
   exact inner product of the query row with every stored unit row, read back
   from the row store in bounded memory (a shard at a time).  That is the truth
   the index approximates; compression loss is a property of the row, not of
-  the index (README, tools/eval_compression.py);
+  the index (README, tools/evaluations/eval_compression.py);
 - with ``--exhaustive Q`` (default: on a few queries up to 2·10⁴ rows) also
   recall@10 against the full-space exhaustive mode;
 - resident memory of the query process, the database's size on disk and the
@@ -38,8 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from benchutil import english_paragraphs, make_model, recall  # noqa: E402
+from tools.benchutil import english_paragraphs, make_model, recall
 
 MODEL = {"layers": 1, "width": 32, "vocab": 512, "positions": 32}
 # 512-byte rows (254 float16 coordinates): what the index searches, and what disk holds per row besides the
@@ -126,7 +125,7 @@ def build(work: Path, n: int, settings: dict) -> Path:
 
 def queries(n: int, tokenizer, max_length: int):
     """Texts made like the documents (other seed), split into a prompt and a completion."""
-    from query.engine import Query
+    from attribdb.query.engine import Query
 
     out = []
     for text in fitted_texts(n, tokenizer, max_length, seed=1):
@@ -164,8 +163,8 @@ def recall_at(engine, answers, query_rows: np.ndarray, truth: np.ndarray) -> flo
 
 def scale(n: int, work: Path | None, row_bytes: int | None, index_kind: str | None,
           exhaustive: int | None = None) -> None:
+    from attribdb.query.engine import QueryEngine
     from attribdb.runtime import Runtime
-    from query.engine import QueryEngine
 
     work = work or Path("/tmp/attribdb-bench-rows")
     work.mkdir(parents=True, exist_ok=True)
@@ -202,7 +201,7 @@ def scale(n: int, work: Path | None, row_bytes: int | None, index_kind: str | No
         full_space = recall(answers[:exhaustive], engine.exhaustive(items[:exhaustive], k=TRUTH_K), TRUTH_K)
     ordered = sorted(latencies)
     kinds = f"{runtime.manifest.settings.index_kind}: {engine.indexes.kinds}"
-    print(f"laps (median ms): " + ", ".join(f"{lap} {statistics.median(v):.2f}" for lap, v in laps.items()),
+    print("laps (median ms): " + ", ".join(f"{lap} {statistics.median(v):.2f}" for lap, v in laps.items()),
           file=sys.stderr)
     print(f"query process RSS: {rss_start:.0f} MiB before loading, {rss_open:.0f} MiB with every shard open "
           f"(opened in {open_seconds:.1f} s), {rss_queried:.0f} MiB after {len(items) + 20} queries", flush=True)
@@ -215,6 +214,7 @@ def scale(n: int, work: Path | None, row_bytes: int | None, index_kind: str | No
     # last: walking a large database's files for their blocks can take many minutes on a cold cache
     print(f"database {db}: {engine.rows} rows in {len(engine.shards)} shards, rows of "
           f"{runtime.row_layout.bytes_per_row} bytes (dim {runtime.row_layout.dim}), index {kinds}; "
-          f"disk {disk_mib(db):.0f} MiB; built in {built['seconds']:.0f} s, {built.get('cpu_seconds', float('nan')):.0f} CPU s "
-          f"({built['rows_per_second']:.0f} rows/s, {built.get('rows_per_cpu_second', float('nan')):.0f} rows per CPU second, "
+          f"disk {disk_mib(db):.0f} MiB; built in {built['seconds']:.0f} s, "
+          f"{built.get('cpu_seconds', float('nan')):.0f} CPU s ({built['rows_per_second']:.0f} rows/s, "
+          f"{built.get('rows_per_cpu_second', float('nan')):.0f} rows per CPU second, "
           f"1 thread; {built['computed']} rows computed in that run)")

@@ -51,7 +51,7 @@ self-influence the compressed row keeps (for the random projection an unbiased e
 row) pair; recall@10 and @100 of the compressed top (brute force over every row, which is what a
 flat index returns) against the exhaustive top, for both rankings (``cos``: normalized, the
 default; ``score``: the raw score); fact-tracing MRR of the first document stating the queried fact
-(documents ranked by the compressed scores, as tools/eval_facts.py ranks them; the queries are the
+(documents ranked by the compressed scores, as tools/evaluations/eval_facts.py ranks them; the queries are the
 demo's held-out fact prompts, so a query never uses a document's phrasing); and the encoding
 throughput (sequences/s of forward + backward + that method's row) relative to a plain
 training forward+backward (loss.backward() into the weights), both measured in this run on the
@@ -63,8 +63,8 @@ Rows are documents cut to --max-length tokens (one row per document, so a docume
 row's rank): every fact and distractor document, then background documents at random up to --rows.
 Factors are fitted (true Fisher, λ = 0.1·mean Λ) on --fit-sequences documents drawn at random.
 
-Run: OMP_NUM_THREADS=1 python tools/eval_compression.py --model-set both [--rows 1000 --queries 60]
-(the models are trained and cached in --workdir on first use: tools/trained_models.py).  With
+Run: OMP_NUM_THREADS=1 python -m tools.evaluations.eval_compression --model-set both [--rows 1000 --queries 60]
+(the models are trained and cached in --workdir on first use: tools/evaluations/trained_models.py).  With
 --rows 1000 the demo model takes about 2.5 minutes, the second model about 9 minutes of CPU (20 wall
 on a shared, loaded 2-core machine: its rows cost a dense 12 MiB Ĝ each).  Throughput ratios are
 only as steady as the machine: on a shared machine read them to within a factor of about 2.
@@ -83,9 +83,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from baselines import mrr_and_recall  # noqa: E402
-from trained_models import MODEL_SETS, TrainedModel, add_evaluation_options  # noqa: E402
+from tools.evaluations.baselines import mrr_and_recall
+from tools.evaluations.trained_models import MODEL_SETS, TrainedModel, add_evaluation_options
 
 FRACTIONS = (16, 64, 256, 1024)  # budget = dense float32 Ĝ / fraction
 METHODS = ("eigen Λ/(Λ+λ)", "PCA (LoGra)", "random Kron.", "rank-r SVD", "PCA, our k's", "eigen E_data[Ĝ²]")
@@ -405,7 +404,7 @@ def evaluate(trained: TrainedModel, args) -> tuple[dict, list[dict]]:
         for m in modules:
             if max_rank[m.name] > 0:
                 factored = randomized_svd(dense[m.name], max_rank[m.name], generator)
-            for f, r in zip(FRACTIONS, (ranks[f][modules.index(m)] for f in FRACTIONS)):
+            for r in (ranks[f][modules.index(m)] for f in FRACTIONS):
                 approx[m.name].append(low_rank(*factored, r) if r > 0 else torch.zeros_like(dense[m.name]))
         stacked = {name: torch.cat(parts) for name, parts in approx.items()}
         products = flat_scores(query_dense, stacked).double().split(len(positions), dim=1)
@@ -413,7 +412,8 @@ def evaluate(trained: TrainedModel, args) -> tuple[dict, list[dict]]:
         for f, score, number_f in zip(FRACTIONS, products[1:], range(1, len(FRACTIONS) + 1)):
             key = (METHODS[3], f)
             scores[key][:, positions] = score
-            cosines[key][:, positions] = score / (query_self.double()[:, None] * full_self[None, :]).sqrt().clamp_min(1e-300)
+            norms = (query_self.double()[:, None] * full_self[None, :]).sqrt()
+            cosines[key][:, positions] = score / norms.clamp_min(1e-300)
             kept_squares = sum((parts[number_f].flatten(1).double() ** 2).sum(1) for parts in approx.values())
             kept[key][positions] = kept_squares / full_self.clamp_min(1e-300)
         if (number + 1) % 25 == 0 or number + 1 == len(row_batches):

@@ -17,7 +17,7 @@ With ``--tantivy`` it also indexes the same rows' text in one tantivy index and 
 a BM25 top 100 for each, and for attribdb's BM25 over the shards: the measurement behind the
 choice of SQLite FTS5 (attribdb/text_index.py).
 
-Run: python tools/bench_text.py [--rows 100000] [--workdir /tmp/attribdb-bench-text] [--tantivy]
+Run: python -m tools.benchmarks.bench_text [--rows 100000] [--workdir /tmp/attribdb-bench-text] [--tantivy]
 """
 
 from __future__ import annotations
@@ -25,13 +25,11 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from benchutil import english_paragraphs, english_sentences, make_model  # noqa: E402
+from tools.benchutil import english_paragraphs, english_sentences, make_model
 
 MAX_LENGTH = 64
 N_QUERIES = 20
@@ -53,8 +51,9 @@ def write_rows_corpus(path: Path, tokenizer, rows: int, seed: int = 0) -> None:
 
 def build(workdir: Path, rows: int, row_bytes: int) -> tuple[Path, float]:
     """The database and the seconds its build took (fit included; None when it was reused whole)."""
-    import attribdb
     from transformers import AutoTokenizer
+
+    import attribdb
 
     model = make_model(workdir / "model", english_paragraphs(), layers=2, width=64, vocab=2048,
                        positions=MAX_LENGTH)

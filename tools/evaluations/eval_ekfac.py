@@ -16,7 +16,7 @@ The explicit F from N sequences has rank ≤ N per module, so at small damping
 no Kronecker approximation can track it closely; the low-damping lines show
 that limit rather than a defect.
 
-Run: python tools/eval_ekfac.py
+Run: python -m tools.evaluations.eval_ekfac
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attribdb.factors import FactorConfig, STRATEGIES
+from attribdb.factors import STRATEGIES, FactorConfig
 from attribdb.fitting import fit_factors
 from attribdb.gradients import GradientRunner
 from attribdb.influence import InfluenceComputer, pairwise_scores

@@ -12,23 +12,23 @@ GPT-2, then prints:
 - recall@10 and recall@100 of the index (default rescoring) against exhaustive, and
   of exact mode, which recomputes every candidate without compression (a random-init model
   flatters nothing here: its spectrum is flat, so rows keep less than on a trained
-  model; tools/eval_compression.py measures fidelity on trained ones);
+  model; tools/evaluations/eval_compression.py measures fidelity on trained ones);
 - index latency as a ratio to one forward+backward pass of the query (the floor);
 - the query process's memory next to the size of the FAISS indexes.
 
 With ``--wide DB --copies N`` it measures latency at a realistic width instead:
-DB is a database built on a GPT-2-small-shaped model (tools/bench_build.py leaves
+DB is a database built on a GPT-2-small-shaped model (tools/benchmarks/bench_build.py leaves
 one), its shards are copied N times into a scratch database (the rows repeat, so
 only the latency and memory figures mean anything), and the index p50 is set
 against one forward+backward of the query on that model (goal: <= 3x at >= 10^4 rows).
 
-With ``--rows N`` it measures scale instead (tools/bench_scale.py): a database of N
+With ``--rows N`` it measures scale instead (tools/benchmarks/bench_scale.py): a database of N
 short sequences on a tiny model, its index latency, recall@10 against brute force
 over the stored rows, memory and disk, with the index kind the default rule picks.
 
-Run: python tools/bench_query.py [--docs 4800] [--workdir /tmp/attribdb-bench-query]
-     python tools/bench_query.py --wide /tmp/attribdb-bench-build/db-gpt2-small-once --copies 100
-     python tools/bench_query.py --rows 1000000 [--row-bytes 512] [--workdir /tmp/attribdb-bench-rows]
+Run: python -m tools.benchmarks.bench_query [--docs 4800] [--workdir /tmp/attribdb-bench-query]
+     python -m tools.benchmarks.bench_query --wide /tmp/attribdb-bench-build/db-gpt2-small-once --copies 100
+     python -m tools.benchmarks.bench_query --rows 1000000 [--row-bytes 512] [--workdir /tmp/attribdb-bench-rows]
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from benchutil import english_paragraphs, make_model, peak_rss_mib, recall, write_corpus  # noqa: E402
+from tools.benchutil import english_paragraphs, make_model, peak_rss_mib, recall, write_corpus
 
 SETTINGS = {"max_length": 64, "batch_size": 16, "shard_size": 4096, "commit_rows": 64, "fit_sample_size": 512}
 N_QUERIES = 20
@@ -151,7 +150,7 @@ def main() -> None:
     parser.add_argument("--index-kind", help="with --rows: an explicit index kind instead of the default rule")
     args = parser.parse_args()
     if args.rows:
-        from bench_scale import scale
+        from tools.benchmarks.bench_scale import scale
 
         return scale(args.rows, args.workdir if args.workdir != parser.get_default("workdir") else None,
                      args.row_bytes, args.index_kind)
@@ -159,8 +158,8 @@ def main() -> None:
         return wide(args.wide, args.copies, args.workdir)
 
     from attribdb import api
+    from attribdb.query.engine import Query, QueryEngine
     from attribdb.runtime import Runtime
-    from query.engine import Query, QueryEngine
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -212,7 +211,8 @@ def main() -> None:
           f"{rss_loaded:.0f} MiB with every shard open, {rss_after:.0f} MiB after all modes (peak "
           f"{peak_rss_mib():.0f} MiB, exhaustive included); FAISS indexes {full['faiss_mib']:.0f} MiB on disk "
           "(memory-mapped)")
-    print(f"ratio exhaustive/index grows {full['exhaustive'] / full['p50'] / (small['exhaustive'] / small['p50']):.2f}x "
+    print("ratio exhaustive/index grows "
+          f"{full['exhaustive'] / full['p50'] / (small['exhaustive'] / small['p50']):.2f}x "
           f"from {small['rows']} to {full['rows']} rows; recall@10 {full['recall10']:.3f}")
 
 
@@ -223,8 +223,8 @@ def wide(source: Path, copies: int, work: Path) -> None:
 
     from attribdb import layout
     from attribdb.manifest import Manifest
+    from attribdb.query.engine import Query, QueryEngine
     from attribdb.runtime import Runtime
-    from query.engine import Query, QueryEngine
 
     db = work / f"wide-{copies}"
     if not (db / layout.MANIFEST).exists():
@@ -251,9 +251,10 @@ def wide(source: Path, copies: int, work: Path) -> None:
           f"({engine.rows // copies} distinct) of {runtime.row_layout.bytes_per_row / 1024:.1f} KiB")
     print(f"index p50 {1000 * timed['p50']:.0f} ms, p95 {1000 * timed['p95']:.0f} ms; one forward+backward of the "
           f"query {1000 * floor:.0f} ms: ratio {timed['p50'] / floor:.2f}  (goal <= 3)")
+    settings = {k: v for k, v in runtime.manifest.settings.to_dict().items() if k in ("row_bytes", "index_kind")}
     print(f"query process memory: {rss_start:.0f} MiB before, {rss_model:.0f} MiB with model and row projections, "
           f"{timed['rss_index']:.0f} MiB after the queries (FAISS {timed['faiss_mib']:.0f} MiB on disk, mapped); "
-          f"settings {json.dumps({k: v for k, v in runtime.manifest.settings.to_dict().items() if k in ('row_bytes', 'index_kind')})}")
+          f"settings {json.dumps(settings)}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Where a fit's time goes, part by part, against the training steps of the same sequences.
 
-tools/bench_build.py says whether the fit meets its goal (<= 3x the fit sample's training steps at
+tools/benchmarks/bench_build.py says whether the fit meets its goal (<= 3x the fit sample's training steps at
 12x768); this says why.  It runs a real `api.fit` on the bench's GPT-2-small-shaped model and corpus
-(made by tools/bench_build.py in the same workdir, or here if missing) with the fitting module's
+(made by tools/benchmarks/bench_build.py in the same workdir, or here if missing) with the fitting module's
 parts timed in place:
 
 - captures: the forward and backward passes of both passes (model, hooks, captured copies);
@@ -14,7 +14,7 @@ parts timed in place:
 A small sample (64 sequences, 8 batches) gives the per-batch costs in minutes; each part's
 per-batch share divided by a training step's is what a full fit would show.
 
-Run: OMP_NUM_THREADS=1 python tools/profile_fit.py [--precision bfloat16] [--sequences 64]
+Run: OMP_NUM_THREADS=1 python -m tools.benchmarks.profile_fit [--precision bfloat16] [--sequences 64]
 """
 
 from __future__ import annotations
@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import collections
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_build import SETTINGS, SHAPES, training_step_rate  # noqa: E402
-from benchutil import english_paragraphs, make_model, write_corpus  # noqa: E402
+from tools.benchmarks.bench_build import SETTINGS, SHAPES, training_step_rate
+from tools.benchutil import english_paragraphs, make_model, write_corpus
 
 PARTS = {"captures": ("GradientRunner", "train_captures"), "covariances": ("_Covariances", "add"),
          "eigendecompositions": (None, "eigh"), "correction": (None, "squared_rotated_gradients")}

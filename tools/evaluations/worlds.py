@@ -1,4 +1,4 @@
-"""The evaluation worlds that tools/eval_facts.py and tools/eval_counterfactual.py run on.
+"""The evaluation worlds that tools/evaluations/eval_facts.py and tools/evaluations/eval_counterfactual.py run on.
 
 A result that holds on one generator's corpus only is not evidence, so each evaluation takes
 ``--world`` and ``--seeds``: a world is a corpus generator with its corpus, model and database
@@ -92,7 +92,8 @@ def commit() -> str:
     def git(*words: str) -> str:
         return subprocess.run(["git", *words], cwd=here, capture_output=True, text=True, check=False).stdout.strip()
 
-    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", "*.py") else "")
+    return (git("rev-parse", "--short", "HEAD")
+            + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", "*.py") else ""))
 
 
 def mean_spread(values: list[float]) -> str:

@@ -1,6 +1,6 @@
 """Fact tracing: does attribution find the documents that state a queried fact?
 
-On an evaluation world (tools/worlds.py: invented facts stated by paraphrases in real English
+On an evaluation world (tools/evaluations/worlds.py: invented facts stated by paraphrases in real English
 text; each query uses a phrasing no document uses for that fact), for every query: rank the
 training documents by each method of ``baselines.method_rankings`` and report MRR (of the first
 document that states the fact) and recall@10 (of all of them), over all queries, over those the
@@ -9,21 +9,27 @@ over facts stated once and facts stated many times.  Each seed trains the world'
 tables give mean ± standard deviation over seeds.  Also: how many rows of the exhaustive top 10
 the index answer returns (index fidelity on this trained model).
 
-Run: python tools/eval_facts.py [--world demo] [--seeds 0] [--workdir attribdb-eval] [--checkpoints 200 400 600]
+Run: python -m tools.evaluations.eval_facts [--world demo] [--seeds 0] [--workdir attribdb-eval] \
+[--checkpoints 200 400 600]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from baselines import attribdb_rankings, method_rankings, mrr_and_recall  # noqa: E402
-from benchutil import recall  # noqa: E402
-from worlds import WORLDS, add_checkpoints_option, checkpoint_databases, commit, mean_spread, prepare_world  # noqa: E402
+from tools.benchutil import recall
+from tools.evaluations.baselines import attribdb_rankings, method_rankings, mrr_and_recall
+from tools.evaluations.worlds import (
+    WORLDS,
+    add_checkpoints_option,
+    checkpoint_databases,
+    commit,
+    mean_spread,
+    prepare_world,
+)
 
 
 def index_recall(db, facts, k: int = 10) -> dict[str, float]:
@@ -105,7 +111,8 @@ def main() -> None:
           + ", ".join(f"{r['known']}" for r in runs.values()) + f" of the {first['queries']} held-out phrasings "
           "(known; per seed). Unknown queries: influence explains what the model predicts instead")
     names = list(first["subsets"])
-    print("query subsets (seed " + str(args.seeds[0]) + "): " + ", ".join(f"{n} {c}" for n, c in first["subsets"].items()))
+    print("query subsets (seed " + str(args.seeds[0]) + "): "
+          + ", ".join(f"{n} {c}" for n, c in first["subsets"].items()))
     methods = list(dict.fromkeys(m for m, _ in first["table"]))
     width = max(32, *(len(m) + 1 for m in methods))
     for column, label in ((0, "MRR"), (1, "recall@10")):

@@ -1,0 +1,132 @@
+"""What a database will cost before it is built: bytes per row and per N rows, for a model.
+
+The tracked modules come from the model's architecture built on the meta
+device (its ``config.json`` only: no weights are read, nothing is downloaded),
+and the row is laid out by :func:`attribdb.rows.layout_from_weights`, the
+function a fit uses.  A layout needs each coordinate's expected share
+Λ/(Λ+λ), which only a fit knows; the plan assumes a power-law spectrum
+(Λ_ij ∝ (i·j)^-1.5, λ = 0.1 · mean Λ, as the default damping).  The bytes
+hardly depend on it: a layout fills the budget up to rounding, whatever the
+spectrum.  The tests check the plan against ``attribdb info`` of real
+databases.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from attribdb.errors import ConfigError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Shapes a user can plan for without a model folder, named as the models they copy.
+SHAPES = {
+    "gpt2-small": ("gpt2", dict(n_embd=768, n_layer=12, n_head=12)),
+    "pythia-410m": ("gpt_neox", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                     intermediate_size=4096)),
+    "pythia-1.4b": ("gpt_neox", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
+                                     intermediate_size=8192)),
+    "llama-2-7b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                                 intermediate_size=11008)),
+}
+
+
+@dataclass(frozen=True)
+class RowCost:
+    """Bytes one row costs, by where they lie."""
+
+    modules: int
+    dense_bytes: int  # the float32 Ĝ of every tracked module, what an uncompressed row would be
+    row_store_bytes: int  # Zarr: the float16 row and its float32 squared norm
+    index_bytes: int  # FAISS flat index: the float16 row again, padded
+
+    @property
+    def total(self) -> int:
+        """Row store and index; the LMDB record (text, token ids) comes on top, about the text's size."""
+        return self.row_store_bytes + self.index_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    label: str  # the model folder or shape name
+    row_kind: str
+    row_bytes: int  # the --row-bytes budget
+    cost: RowCost
+
+    def database_bytes(self, rows: int) -> int:
+        return self.cost.total * rows
+
+
+def _quiet_transformers() -> None:
+    """A shape's stand-in vocabulary makes transformers warn about its token ids; the plan needs none."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def _modules_from_config(config):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from attribdb.tracking import DEFAULT_LM_PATTERNS, find_tracked_modules
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return find_tracked_modules(model, DEFAULT_LM_PATTERNS)
+
+
+def modules_of_folder(folder: str | Path):
+    """The modules a database of this local model folder would track."""
+    from transformers import AutoConfig
+
+    if not (Path(folder) / "config.json").is_file():
+        raise ConfigError(f"{folder} is not a local model folder (no config.json)")
+    _quiet_transformers()
+    return _modules_from_config(AutoConfig.from_pretrained(folder, local_files_only=True))
+
+
+def modules_of_shape(name: str):
+    """The modules a database of a model of this named shape would track."""
+    from transformers import AutoConfig
+
+    if name not in SHAPES:
+        raise ConfigError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)}, or give --model")
+    model_type, config = SHAPES[name]
+    _quiet_transformers()
+    return _modules_from_config(AutoConfig.for_model(model_type, vocab_size=1024, **config))
+
+
+def _power_law_weights(module):
+    import torch
+
+    out = torch.arange(1, module.d_out + 1, dtype=torch.float32) ** -1.5
+    inp = torch.arange(1, module.d_in + 1, dtype=torch.float32) ** -1.5
+    spectrum = torch.outer(out, inp)
+    return spectrum / (spectrum + 0.1 * spectrum.mean())
+
+
+def row_cost(modules, row_bytes: int, row_kind: str) -> RowCost:
+    from attribdb.rows import index_dim, layout_from_weights
+
+    row = layout_from_weights(row_kind, modules, _power_law_weights, row_bytes)
+    return RowCost(len(modules), row.dense_bytes_per_row, row.bytes_per_row, 2 * index_dim(row.dim))
+
+
+def plan(model: str | Path | None = None, shape: str | None = None, row_bytes: int | None = None,
+         row_kind: str | None = None) -> list[Plan]:
+    """The cost of a row for a model folder, a named shape, or (given neither) every named shape,
+    at the settings a new database would get."""
+    from attribdb.settings import DatabaseSettings
+
+    given = {key: value for key, value in (("row_bytes", row_bytes), ("row_kind", row_kind)) if value is not None}
+    settings = DatabaseSettings(model_path="-", **given)  # refuses a bad budget or kind as a build would
+    if model is not None and shape is not None:
+        raise ConfigError("give a model folder or a shape, not both")
+    if model is not None:
+        targets = [(str(model), modules_of_folder(model))]
+    else:
+        targets = [(name, modules_of_shape(name)) for name in ([shape] if shape else SHAPES)]
+    return [Plan(label, settings.row_kind, settings.row_bytes, row_cost(modules, settings.row_bytes, settings.row_kind))
+            for label, modules in targets]
