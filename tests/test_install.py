@@ -19,12 +19,16 @@ def test_missing_faiss_is_one_clear_error_naming_the_extras():
 def test_the_wheel_installs_one_namespace(tmp_path):
     """indexer/ and query/ sit at the top of the repository but install inside attribdb, so a
     user's own query.py or indexer/ cannot shadow them."""
+    import shutil
     import zipfile
     from pathlib import Path
 
-    repository = Path(__file__).resolve().parents[1]
+    # from a copy: setuptools builds in the source's build/, whose leftovers would reach the wheel
+    source = tmp_path / "source"
+    shutil.copytree(Path(__file__).resolve().parents[1], source, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", ".ci-venv", ".venv", "__pycache__", "attribdb-demo"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(tmp_path / "wheel"), str(repository)], check=True, capture_output=True)
+                    "--wheel-dir", str(tmp_path / "wheel"), str(source)], check=True, capture_output=True)
     [wheel] = (tmp_path / "wheel").glob("attribdb-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(tmp_path / "site")
