@@ -6,6 +6,7 @@ first use, so ``info`` and ``verify`` stay fast and need no model.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -269,13 +270,28 @@ def build(path: str | Path, corpus: str, model: str | None = None, *, append: bo
     """Build (or resume, or with ``append`` extend) a database from a corpus and a local model folder."""
     from attribdb.indexer.build import build_database
     from attribdb.indexer.corpus import CorpusSpec
-    from attribdb.settings import DatabaseSettings
 
     spec = CorpusSpec(path=str(corpus), **(corpus_options or {}))
     given = {key: value for key, value in settings.items() if value is not None}
-    new_settings = DatabaseSettings(model_path=str(Path(model).resolve()), **given) if model else None
+    new_settings = _new_settings(model, given, quiet) if model else None
     return build_database(path, spec, new_settings, overrides=given, append=append,
                           model_path=str(Path(model).resolve()) if model else None, device=device, quiet=quiet)
+
+
+def _new_settings(model: str | Path, given: dict, quiet: bool):
+    """A new database's settings; a default max-length beyond the model's context is clamped to it (a
+    given one is the user's choice and is checked against the model when it loads)."""
+    from attribdb.models import context_of_folder
+    from attribdb.progress import say
+    from attribdb.settings import DatabaseSettings
+
+    settings = DatabaseSettings(model_path=str(Path(model).resolve()), **given)
+    context = context_of_folder(model)
+    if "max_length" not in given and context is not None and settings.max_length > context:
+        say(f"note: max-length {settings.max_length} is beyond the model's context of {context} positions; "
+            f"using {context} (give --max-length to choose)", quiet)
+        settings = dataclasses.replace(settings, max_length=context)
+    return settings
 
 
 def plan(model: str | Path | None = None, *, shape: str | None = None, row_bytes: int | None = None,
@@ -292,10 +308,9 @@ def fit(path: str | Path, corpus: str, model: str, *, device: str | None = None,
     """Create a database and fit its factors (``build`` does this itself when needed)."""
     from attribdb.indexer.corpus import CorpusSpec
     from attribdb.indexer.fit import fit_database, open_or_create
-    from attribdb.settings import DatabaseSettings
 
     given = {key: value for key, value in settings.items() if value is not None}
     existing = open_or_create(Path(path), None, given) if exists(path) else None
-    new_settings = existing.settings if existing else DatabaseSettings(model_path=str(Path(model).resolve()), **given)
+    new_settings = existing.settings if existing else _new_settings(model, given, quiet)
     spec = CorpusSpec(path=str(corpus), **(corpus_options or {}))
     return fit_database(path, spec, new_settings, device=device, quiet=quiet, refit=refit)

@@ -167,6 +167,10 @@ def _trained(kind: str, readers: dict, total: int):
         unit = next(iter(readers.values())).layout.normalized_index  # float16 rows: kept exactly in float16
         refine = "SQfp16" if unit else "Flat"  # rows at their own length could overflow float16
         index = faiss.index_factory(dim, f"IDMap,PQ{dim}x{PQ_BITS}fs,Refine({refine})", faiss.METRIC_INNER_PRODUCT)
+        codes = faiss.downcast_index(faiss.downcast_index(index.index).base_index)
+        # 16 centroids per coordinate from fewer than 39 x 16 rows is fine here (the refinement re-ranks
+        # from float16 copies), and faiss would print a warning on stderr for every sub-quantizer
+        codes.pq.cp.min_points_per_centroid = 1
         index.train(vectors)
         return index
     nlist = list_count(total)

@@ -49,10 +49,18 @@ def deterministic_on(device: torch.device) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def quiet_transformers() -> None:
+    """transformers' config notices and its 'Loading weights' bar on every load are noise on a user's
+    stderr: attribdb reports its own progress and turns every problem it can foresee into an error."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: str = "float32"):
     """(model, tokenizer) from a local Hugging Face folder, in eval mode, offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
@@ -61,8 +69,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: str 
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ConfigError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save one there "
                           "with tokenizer.save_pretrained")
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # a 'Loading weights' bar on every query is noise; ours report progress
+    quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch_dtype(dtype))
@@ -71,6 +78,19 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: str 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return model.to(device).eval(), tokenizer
+
+
+def context_of_folder(path: str | Path) -> int | None:
+    """The positions the model in a local folder has (None: unlimited or not stated), from its config
+    alone, so that a new database's default sequence length can fit the model before it loads."""
+    from transformers import AutoConfig
+
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        return None  # loading the model says what is wrong with the folder
+    return getattr(config, "max_position_embeddings", None)
 
 
 def check_context(model: nn.Module, max_length: int) -> None:

@@ -59,13 +59,6 @@ class Plan:
         return self.cost.total * rows
 
 
-def _quiet_transformers() -> None:
-    """A shape's stand-in vocabulary makes transformers warn about its token ids; the plan needs none."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-
-
 def _modules_from_config(config):
     import torch
     from transformers import AutoModelForCausalLM
@@ -81,9 +74,11 @@ def modules_of_folder(folder: str | Path):
     """The modules a database of this local model folder would track."""
     from transformers import AutoConfig
 
+    from attribdb.models import quiet_transformers
+
     if not (Path(folder) / "config.json").is_file():
         raise ConfigError(f"{folder} is not a local model folder (no config.json)")
-    _quiet_transformers()
+    quiet_transformers()  # a shape's stand-in vocabulary makes it warn about token ids
     return _modules_from_config(AutoConfig.from_pretrained(folder, local_files_only=True))
 
 
@@ -91,10 +86,12 @@ def modules_of_shape(name: str):
     """The modules a database of a model of this named shape would track."""
     from transformers import AutoConfig
 
+    from attribdb.models import quiet_transformers
+
     if name not in SHAPES:
         raise ConfigError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)}, or give --model")
     model_type, config = SHAPES[name]
-    _quiet_transformers()
+    quiet_transformers()
     return _modules_from_config(AutoConfig.for_model(model_type, vocab_size=1024, **config))
 
 
