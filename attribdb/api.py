@@ -295,12 +295,12 @@ def _new_settings(model: str | Path, given: dict, quiet: bool):
 
 
 def plan(model: str | Path | None = None, *, shape: str | None = None, row_bytes: int | None = None,
-         row_kind: str | None = None):
-    """What a row will cost for a local model folder or a named shape (every named shape given
-    neither), before anything is built: a list of :class:`attribdb.plan.Plan`."""
+         row_kind: str | None = None, max_length: int | None = None):
+    """What a row will cost all-in for a local model folder or a named shape (every named shape
+    given neither), before anything is built: a list of :class:`attribdb.plan.Plan`."""
     from attribdb.plan import plan as plan_rows
 
-    return plan_rows(model, shape, row_bytes, row_kind)
+    return plan_rows(model, shape, row_bytes, row_kind, max_length)
 
 
 def fit(path: str | Path, corpus: str, model: str, *, device: str | None = None, quiet: bool = False,

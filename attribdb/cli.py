@@ -158,8 +158,9 @@ def info(db, as_json):
     click.echo(f"tracked    {data['tracked_modules']} modules, "
                + (f"{coverage:.1%} of the transformer-block parameters" if coverage is not None
                   else "share of the block parameters not recorded (database made before it was measured)"))
-    click.echo(f"on disk    {b['total'] / mib:.1f} MiB (zarr {b['zarr'] / mib:.1f}, lmdb {b['lmdb'] / mib:.1f}, "
-               f"faiss {b['faiss'] / mib:.1f}, text {b['text'] / mib:.1f}, factors {b['factors'] / mib:.1f})")
+    click.echo(f"on disk    {b['total'] / mib:.1f} MiB in {data['files']} files (zarr {b['zarr'] / mib:.1f}, "
+               f"lmdb {b['lmdb'] / mib:.1f}, faiss {b['faiss'] / mib:.1f}, text {b['text'] / mib:.1f}, "
+               f"factors {b['factors'] / mib:.1f})")
     row = data["row"]
     if row:
         kept = list(row["expected_kept"].values())
@@ -172,6 +173,10 @@ def info(db, as_json):
         else:
             click.echo(f"           keeps {min(kept):.3f}–{max(kept):.3f} of each module's expected influence "
                        f"(mean {sum(kept) / len(kept):.3f})")
+        cost = row["all_in"]
+        click.echo(f"all-in     {cost['total'] / 1024:.1f} KiB per row, as `attribdb plan` prices it (row store "
+                   f"{cost['row_store'] / 1024:.1f}, index codes {cost['codes'] / 1024:.1f}, metadata estimate "
+                   f"{cost['metadata'] / 1024:.1f})")
     if data["bytes_per_sequence"]:
         per = data["bytes_per_sequence"]
         click.echo(f"per row    {sum(per.values()) / 1024:.1f} KiB on disk (zarr {per['zarr'] / 1024:.1f}, "
@@ -191,18 +196,22 @@ def info(db, as_json):
               help="database size to price")
 @click.option("--row-bytes", type=int, default=None, help="row budget, as for build  [default: a new database's]")
 @click.option("--row-kind", default=None, help="row kind, as for build  [default: a new database's]")
-def plan(model, shape, rows, row_bytes, row_kind):
-    """What a row and a database of --rows rows will cost for a model, before building."""
+@click.option("--max-length", type=int, default=None,
+              help="tokens per sequence, as for build: the metadata estimate  [default: a new database's]")
+def plan(model, shape, rows, row_bytes, row_kind, max_length):
+    """What a row and a database of --rows rows will cost all-in for a model, before building."""
     from attribdb import api
 
-    plans = api.plan(model, shape=shape, row_bytes=row_bytes, row_kind=row_kind)
-    click.echo(f"{plans[0].row_kind} rows of at most {plans[0].row_bytes} bytes (--row-bytes)")
-    click.echo(f"{'model':<24} {'modules':>7} {'dense Ĝ':>10} {'row store':>10} {'+ FAISS':>10} {f'{rows:,} rows':>14}")
+    plans = api.plan(model, shape=shape, row_bytes=row_bytes, row_kind=row_kind, max_length=max_length)
+    click.echo(f"{plans[0].row_kind} rows costing at most {plans[0].row_bytes} bytes all-in (--row-bytes): the row, "
+               f"its index codes and its metadata (estimated at max-length {plans[0].max_length})")
+    click.echo(f"{'model':<24} {'modules':>7} {'dense Ĝ':>10} {'row store':>10} {'codes':>8} {'metadata':>9} "
+               f"{'all-in':>8} {f'{rows:,} rows':>14}")
     for p in plans:
         c = p.cost
-        click.echo(f"{p.label:<24} {c.modules:>7} {c.dense_bytes / 2**20:>8.0f}Mi {c.row_store_bytes / 1024:>8.1f}Ki "
-                   f"{c.total / 1024:>8.1f}Ki {_binary_size(p.database_bytes(rows)):>14}")
-    click.echo("per row besides: its LMDB record (text, token ids, spans), about the size of the text and its tokens")
+        click.echo(f"{p.label:<24} {p.modules:>7} {p.dense_bytes / 2**20:>8.0f}Mi {c.row_store / 1024:>8.1f}Ki "
+                   f"{c.codes / 1024:>6.1f}Ki {c.metadata / 1024:>7.1f}Ki {c.total / 1024:>6.1f}Ki "
+                   f"{_binary_size(p.database_bytes(rows)):>14}")
 
 
 def _binary_size(n: float) -> str:

@@ -1,94 +1,232 @@
-"""One FAISS index over every shard's rows, for databases too large to search shard by shard.
+"""Candidate search: one FAISS index of compact codes over the database's rows, refined from the row store.
 
-Each shard seals its own flat index (exact, float16, as large as its rows).
-Searching hundreds of them costs a scan of every row per query, which passes
-50 ms somewhere past 10⁵ rows of a few hundred dimensions on one thread.  The
-database index scans every row instead, in a fraction of the bytes, and re-ranks
-the best of that scan exactly:
+FAISS holds no copy of a row.  The database index (kind ``pq4``) finds candidates in up to
+three steps, each more exact on fewer rows:
 
-- ``pq4`` (the default): 4-bit product quantization with one sub-quantizer per
-  coordinate (16 learned levels each), searched with FAISS's fast-scan kernels,
-  followed by re-ranking :data:`REFINE_FACTOR` times the requested candidates
-  from float16 copies of the rows, which are the row store's values bit for bit.
-  Every row is scanned, so query rows need not resemble the stored rows (they do
-  not: kron rows whiten the two sides differently), and the candidates' scores are
-  the exact inner products with the stored rows.
-- ``ivf-sq8``: an IVF index with 8-bit scalar-quantized codes that scans the
-  ``nprobe`` lists nearest the query (3/4 of them: off-distribution query rows
-  need most lists).  Kept for comparison and for databases built with it.
+1. a 4-bit product-quantization fast-scan over every row keeps its best rows: one sub-quantizer
+   per coordinate up to :data:`MAX_SUB_QUANTIZERS` coordinates (4 bits each), per 2, 4, 8 ...
+   beyond (:func:`scan_dims`: half a bit per coordinate at GPT-2-small's 16k);
+2. where that is a bit per coordinate or less, RaBitQ codes of :data:`FINE_BITS` bits per
+   coordinate re-rank the fast-scan's best :func:`first_stage` rows (FAISS's ``IndexRefine``);
+3. the best :data:`REFINE_ROWS` times the candidates asked for are read from the row store and
+   scored exactly: the candidates are the rows with the best inner products with the query row,
+   with the scores brute force would give.
 
-Candidates are rescored from the stored rows as always, so quantization only
-decides which rows become candidates, never their scores.
+Why (measured with kron rows of 16,203 coordinates from the trained demo model on 26,279 windows
+of English, 400 query ends, one thread): fast-scan is the only code FAISS scans fast (80-180 ns
+per row), but its look-up tables lose their precision past about 2,000 sub-quantizers (at 4,052
+its best 1,024 held 0.80 of the true top 10), so at that width it holds half a bit per
+coordinate, and its best 1,024 held only 0.970 of the true top 10; reading the ~4,000 rows per
+query end that would need from the row store is slow.  A scan of every row's 2 KiB PQ code with
+exact tables held 0.999 but took 10 µs per row; 1-bit RaBitQ 0.989 at 840 ns.  Fast-scan's best
+8,192 re-ranked by 2-bit RaBitQ codes left the true top 10 among the best 256 (0.992).  On narrow
+rows (288 coordinates of the test suite's tiny model, 19,711 rows, 200 query ends) fast-scan with
+one sub-quantizer per coordinate is precise alone: its best 256 held 0.9995 of the true top 10
+(with 36 sub-quantizers its best 4,096 held 0.994, and 2-bit RaBitQ's best 256 only 0.976).
 
-The rule (``index_kind="auto"``, the default): below :data:`AUTO_MIN_ROWS`
-rows the shard indexes serve queries; from there on, the end of every build or
-append brings the ``pq4`` database index up to date.  ``pq4`` and ``ivf-sq8``
-ask for theirs at any size; ``flat``, ``hnsw`` and ``ivf`` keep per-shard
-indexes only.  A recorded index of another kind than the settings want (one
-made by an earlier attribdb) serves queries until the next build or append
-replaces it.
+Shards the database index does not cover are scanned exactly from their rows: every shard of a
+database with less than :data:`AUTO_MIN_BYTES` of rows (``index_kind="auto"``) or built with
+``flat``, and shards sealed since the index was last brought up to date.
 
-Crash safety follows the shards: rows are committed and searchable in their
-shards first.  The database index is written to a new file, renamed into
-place, and only then recorded in the manifest (kind, file, CRC32C, shards
-covered, rows), so a reader sees either the old index or the new one, and any
-shard the recorded index does not cover is searched through its own index.  A
-build killed while writing it ends with the same index when it is run again.
-Ids are ``shard << 32 | row``.
+Files: the index is written to a new file named by its content, and only then recorded in the
+manifest (kind, file, CRC32C, shards covered, rows, rows trained on), so a reader sees either the
+old index or the new one.  The file it replaces is not deleted then: a reader may have read the
+manifest that names it and be about to open it.  Files no manifest names are deleted by a later
+writer once retired for :data:`GRACE_SECONDS` (Lance keeps old versions for the same reason), and
+a reader that still finds its file gone opens the database again from the manifest now on disk
+(:func:`open_searchable`) rather than calling a healthy database damaged.  Ids are
+``shard << 32 | row``.
 """
 
 from __future__ import annotations
 
-import math
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 
 from attribdb import layout
 from attribdb.errors import StoreError
-from attribdb.faiss_index import search
+from attribdb.faiss_index import read_index, write_index
+from attribdb.manifest import Manifest
+from attribdb.rows import index_dim
+from attribdb.shard import ShardReader
 
-# Measured with tools/benchmarks/bench_query.py --rows (README), one thread, 243-coordinate rows, 200 queries.  At 10⁵
-# rows shard-by-shard flat search took 193 ms per query, IVF-SQ8 132 ms with every list probed and still 50 ms
-# at the 3/4 of its lists that recall@10 ≥ 0.95 needs against brute force (query rows are not drawn from the
-# rows' distribution: 0.51 at 1/10 of the lists, 0.90 at 1/2).  pq4 scans all 10⁵ rows at 122 bytes each in
-# under 1 ms per query end; the true top 10 were always within its best 201 (p95 29).  At 10⁶ rows they were
-# always within its best 103 (p95 32), and a query's two ends took 11-14 ms with 2 to 8 × 128 re-ranked (machine
-# load 4): re-ranking 8 × the candidates costs nothing measurable and leaves a wide margin.  The threshold
-# itself was not measured again with pq4: below it the shards' own indexes answer exactly.
-AUTO_MIN_ROWS = 100_000
-DEFAULT_KIND = "pq4"
-KINDS = ("pq4", "ivf-sq8")  # database index kinds; also the index_kind settings that ask for one at any size
-REFINE_FACTOR = 8  # pq4: rows re-ranked from float16 per candidate requested
-PQ_BITS = 4  # fast-scan kernels take 4-bit codes only
-PQ_TRAIN_ROWS = 65_536  # 4,096 rows per level of each coordinate's 16
-TRAIN_POINTS_PER_LIST = 64  # ivf-sq8: k-means sample per list, enough for stable centroids, seconds at 10⁶ rows
-NPROBE_SHARE = 3 / 4
-MIN_NPROBE = 32
+KIND = "pq4"  # the database index kind, and the index_kind setting that asks for it at any size
+# auto: a database index once a query would otherwise scan this many bytes of rows: 5,000 rows of the
+# default size, 260,000 of bench_scale's 512 bytes
+AUTO_MIN_BYTES = 128 << 20
+MAX_SUB_QUANTIZERS = 2048  # fast-scan's look-up tables stay precise up to about this many
+FINE_BITS = 2  # RaBitQ bits per coordinate of the re-ranking codes, where fast-scan has a bit or less
+FIRST_STAGE_MIN = 8192  # fast-scan candidates re-ranked per query end...
+FIRST_STAGE_SHARE = 32  # ...or this share of the rows, if more
+REFINE_ROWS = 2  # rows read and scored exactly per candidate asked for
+TRAIN_ROWS = 4096  # 256 rows per level of each 16-level sub-quantizer
+RETRAIN_GROWTH = 4  # retrain once the sample a retraining would use is this many times the one it used
+GRACE_SECONDS = 900  # a retired index file outlives the manifest that named it by at least this
+MOVED_RETRIES = 5
 SHARD_BITS = 32
+SCAN_BLOCK_BYTES = 64 << 20  # float32 vectors scored at once when a shard is scanned
 
 
-def database_kind(index_kind: str) -> str | None:
-    """The kind of database index an ``index_kind`` setting asks for (None: per-shard indexes only)."""
-    return DEFAULT_KIND if index_kind == "auto" else index_kind if index_kind in KINDS else None
+def wanted(index_kind: str, row_store_bytes: int) -> bool:
+    """Whether a database of this index kind, holding this many bytes of rows, has a database index."""
+    return index_kind == KIND or (index_kind == "auto" and row_store_bytes >= AUTO_MIN_BYTES)
 
 
-def wanted(index_kind: str, rows: int) -> bool:
-    """Whether a database of ``rows`` rows with this index kind is served by a database index."""
-    return index_kind in KINDS or (index_kind == "auto" and rows >= AUTO_MIN_ROWS)
+def first_stage(rows: int) -> int:
+    return min(rows, max(FIRST_STAGE_MIN, rows // FIRST_STAGE_SHARE))
 
 
-def list_count(rows: int) -> int:
-    """ivf-sq8: √rows lists (about 1,000 at 10⁶), fewer when the rows cannot fill them for training."""
-    return max(1, min(int(math.sqrt(rows)), rows // TRAIN_POINTS_PER_LIST))
+def global_ids(shard_id: int, rows: np.ndarray) -> np.ndarray:
+    return (np.int64(shard_id) << SHARD_BITS) + np.asarray(rows, dtype=np.int64)
 
 
-def nprobe_for(nlist: int) -> int:
-    return min(nlist, max(MIN_NPROBE, round(nlist * NPROBE_SHARE)))
+def scan_dims(width: int) -> int:
+    """Coordinates per fast-scan sub-quantizer for rows ``width`` wide (a power of two dividing it)."""
+    dims = 1
+    while width // dims > MAX_SUB_QUANTIZERS:
+        dims *= 2
+    return dims
 
 
-def global_ids(shard_id: int, rows: int) -> np.ndarray:
-    return (np.int64(shard_id) << SHARD_BITS) + np.arange(rows, dtype=np.int64)
+def _empty(dim: int):
+    """An untrained database index for rows of ``dim`` coordinates (padded to :func:`index_dim`)."""
+    from attribdb.native import faiss
+
+    width = index_dim(dim)
+    scan = faiss.IndexPQFastScan(width, width // scan_dims(width), 4, faiss.METRIC_INNER_PRODUCT)
+    scan.pq.cp.min_points_per_centroid = 1  # small databases train on few rows; faiss would warn per sub-quantizer
+    scan.pq.cp.niter = 10
+    if scan_dims(width) <= 2:  # 2 bits per coordinate or more: precise enough alone
+        return faiss.IndexIDMap2(scan)
+    fine = faiss.IndexRaBitQ(width, faiss.METRIC_INNER_PRODUCT, FINE_BITS)
+    fine.qb = 8  # the query quantized to 8 bits: RaBitQ's fast path, as precise as float here
+    return faiss.IndexIDMap2(faiss.IndexRefine(scan, fine))  # the wrappers keep their parts alive
+
+
+def _stages(index):
+    """(the fast-scan index, the RaBitQ index or None) of a database index, valid while it lives."""
+    from attribdb.native import faiss
+
+    inner = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexRefine):
+        return faiss.downcast_index(inner.base_index), faiss.downcast_index(inner.refine_index)
+    return inner, None
+
+
+def code_bytes(dim: int) -> int:
+    """Bytes the database index holds per row of ``dim`` coordinates: its codes and its id."""
+    index = _empty(dim)  # alive while its parts are read: they belong to it
+    scan, fine = _stages(index)
+    return scan.code_size + (fine.code_size if fine is not None else 0) + np.dtype(np.int64).itemsize
+
+
+def _sealed(readers: dict) -> dict:
+    return {s: reader for s, reader in sorted(readers.items()) if reader.sealed and reader.rows}
+
+
+def _blocks(reader: ShardReader):
+    """A shard's rows in blocks of about :data:`SCAN_BLOCK_BYTES` as float32 vectors."""
+    size = max(1, SCAN_BLOCK_BYTES // (4 * index_dim(reader.layout.dim)))
+    for start in range(0, reader.rows, size):
+        rows = np.arange(start, min(start + size, reader.rows))
+        yield rows, reader.faiss_vectors(rows)
+
+
+def _trained(sealed: dict, total: int):
+    """An empty database index trained on about :data:`TRAIN_ROWS` rows sampled evenly from every
+    sealed shard (seeded: the same database trains the same index)."""
+    share = min(1.0, TRAIN_ROWS / total)
+    rng = np.random.default_rng(0)
+    sample = [reader.faiss_vectors(np.flatnonzero(rng.random(reader.rows) < share)) for reader in sealed.values()]
+    index = _empty(next(iter(sealed.values())).layout.dim)
+    index.train(np.ascontiguousarray(np.concatenate(sample), dtype=np.float32))
+    return index
+
+
+def update(root: Path, manifest, readers: dict) -> bool:
+    """Bring the database index up to date with the sealed shards in ``readers`` (shard id →
+    ShardReader) when the index kind wants one; record it in the manifest.  True when it changed.
+    An index trained on a sample :data:`RETRAIN_GROWTH` times smaller than the shards now offer is
+    trained again, over every sealed shard."""
+    sealed = _sealed(readers)
+    total = sum(reader.rows for reader in sealed.values())
+    row_bytes = next(iter(readers.values())).layout.bytes_per_row if readers else 0
+    if not total or not wanted(manifest.settings.index_kind, total * row_bytes):
+        return False
+    recorded = manifest.database_index
+    folder = root / layout.INDEX_DIR
+    intact = recorded is not None and (folder / recorded["file"]).is_file() and \
+        _file_crc32c(folder / recorded["file"]) == recorded["crc32c"]  # else rebuilt: what verify's advice promises
+    retrain = not intact or min(total, TRAIN_ROWS) >= RETRAIN_GROWTH * recorded["trained_on"]
+    covered = set() if retrain else set(recorded["shards"])
+    todo = [s for s in sealed if s not in covered]
+    if not todo:
+        return False
+    index = _trained(sealed, total) if retrain else read_index(folder / recorded["file"], mmap=False)
+    for shard_id in todo:
+        for rows, vectors in _blocks(sealed[shard_id]):
+            index.add_with_ids(vectors, global_ids(shard_id, rows))
+    folder.mkdir(exist_ok=True)
+    made = folder / f"rows-{KIND}.new"  # named by its content once written
+    write_index(index, made)
+    crc = _file_crc32c(made)
+    name = f"rows-{KIND}-{index.ntotal}-{crc}.faiss"
+    os.replace(made, folder / name)
+    if recorded and recorded["file"] != name and (folder / recorded["file"]).is_file():
+        os.utime(folder / recorded["file"])  # retired now: the grace period starts (before the manifest moves on)
+    manifest.database_index = {"kind": KIND, "file": name, "crc32c": crc, "shards": sorted(covered | set(todo)),
+                               "rows": int(index.ntotal),
+                               "trained_on": recorded["trained_on"] if not retrain else min(total, TRAIN_ROWS)}
+    manifest.save(root)
+    return True
+
+
+def collect_retired(root: Path, manifest) -> list[str]:
+    """Delete the index files no manifest has named for :data:`GRACE_SECONDS` (and leftovers of
+    killed writers as old); the names deleted."""
+    folder = root / layout.INDEX_DIR
+    keep = (manifest.database_index or {}).get("file")
+    deleted = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        try:
+            if path.name != keep and time.time() - path.stat().st_mtime > GRACE_SECONDS:
+                path.unlink()
+                deleted.append(path.name)
+        except FileNotFoundError:  # another writer's cleanup (a writer that lost the lock) got there first
+            continue
+    return deleted
+
+
+def check_codes(index, readers: dict, covered: list[int]) -> None:
+    """Raise a StoreError naming the first covered shard whose rows the database index does not
+    hold, or holds codes for that their rows do not encode to (codes built from another row would
+    make a row a candidate for the wrong queries; its CRC32C cannot tell)."""
+    from attribdb.native import faiss
+
+    ids = faiss.vector_to_array(index.id_map)
+    order = np.argsort(ids, kind="stable")
+    scan, fine = _stages(index)
+    fine_codes = faiss.vector_to_array(fine.codes).reshape(index.ntotal, fine.code_size) if fine is not None else None
+    for shard_id in covered:
+        for rows, vectors in _blocks(readers[shard_id]):
+            wanted = global_ids(shard_id, rows)
+            at = order[np.minimum(np.searchsorted(ids[order], wanted), len(ids) - 1)]
+            same = ids[at] == wanted
+            same &= np.all(scan.reconstruct_batch(at) == scan.sa_decode(scan.sa_encode(vectors)), axis=1)
+            if fine is not None:
+                same &= np.all(fine_codes[at] == fine.sa_encode(vectors), axis=1)
+            if not same.all():
+                raise StoreError(f"the database index's codes of shard {shard_id:05d} row {rows[np.argmin(same)]} "
+                                 "differ from its row: the database index is damaged (delete it and run "
+                                 "`attribdb build` again to rebuild it)")
+
+
+def describe(recorded: dict) -> str:
+    """One line on a recorded database index, for build output and ``info``."""
+    return f"{recorded['rows']} rows in compact codes, candidates scored from the rows ({REFINE_ROWS}x read)"
 
 
 def _file_crc32c(path: Path) -> str:
@@ -97,198 +235,122 @@ def _file_crc32c(path: Path) -> str:
     return crc(path).decode()
 
 
-def update(root: Path, manifest, readers: dict) -> bool:
-    """Bring the database index up to date with the sealed shards in ``readers`` (shard id →
-    ShardReader) when the rule wants one; record it in the manifest.  True when it changed.  A
-    recorded index of another kind is replaced by a new one over every sealed shard."""
-    from attribdb.faiss_index import read_index, write_index
+class IndexMoved(Exception):
+    """The recorded database index file is gone because a writer recorded another one since."""
 
-    settings = manifest.settings
-    kind = database_kind(settings.index_kind)
-    total = sum(reader.rows for reader in readers.values())
-    if not wanted(settings.index_kind, total):
-        return False
-    recorded = manifest.database_index if (manifest.database_index or {}).get("kind") == kind else None
-    covered = set(recorded["shards"]) if recorded else set()
-    todo = [s for s, reader in sorted(readers.items()) if s not in covered and reader.sealed and reader.rows]
-    if not todo:
-        return False
-    if recorded:
-        index = read_index(root / layout.INDEX_DIR / recorded["file"], mmap=False)
-    else:
-        index = _trained(kind, readers, total)
-    for shard_id in todo:
-        reader = readers[shard_id]
-        index.add_with_ids(np.ascontiguousarray(reader.faiss_vectors(), dtype=np.float32),
-                           global_ids(shard_id, reader.rows))
-    shards = sorted(covered | set(todo))
-    folder = root / layout.INDEX_DIR
-    folder.mkdir(exist_ok=True)
-    name = f"rows-{kind}-{len(shards):05d}-{index.ntotal}.faiss"
-    write_index(index, folder / name)
-    knobs = ({"refine": REFINE_FACTOR} if kind == "pq4" else
-             {"nlist": int(index.nlist), "nprobe": nprobe_for(index.nlist)})
-    manifest.database_index = {"kind": kind, "file": name, "crc32c": _file_crc32c(folder / name),
-                               "shards": shards, "rows": int(index.ntotal)} | knobs
-    manifest.save(root)
-    for stale in folder.iterdir():  # earlier versions, and leftovers of a killed run
-        if stale.name != name:
-            stale.unlink()
-    return True
-
-
-def describe(recorded: dict) -> str:
-    """One line on a recorded database index, for build output and ``info``."""
-    if recorded["kind"] == "pq4":
-        return f"{recorded['rows']} rows, 4-bit PQ re-ranked from float16 ({recorded['refine']}x candidates)"
-    return f"{recorded['rows']} rows in {recorded['nlist']} lists, nprobe {recorded['nprobe']}"
-
-
-def _sample(readers: dict, total: int, size: int) -> np.ndarray:
-    """About ``size`` rows' index vectors sampled evenly from every sealed shard (seeded: the same
-    database trains the same index)."""
-    share = min(1.0, size / total)
-    rng = np.random.default_rng(0)
-    sample = []
-    for _, reader in sorted(readers.items()):
-        if reader.sealed and reader.rows:
-            rows = np.flatnonzero(rng.random(reader.rows) < share)
-            sample.append(reader.faiss_vectors(rows))
-    return np.ascontiguousarray(np.concatenate(sample), dtype=np.float32)
-
-
-def _trained(kind: str, readers: dict, total: int):
-    """An empty database index of ``kind``, trained on rows sampled from every shard."""
-    from attribdb.native import faiss
-
-    if kind == "pq4":
-        vectors = _sample(readers, total, PQ_TRAIN_ROWS)
-        dim = vectors.shape[1]
-        unit = next(iter(readers.values())).layout.normalized_index  # float16 rows: kept exactly in float16
-        refine = "SQfp16" if unit else "Flat"  # rows at their own length could overflow float16
-        index = faiss.index_factory(dim, f"IDMap,PQ{dim}x{PQ_BITS}fs,Refine({refine})", faiss.METRIC_INNER_PRODUCT)
-        codes = faiss.downcast_index(faiss.downcast_index(index.index).base_index)
-        # 16 centroids per coordinate from fewer than 39 x 16 rows is fine here (the refinement re-ranks
-        # from float16 copies), and faiss would print a warning on stderr for every sub-quantizer
-        codes.pq.cp.min_points_per_centroid = 1
-        index.train(vectors)
-        return index
-    nlist = list_count(total)
-    vectors = _sample(readers, total, TRAIN_POINTS_PER_LIST * nlist)
-    dim = vectors.shape[1]
-    index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, nlist, faiss.ScalarQuantizer.QT_8bit,
-                                          faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed = 0
-    index.train(vectors)
-    return index
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
 
 
 class IndexSet:
-    """The FAISS indexes a query searches: the database index, if any, for the shards it covers,
-    and each other shard's own index; one search merges them into (score, shard, row) lists."""
+    """What a query searches: the database index for the shards it covers, the rows of every other
+    shard; one search merges them into (score, shard, row) lists, scores exact."""
 
-    def __init__(self, shard_indexes: dict, database=None, recorded: dict | None = None):
-        self.shard_indexes, self.database, self.recorded = shard_indexes, database, recorded
-        self._positions = None  # stored_rows: the database index's ids, sorted, and their positions
+    def __init__(self, readers: dict, database=None, recorded: dict | None = None):
+        self.readers, self.database, self.recorded = readers, database, recorded
+        covered = set(recorded["shards"]) if database is not None else set()
+        self.scanned = {s: reader for s, reader in readers.items() if reader.rows and s not in covered}
 
     @classmethod
-    def open(cls, root: Path, manifest, readers: dict, device=None) -> "IndexSet":
+    def open(cls, root: Path, manifest, readers: dict) -> "IndexSet":
         """``readers``: shard id → ShardReader of the shards to search.  The database index is used
-        when every shard it covers is among them (a query restricted to some shards searches theirs)."""
-        recorded, database = manifest.database_index, None
+        when every shard it covers is among them (a query restricted to some shards scans theirs)."""
+        recorded = manifest.database_index
         if recorded and set(recorded["shards"]) <= set(readers):
-            database = _open_recorded(root, recorded, readers)
-        covered = set(recorded["shards"]) if database is not None else set()
-        shard_indexes = {s: reader.index() for s, reader in readers.items() if reader.rows and s not in covered}
-        if device is not None and str(device).startswith("cuda"):
-            shard_indexes = {s: to_gpu(index) for s, index in shard_indexes.items()}
-            database = to_gpu(database) if database is not None else None
-        return cls(shard_indexes, database, recorded if database is not None else None)
-
-    def stored_rows(self, shards: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray | None:
-        """The float16 unit rows (``dim`` wide, without the index's zero padding) of (shard, row)
-        pairs from a pq4 index's re-ranking copies (the row store's values bit for bit, checked by
-        the file's CRC32C on open), so candidates need no row-store reads; None when the database
-        index holds no such copies or lacks a pair."""
-        if self.database is None or self.recorded["kind"] != "pq4":
-            return None
-        from attribdb.native import faiss
-
-        refine = faiss.downcast_index(faiss.downcast_index(self.database.index).refine_index)
-        if not isinstance(refine, faiss.IndexScalarQuantizer):  # rows at their own length: float32 copies
-            return None
-        if self._positions is None:  # ids in the order they were added, sorted once for lookups
-            ids = faiss.vector_to_array(self.database.id_map)
-            order = np.argsort(ids, kind="stable")
-            self._positions = (ids[order], order)
-        sorted_ids, order = self._positions
-        wanted = (np.asarray(shards, dtype=np.int64) << SHARD_BITS) + np.asarray(rows, dtype=np.int64)
-        at = np.minimum(np.searchsorted(sorted_ids, wanted), len(sorted_ids) - 1)
-        if len(wanted) == 0 or not np.array_equal(sorted_ids[at], wanted):
-            return None
-        return refine.reconstruct_batch(order[at].astype(np.int64))[:, :dim].astype(np.float16)
+            return cls(readers, _open_recorded(root, recorded, readers), recorded)
+        return cls(readers)
 
     @property
     def kinds(self) -> str:
-        parts = [f"{len(self.shard_indexes)} shard indexes"] if self.shard_indexes else []
+        parts = [f"{len(self.scanned)} shards scanned from their rows"] if self.scanned else []
         if self.database is not None:
-            parts.append(f"database {self.recorded['kind']} ({describe(self.recorded)})")
+            parts.append(f"database {KIND} ({describe(self.recorded)})")
         return " + ".join(parts) or "none"
 
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[float, int, int]]]:
-        """Per query, the best ``k`` (score, shard, row) by inner product over every index."""
-        merged = [[] for _ in range(len(queries))]
-        for shard_id, index in self.shard_indexes.items():
-            scores, ids = search(index, queries, k)
-            for i in range(len(queries)):
-                merged[i] += [(float(s), shard_id, int(r)) for s, r in zip(scores[i], ids[i]) if r >= 0]
+        """Per query row, the best ``k`` (score, shard, row) by exact inner product with the stored
+        rows, among every scanned row and the database index's candidates."""
+        queries = np.asarray(queries, dtype=np.float32)
+        if self.readers:
+            width = index_dim(next(iter(self.readers.values())).layout.dim)
+            queries = np.ascontiguousarray(np.pad(queries, ((0, 0), (0, width - queries.shape[1]))))
+        found = [[] for _ in range(len(queries))]
+        for shard_id, reader in self.scanned.items():
+            for rows, vectors in _blocks(reader):
+                _keep_best(found, queries @ vectors.T, shard_id, rows, k)
         if self.database is not None:
-            scores, ids = search(self.database, queries, k, nprobe=self.recorded.get("nprobe"))
-            for i in range(len(queries)):
-                merged[i] += [(float(s), int(r) >> SHARD_BITS, int(r) & ((1 << SHARD_BITS) - 1))
-                              for s, r in zip(scores[i], ids[i]) if r >= 0]
-        return [sorted(found, reverse=True)[:k] for found in merged]
+            self._search_database(queries, k, found)
+        return [sorted(hits, reverse=True)[:k] for hits in found]
+
+    def _search_database(self, queries: np.ndarray, k: int, found: list) -> None:
+        from attribdb.native import faiss
+
+        pool = min(REFINE_ROWS * k, self.database.ntotal)
+        if _stages(self.database)[1] is not None:
+            faiss.downcast_index(self.database.index).k_factor = first_stage(self.database.ntotal) / pool
+        _, ids = self.database.search(queries, pool)
+        for i, row_ids in enumerate(ids):
+            row_ids = np.sort(row_ids[row_ids >= 0])
+            shards = row_ids >> SHARD_BITS
+            for shard_id in np.unique(shards):
+                rows = row_ids[shards == shard_id] & ((1 << SHARD_BITS) - 1)
+                vectors = self.readers[int(shard_id)].faiss_vectors(rows)
+                _keep_best(found[i:i + 1], queries[i:i + 1] @ vectors.T, int(shard_id), rows, k)
+
+
+def _keep_best(found: list, scores: np.ndarray, shard_id: int, rows: np.ndarray, k: int) -> None:
+    """Add each query's best ``k`` of ``scores`` (queries × rows) to its list in ``found``."""
+    if scores.shape[1] > k:
+        best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        best = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    for hits, picked, row_scores in zip(found, best, scores):
+        hits += [(float(row_scores[j]), shard_id, int(rows[j])) for j in picked]
 
 
 def _open_recorded(root: Path, recorded: dict, readers: dict):
-    """The recorded database index, checked: its file's CRC32C and its row count against the shards."""
-    from attribdb.faiss_index import read_index
-
+    """The recorded database index, checked: its file's CRC32C and its row count against the shards.
+    A file that is gone because the manifest now names another raises :class:`IndexMoved`."""
     path = root / layout.INDEX_DIR / recorded["file"]
-    if not path.is_file():
-        raise StoreError(f"{path} is missing: the database index is damaged (run `attribdb build` again to "
-                         "rebuild it)")
-    if _file_crc32c(path) != recorded["crc32c"]:
-        raise StoreError(f"{path} fails its checksum: the database index is damaged")
     try:
-        index = read_index(path)
-    except RuntimeError as exc:
+        intact = _file_crc32c(path) == recorded["crc32c"]
+        index = read_index(path) if intact else None
+    except (FileNotFoundError, RuntimeError) as exc:
+        current = Manifest.load(root)
+        if current.database_index != recorded:
+            raise IndexMoved(current) from None
+        if isinstance(exc, FileNotFoundError):
+            raise StoreError(f"{path} is missing: the database index is damaged (run `attribdb build` again to "
+                             "rebuild it)") from None
         raise StoreError(f"{path} cannot be read: {str(exc).splitlines()[0][:120]}") from None
+    if index is None:
+        raise StoreError(f"{path} fails its checksum: the database index is damaged (run `attribdb build` again to "
+                         "rebuild it)")
     rows = sum(readers[s].rows for s in recorded["shards"])
     if index.ntotal != recorded["rows"] or rows != recorded["rows"]:
         raise StoreError(f"{path} holds {index.ntotal} vectors, the manifest records {recorded['rows']} and its "
                          f"shards hold {rows} rows: the database index is damaged")
-    if recorded["kind"] == "pq4":
-        from attribdb.native import faiss
-
-        faiss.downcast_index(index.index).k_factor = float(recorded["refine"])
     return index
 
 
-def to_gpu(index):
-    """The index on GPU 0 when faiss-gpu is installed and sees a GPU; else (or for an index kind
-    the GPU cloner refuses, such as HNSW) the index as it is."""
-    from attribdb.native import faiss
+def open_searchable(root: Path, manifest, row_layout, shard_ids=None) -> tuple[dict, IndexSet]:
+    """The shards of ``manifest`` (those in ``shard_ids``, default all) and the indexes to search
+    them, opened together.  When a writer recorded a new database index, and the file named by
+    ``manifest`` is already gone, everything is opened again from the manifest now on disk."""
+    from attribdb.inspection import existing_shards
 
-    if faiss.get_num_gpus() == 0 or not hasattr(faiss, "StandardGpuResources"):
-        return index
-    global _GPU_RESOURCES
-    if _GPU_RESOURCES is None:
-        _GPU_RESOURCES = faiss.StandardGpuResources()
-    try:
-        return faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index)
-    except RuntimeError:
-        return index
-
-
-_GPU_RESOURCES = None  # one set of GPU scratch memory per process, made on first use
+    for _ in range(MOVED_RETRIES):
+        readers = {shard_id: ShardReader(path, row_layout) for shard_id, path in existing_shards(root, manifest)
+                   if shard_ids is None or shard_id in shard_ids}
+        try:
+            return readers, IndexSet.open(root, manifest, readers)
+        except IndexMoved as moved:
+            manifest = moved.manifest
+            for reader in readers.values():
+                reader.close()
+        except BaseException:
+            for reader in readers.values():
+                reader.close()
+            raise
+    raise StoreError(f"{root}: the database index was replaced {MOVED_RETRIES} times while it was being opened; "
+                     "try again")

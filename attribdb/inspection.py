@@ -1,9 +1,9 @@
 """`attribdb info` and `attribdb verify`: what a database holds, and whether it is whole.
 
-``verify`` reads everything: every Zarr chunk (their CRC32C codec fails on a
-flipped byte), every LMDB row, the journal, the FAISS index and the full-text
-index, and checks that manifest, Zarr, LMDB, FAISS and the text index agree;
-it stops at the first problem.
+``verify`` reads everything: every row file and Zarr chunk (each row and chunk
+CRC32C-checked), every LMDB row, the journal, the database index and the
+full-text index, and checks that manifest, Zarr, LMDB, FAISS and the text index
+agree; it stops at the first problem.
 """
 
 from __future__ import annotations
@@ -18,14 +18,26 @@ from attribdb import layout
 from attribdb.errors import StoreError
 from attribdb.factors import Factors
 from attribdb.manifest import Generation, Manifest
+from attribdb.row_costs import row_cost
 from attribdb.rows import RowProjection
 from attribdb.shard import ShardReader
 
 
+def _files(path: Path) -> list[int]:
+    """The sizes of the files at or under ``path``; a file a running writer renames or deletes
+    meanwhile (a temporary file, a retired index) is skipped, not an error."""
+    sizes = []
+    for file in [path] if path.is_file() else path.rglob("*"):
+        try:
+            if file.is_file():
+                sizes.append(file.stat().st_size)
+        except FileNotFoundError:
+            continue
+    return sizes
+
+
 def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+    return sum(_files(path))
 
 
 def existing_shards(root: Path, manifest: Manifest) -> list[tuple[int, Path]]:
@@ -48,8 +60,7 @@ def database_info(root: str | Path) -> dict:
     """Counts, sizes on disk, settings and the row layout, as a JSON-able dict."""
     root = Path(root)
     manifest = Manifest.load(root)
-    stores = {"zarr": layout.GRADS_ZARR, "lmdb": layout.META_LMDB, "faiss": layout.FAISS_FILE,
-              "text": layout.TEXT_FILE}
+    stores = {"zarr": layout.GRADS_ZARR, "lmdb": layout.META_LMDB, "text": layout.TEXT_FILE}
     sizes = {"factors": _size(root / layout.FACTORS_DIR)} | dict.fromkeys(stores, 0)
     rows = 0
     for _, path in existing_shards(root, manifest):
@@ -60,7 +71,8 @@ def database_info(root: str | Path) -> dict:
             rows += reader.rows
         finally:
             reader.close()
-    sizes["faiss"] += _size(root / layout.INDEX_DIR)
+    recorded = manifest.database_index
+    sizes["faiss"] = _size(root / layout.INDEX_DIR / recorded["file"]) if recorded else 0
     row_layout = manifest.row_layout() if manifest.rows is not None else None
     return {
         "path": str(root),
@@ -73,19 +85,23 @@ def database_info(root: str | Path) -> dict:
         "generations": [{"corpus": g.corpus["path"], "state": g.state, "sequences": g.sequences,
                          "malformed": g.malformed} for g in manifest.generations],
         "bytes": sizes | {"total": _size(root)},
-        "bytes_per_sequence": {key: sizes[key] / rows for key in stores} if rows else None,
-        "row": _row_info(row_layout) if row_layout else None,
+        "files": len(_files(root)),
+        "bytes_per_sequence": {key: sizes[key] / rows for key in ("zarr", "faiss", "lmdb", "text")} if rows else None,
+        "database_index": recorded,
+        "row": _row_info(row_layout, manifest.settings.max_length) if row_layout else None,
         "settings": manifest.settings.to_dict(),
     }
 
 
-def _row_info(row_layout) -> dict:
-    """What a row is: its size against the dense gradient, and the share of influence it keeps."""
+def _row_info(row_layout, max_length: int) -> dict:
+    """What a row is: its size against the dense gradient, the share of influence it keeps, and
+    what it costs all-in (attribdb/row_costs.py: the figure `attribdb plan` prints)."""
     kept = dict(zip((m.name for m in row_layout.modules), row_layout.expected_kept))
     return {
         "kind": row_layout.kind,
         "dim": row_layout.dim,
         "bytes": row_layout.bytes_per_row,
+        "all_in": row_cost(row_layout, max_length).to_dict(),
         "dense_float32_bytes": row_layout.dense_bytes_per_row,
         "blocks": {m.name: list(b) for m, b in zip(row_layout.modules, row_layout.blocks)},
         "expected_kept": kept,
@@ -136,11 +152,12 @@ def verify_database(root: str | Path) -> VerifyReport:
 
 
 def _verify_database_index(root: Path, manifest: Manifest) -> None:
-    """The database-wide FAISS index, when there is one: present, its CRC32C as recorded, and as many
-    vectors as the shards it covers hold rows (attribdb/db_index.py checks all three on open)."""
+    """The database-wide FAISS index, when there is one: present, its CRC32C as recorded, as many
+    vectors as the shards it covers hold rows (attribdb/db_index.py checks these on open), and
+    every row's codes those its row encodes to."""
     if manifest.database_index is None:
         return
-    from attribdb.db_index import IndexSet
+    from attribdb.db_index import IndexSet, check_codes
 
     covered = manifest.database_index["shards"]
     readers = {s: ShardReader(layout.shard_dir(root, s), manifest.row_layout()) for s in covered
@@ -152,13 +169,7 @@ def _verify_database_index(root: Path, manifest: Manifest) -> None:
         unsealed = [s for s, reader in readers.items() if not reader.sealed]
         if unsealed:
             raise StoreError(f"the database index covers shard {unsealed[0]:05d}, which is not sealed")
-        indexes = IndexSet.open(root, manifest, readers)
-        for shard_id, reader in readers.items():  # re-ranking copies, where it keeps them, are the stored rows
-            rows = np.arange(reader.rows)
-            held = indexes.stored_rows(np.full(reader.rows, shard_id), rows, reader.layout.dim)
-            if held is not None and not np.array_equal(held, reader.read(layout.ROWS, rows)):
-                raise StoreError(f"the database index's copy of shard {shard_id:05d} differs from its rows: "
-                                 "the database index is damaged (run `attribdb build` again to rebuild it)")
+        check_codes(IndexSet.open(root, manifest, readers).database, readers, covered)
     finally:
         for reader in readers.values():
             reader.close()
@@ -185,8 +196,6 @@ def _verify_shard(root: Path, manifest: Manifest, shard_id: int, generation: Gen
                 raise StoreError(f"{name}: {array_name} holds non-finite values")
         _verify_unit_rows(arrays[layout.ROWS], arrays[layout.SELF_INFLUENCE], name)
         _verify_metadata(reader, name, (shard_id - generation.first_shard) * manifest.settings.shard_size)
-        if reader.sealed:
-            _verify_index(reader, name)
         if reader.has_text_index:
             _verify_text_index(reader, name)
         return reader.rows
@@ -198,8 +207,10 @@ def _read_checked(reader: ShardReader, array_name: str, name: str) -> np.ndarray
     """Read an array one chunk at a time: a corrupted chunk is named by its rows, and no
     concurrent sibling read is left failing in zarr's event loop when we stop."""
     parts = []
+    if not reader.rows:
+        return reader.read(array_name)
     try:
-        block = reader.group[array_name].chunks[0]
+        block = reader.row_files.unit if array_name == layout.ROWS else reader.group[array_name].chunks[0]
     except Exception as exc:  # zarr and json raise many types on damaged metadata
         raise StoreError(f"{name}: {array_name}/zarr.json cannot be read ({type(exc).__name__})") from None
     for start in range(0, reader.rows, block):
@@ -212,8 +223,7 @@ def _read_checked(reader: ShardReader, array_name: str, name: str) -> np.ndarray
             reason = (str(exc).splitlines() or [type(exc).__name__])[0][:80]
             raise StoreError(f"{name}: array {array_name!r}, rows {rows[0]}-{rows[-1]} cannot be read "
                              f"(corrupted chunk: {reason})") from exc
-    array = reader.group[array_name]
-    return np.concatenate(parts) if parts else np.zeros((0,) + array.shape[1:], dtype=array.dtype)
+    return np.concatenate(parts)
 
 
 def _verify_unit_rows(rows: np.ndarray, self_influence: np.ndarray, name: str) -> None:
@@ -244,15 +254,6 @@ def _verify_metadata(reader: ShardReader, name: str, first_sequence: int) -> Non
     if (ends[-1:] or [0])[0] != reader.rows or starts != ([0] + ends[:-1])[:len(journal)]:
         raise StoreError(f"{name}: the commit journal does not cover rows 0..{reader.rows} contiguously: "
                          f"{json.dumps(journal[-3:])}")
-
-
-def _verify_index(reader: ShardReader, name: str) -> None:
-    index = reader.index()  # missing, failing its checksum or unreadable: a StoreError naming the file
-    if index.ntotal != reader.rows:
-        raise StoreError(f"{name}: FAISS holds {index.ntotal} vectors, LMDB committed {reader.rows}")
-    if reader.rows and type(index).__name__ in ("IndexFlatIP", "IndexScalarQuantizer"):
-        if not np.array_equal(index.reconstruct_n(0, reader.rows), reader.faiss_vectors()):
-            raise StoreError(f"{name}: FAISS vectors differ from the Zarr rows")
 
 
 def _verify_text_index(reader: ShardReader, name: str) -> None:

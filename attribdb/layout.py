@@ -7,16 +7,21 @@
       lock                          the writer lock (holder's pid), see writelock.py
       factors/factors.safetensors   Q_A, Q_S, D, λ per module (exact and exhaustive queries)
       factors/rows.safetensors      the row projections: kept eigenvectors and 1/√(Λ+λ) per module
-      shards/NNNNN/grads.zarr       rows (float16 unit vectors) and their self-influence
+      shards/NNNNN/grads.zarr       rows (float16 unit vectors, one file per commit unit: packed_rows.py)
+                                    and their self-influence (one chunk per commit unit)
       shards/NNNNN/meta.lmdb        row metadata, document index, commit journal
-      shards/NNNNN/rows.faiss       inner-product index over the shard's rows
       shards/NNNNN/text.sqlite      SQLite FTS5 index of the rows' text (BM25), see text_index.py
-      index/rows-<kind>-*.faiss     one index over every shard's rows, at scale (the manifest names it)
+      index/rows-pq4-<rows>-<crc>.faiss   compact codes of every sealed shard's rows, at scale (the manifest
+                                    names the current file; retired ones wait out a grace period, db_index.py)
+
+Each row is stored once: FAISS holds codes, never a copy of the rows.
 """
 
 from pathlib import Path
 
-FORMAT_VERSION = 3  # 1: low-rank factors and CountSketches; 2: kron query maps on the eigenbasis (read no more)
+# 1: low-rank factors and CountSketches; 2: kron query maps on the eigenbasis; 3: one row per Zarr chunk file and
+# float16 copies of the rows in FAISS (read no more: `attribdb build` a new database)
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 LOCK_FILE = "lock"
 FACTORS_DIR = "factors"
@@ -25,12 +30,11 @@ PROJECTION_FILE = "rows.safetensors"
 SHARDS_DIR = "shards"
 GRADS_ZARR = "grads.zarr"
 META_LMDB = "meta.lmdb"
-FAISS_FILE = "rows.faiss"
 TEXT_FILE = "text.sqlite"
 INDEX_DIR = "index"  # the database-wide FAISS index, when there is one (attribdb/db_index.py)
 
 # arrays inside grads.zarr (attribdb/rows.py says what a row is)
-ROWS = "rows"  # (rows, dim) float16: each row divided by its norm
+ROWS = "rows"  # (rows, dim) float16: each row divided by its norm, packed (attribdb/packed_rows.py)
 SELF_INFLUENCE = "self_influence"  # (rows,) float32: the row's squared norm
 ROW_ARRAYS = (ROWS, SELF_INFLUENCE)
 

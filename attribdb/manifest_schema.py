@@ -142,11 +142,8 @@ def _check_database_index(c: _Checker, recorded, shards: int) -> None:
     and the shards it covers, every one of them in a generation."""
     if recorded is None:
         return
-    common = {"kind", "file", "crc32c", "shards", "rows"}
-    c.keys(recorded, "database_index", common, {"refine", "nlist", "nprobe"})
-    c.string(recorded["kind"], "database_index.kind", choices=("pq4", "ivf-sq8"))  # attribdb/db_index.py KINDS
-    search = ("refine",) if recorded["kind"] == "pq4" else ("nlist", "nprobe")  # what a search of that kind reads
-    c.keys(recorded, "database_index", common | set(search))
+    c.keys(recorded, "database_index", {"kind", "file", "crc32c", "shards", "rows", "trained_on"})
+    c.string(recorded["kind"], "database_index.kind", choices=("pq4",))  # attribdb/db_index.py KIND
     if not (isinstance(recorded["file"], str) and re.fullmatch(r"[\w.-]+\.faiss", recorded["file"])):
         c.fail("database_index.file", f"must be a file name ending in .faiss, not {recorded['file']!r}")
     if not (isinstance(recorded["crc32c"], str) and re.fullmatch(r"[0-9a-f]{8}", recorded["crc32c"])):
@@ -156,7 +153,7 @@ def _check_database_index(c: _Checker, recorded, shards: int) -> None:
                                                           and 0 <= s < shards for s in covered)
             and covered == sorted(set(covered))):
         c.fail("database_index.shards", f"must be a sorted list of shard numbers below {shards}")
-    for name in ("rows", *search):
+    for name in ("rows", "trained_on"):
         c.integer(recorded[name], f"database_index.{name}", minimum=1)
 
 

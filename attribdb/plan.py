@@ -1,23 +1,25 @@
-"""What a database will cost before it is built: bytes per row and per N rows, for a model.
+"""What a database will cost before it is built: bytes per row all-in and per N rows, for a model.
 
 The tracked modules come from the model's architecture built on the meta
 device (its ``config.json`` only: no weights are read, nothing is downloaded),
-and the row is laid out by :func:`attribdb.rows.layout_from_weights`, the
-function a fit uses.  A layout needs each coordinate's expected share
-Λ/(Λ+λ), which only a fit knows; the plan assumes a power-law spectrum
-(Λ_ij ∝ (i·j)^-1.5, λ = 0.1 · mean Λ, as the default damping).  The bytes
-hardly depend on it: a layout fills the budget up to rounding, whatever the
-spectrum.  The tests check the plan against ``attribdb info`` of real
-databases.
+and the row is laid out by :func:`attribdb.rows.layout_from_weights` under
+the row-store budget :func:`attribdb.row_costs.row_store_budget` leaves, as
+a fit does.  A layout needs each coordinate's expected share Λ/(Λ+λ), which
+only a fit knows; the plan assumes a power-law spectrum (Λ_ij ∝ (i·j)^-1.5,
+λ = 0.1 · mean Λ, as the default damping).  The bytes hardly depend on it: a
+layout fills the budget up to rounding, whatever the spectrum.  The tests
+check the plan against ``attribdb info`` of real databases.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from attribdb.errors import ConfigError
+from attribdb.row_costs import RowCost, row_cost, row_store_budget
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,26 +36,14 @@ SHAPES = {
 
 
 @dataclass(frozen=True)
-class RowCost:
-    """Bytes one row costs, by where they lie."""
-
-    modules: int
-    dense_bytes: int  # the float32 Ĝ of every tracked module, what an uncompressed row would be
-    row_store_bytes: int  # Zarr: the float16 row and its float32 squared norm
-    index_bytes: int  # FAISS flat index: the float16 row again, padded
-
-    @property
-    def total(self) -> int:
-        """Row store and index; the LMDB record (text, token ids) comes on top, about the text's size."""
-        return self.row_store_bytes + self.index_bytes
-
-
-@dataclass(frozen=True)
 class Plan:
     label: str  # the model folder or shape name
     row_kind: str
-    row_bytes: int  # the --row-bytes budget
-    cost: RowCost
+    row_bytes: int  # the --row-bytes budget, all-in
+    max_length: int  # tokens per sequence: what the metadata estimate is made for
+    modules: int
+    dense_bytes: int  # the float32 Ĝ of every tracked module, what an uncompressed row would be
+    cost: RowCost  # what a row costs, by where it lies
 
     def database_bytes(self, rows: int) -> int:
         return self.cost.total * rows
@@ -104,26 +94,31 @@ def _power_law_weights(module):
     return spectrum / (spectrum + 0.1 * spectrum.mean())
 
 
-def row_cost(modules, row_bytes: int, row_kind: str) -> RowCost:
-    from attribdb.rows import index_dim, layout_from_weights
+def _plan(label: str, modules, settings) -> Plan:
+    from attribdb.rows import layout_from_weights
 
-    row = layout_from_weights(row_kind, modules, _power_law_weights, row_bytes)
-    return RowCost(len(modules), row.dense_bytes_per_row, row.bytes_per_row, 2 * index_dim(row.dim))
+    budget = row_store_budget(settings.row_bytes, settings.max_length)
+    row = layout_from_weights(settings.row_kind, modules, _power_law_weights, budget)
+    return Plan(label, settings.row_kind, settings.row_bytes, settings.max_length, len(modules),
+                row.dense_bytes_per_row, row_cost(row, settings.max_length))
 
 
 def plan(model: str | Path | None = None, shape: str | None = None, row_bytes: int | None = None,
-         row_kind: str | None = None) -> list[Plan]:
+         row_kind: str | None = None, max_length: int | None = None) -> list[Plan]:
     """The cost of a row for a model folder, a named shape, or (given neither) every named shape,
-    at the settings a new database would get."""
+    at the settings a new database would get (a model folder's default max-length is clamped to
+    its context, as a build does)."""
+    from attribdb.models import context_of_folder
     from attribdb.settings import DatabaseSettings
 
-    given = {key: value for key, value in (("row_bytes", row_bytes), ("row_kind", row_kind)) if value is not None}
+    given = {key: value for key, value in (("row_bytes", row_bytes), ("row_kind", row_kind),
+                                           ("max_length", max_length)) if value is not None}
     settings = DatabaseSettings(model_path="-", **given)  # refuses a bad budget or kind as a build would
     if model is not None and shape is not None:
         raise ConfigError("give a model folder or a shape, not both")
     if model is not None:
-        targets = [(str(model), modules_of_folder(model))]
-    else:
-        targets = [(name, modules_of_shape(name)) for name in ([shape] if shape else SHAPES)]
-    return [Plan(label, settings.row_kind, settings.row_bytes, row_cost(modules, settings.row_bytes, settings.row_kind))
-            for label, modules in targets]
+        context = context_of_folder(model)
+        if max_length is None and context is not None and settings.max_length > context:
+            settings = dataclasses.replace(settings, max_length=context)
+        return [_plan(str(model), modules_of_folder(model), settings)]
+    return [_plan(name, modules_of_shape(name), settings) for name in ([shape] if shape else SHAPES)]

@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 from attribdb.errors import ConfigError
 from attribdb.factors import FactorConfig
+from attribdb.row_costs import check_room
 from attribdb.rows import ROW_KINDS
 
-INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "pq4", "ivf-sq8")  # attribdb/faiss_index.py says what each is
+INDEX_KINDS = ("auto", "flat", "pq4")  # attribdb/db_index.py says what each is
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
@@ -42,14 +43,15 @@ class DatabaseSettings:
                                             "eigendecompositions in float32 (covariances stay float32); 0.6 of the "
                                             "float32 fit's time on a CPU with bfloat16 units, its rounding 5-8x below "
                                             "the fit's own sampling noise (docs/evidence.md)")
-    row_bytes: int = setting(32768, "bytes of each stored row: the EK-FAC-preconditioned gradient's block in the "
-                                    "eigenvectors that carry the most expected influence, spent over all modules")
+    row_bytes: int = setting(32768, "bytes each training sequence costs on disk, all-in: its row (the "
+                                    "EK-FAC-preconditioned gradient, compressed), its index codes and its metadata; "
+                                    "the row gets what the others leave (attribdb/row_costs.py)")
     row_kind: str = setting("kron", "kron: a random Kronecker projection whose inner products estimate the EK-FAC "
                                     "score without bias; block: the exact block of the eigen-coordinates with the "
                                     "most expected influence (docs/evidence.md compares them)")
-    index_kind: str = setting("auto", "auto: flat while the database is small, one database-wide pq4 index "
-                                      "beyond a row count; flat (exact, per shard) | "
-                                      "hnsw | ivf (per shard) | pq4 | ivf-sq8 (database-wide, whatever the size)")
+    index_kind: str = setting("auto", "auto: the rows scanned exactly while the database is small, one "
+                                      "database-wide pq4 index of compact codes beyond a size; flat (always scanned) | "
+                                      "pq4 (the database index whatever the size)")
     normalized_index: bool = setting(True, "FAISS indexes unit rows, so candidates come by the cosine the default "
                                            "ranking uses (false: by the raw score)")
     shard_size: int = setting(4096, "rows per shard: the unit of writing and of parallel build")
@@ -62,6 +64,7 @@ class DatabaseSettings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
+        check_room(self.row_bytes, self.max_length)
         if self.stride is not None and not 0 < self.stride <= self.max_length:
             raise ConfigError(f"stride must be between 1 and max-length ({self.max_length}), not {self.stride}")
         if self.row_kind not in ROW_KINDS:

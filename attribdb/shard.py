@@ -1,19 +1,22 @@
-"""One shard: Zarr arrays of compressed gradients, LMDB metadata, a FAISS index.
+"""One shard: Zarr arrays of rows, LMDB metadata, a full-text index.
 
 A shard is written by exactly one process, in commit units of
-``commit_rows`` rows: the unit's Zarr chunks are written first, then one LMDB
+``commit_rows`` rows: the unit's row file (attribdb/packed_rows.py: one file
+per unit) and its self-influence chunk are written first, then one LMDB
 transaction records the rows' metadata, a journal entry and the new committed
-count.  Every Zarr chunk is aligned to commit units (the low-rank array has
-one row per chunk, for random reads), so a chunk is written once and a kill
-can only leave garbage in rows that were never committed, which a resumed
-build overwrites.  Sealing builds the FAISS index and the full-text index once
-all rows are in; the transaction that marks the shard sealed records both
-files' checksums, so a kill before it leaves a shard that a resume seals again.
+count.  Every file is aligned to commit units, so a file that holds committed
+rows is never written again, and a kill can only leave garbage in rows that
+were never committed, which a resumed build overwrites.  A new shard is made
+whole (its LMDB databases and empty arrays) under a temporary name and renamed
+into place, so a reader never finds half of one.  Sealing writes the full-text
+index once all rows are in; the transaction that marks the shard sealed
+records its checksum, so a kill before it leaves a shard that a resume seals
+again.  FAISS holds no copy of the rows: a shard is searched from its rows, or
+through the database index's codes (attribdb/db_index.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -22,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from attribdb import faults, layout, metadb, records, text_index
+from attribdb import faults, layout, metadb, packed_rows, records, text_index
 from attribdb.errors import StoreError
-from attribdb.rows import RowLayout, index_vectors
+from attribdb.packed_rows import PackedRows
+from attribdb.rows import ROW_DTYPE, RowLayout, index_vectors
 
 
 @dataclass
@@ -39,23 +43,39 @@ class RowBlock:
         return len(self.metadata)
 
 
-def row_shapes(row_layout: RowLayout) -> dict[str, tuple[int, ...]]:
-    """The shape of one row in each array of grads.zarr, as the row layout defines it: what the
-    writer creates and what a reader checks the stored arrays against (a manifest that disagrees
-    with its shards must fail with one line, not deep in a query)."""
-    return {layout.ROWS: (row_layout.dim,), layout.SELF_INFLUENCE: ()}
+def row_arrays(row_layout: RowLayout) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The shape of one row and the dtype of each array of grads.zarr, as the row layout defines
+    them: what the writer creates and what a reader checks the stored arrays against (a manifest
+    that disagrees with its shards must fail with one line, not deep in a query)."""
+    return {layout.ROWS: ((row_layout.dim,), np.dtype(ROW_DTYPE)), layout.SELF_INFLUENCE: ((), np.dtype(np.float32))}
 
 
-def _codecs(compress: bool):
-    """A CRC32C over each chunk's stored bytes, so a flipped byte fails the read; zstd before it
-    only where it pays: float16 rows are near-incompressible noise, and decoding would be the larger
-    part of a query's read time."""
+def _create(path: Path, row_layout: RowLayout, capacity: int, commit_rows: int) -> None:
+    """A new, empty shard at ``path``: its LMDB databases and its arrays, made under a temporary
+    name and renamed into place (a directory there without ``meta.lmdb`` holds nothing committed:
+    what a writer killed before this rename left)."""
     import zarr
 
-    return [zarr.codecs.ZstdCodec(level=1), zarr.codecs.Crc32cCodec()] if compress else [zarr.codecs.Crc32cCodec()]
+    made = path.with_name(path.name + ".new")
+    for leftover in (made, path):
+        shutil.rmtree(leftover, ignore_errors=True)
+    made.mkdir(parents=True)
+    env = metadb.open_env(made / layout.META_LMDB, readonly=False, capacity_rows=capacity)
+    try:
+        for name in SHARD_DBS:
+            env.open_db(name)
+    finally:
+        metadb.close_env(env)
+    group = zarr.open_group(str(made / layout.GRADS_ZARR), mode="w")
+    (row_shape, dtype), (_, scalar) = row_arrays(row_layout).values()
+    packed_rows.create(group, layout.ROWS, capacity, row_shape, commit_rows, dtype)
+    # one chunk per commit unit; zstd before the CRC32C pays here (float16 rows are near-incompressible noise)
+    group.create_array(layout.SELF_INFLUENCE, shape=(capacity,), chunks=(commit_rows,), dtype=scalar, fill_value=0,
+                       compressors=[zarr.codecs.ZstdCodec(level=1), zarr.codecs.Crc32cCodec()])
+    os.rename(made, path)
 
 
-FAISS_CRC_KEY = b"faiss_crc32c"  # info key: CRC32C of rows.faiss, written when the shard is sealed
+SHARD_DBS = (layout.ROWS_DB, layout.DOCS_DB, layout.JOURNAL_DB, layout.INFO_DB)
 TEXT_CRC_KEY = b"text_crc32c"  # info key: CRC32C of text.sqlite, written when the shard is sealed
 lmdb_errors = metadb.lmdb_errors  # LMDB's own exceptions as a one-line StoreError naming the shard
 
@@ -88,32 +108,17 @@ class ShardWriter:
         import zarr
 
         self.path, self.layout, self.capacity, self.commit_rows = Path(path), row_layout, capacity, commit_rows
-        self.path.mkdir(parents=True, exist_ok=True)
+        if not (self.path / layout.META_LMDB).is_dir():
+            _create(self.path, row_layout, capacity, commit_rows)
         self.env = metadb.open_env(self.path / layout.META_LMDB, readonly=False, capacity_rows=capacity)
-        self.dbs = {name: self.env.open_db(name) for name in
-                    (layout.ROWS_DB, layout.DOCS_DB, layout.JOURNAL_DB, layout.INFO_DB)}
+        self.dbs = {name: self.env.open_db(name) for name in SHARD_DBS}
         zarr_path = self.path / layout.GRADS_ZARR
-        if self.committed == 0:  # nothing to keep: (re)create the arrays from scratch
-            shutil.rmtree(zarr_path, ignore_errors=True)
-            self._create_arrays(zarr_path)
         self.group = zarr.open_group(str(zarr_path), mode="r+")
-        self.row_files = RowChunkFiles.open(zarr_path / layout.ROWS)
-        if self.row_files is None:
-            raise StoreError(f"shard {self.path}: {layout.GRADS_ZARR}/{layout.ROWS} has a chunk layout this "
-                             "writer did not make: rebuild the database")
-
-    def _create_arrays(self, zarr_path: Path) -> None:
-        import zarr
-
-        group = zarr.open_group(str(zarr_path), mode="w")
-        cap, unit, dim = self.capacity, self.commit_rows, self.layout.dim
-        specs = {
-            layout.ROWS: ((cap, dim), (1, dim), "float16"),  # one row per chunk: queries read scattered rows
-            layout.SELF_INFLUENCE: ((cap,), (unit,), "float32"),
-        }
-        for name, (shape, chunks, dtype) in specs.items():
-            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype,
-                               compressors=_codecs(name != layout.ROWS), fill_value=0)
+        self.row_files = PackedRows.open(zarr_path / layout.ROWS)
+        found = (self.row_files.capacity, self.row_files.unit)
+        if found != (capacity, commit_rows):
+            raise StoreError(f"shard {self.path} holds {found[0]} rows in units of {found[1]}, this build writes "
+                             f"{capacity} in units of {commit_rows}: the shard is damaged")
 
     def _info(self, key: bytes) -> bytes | None:
         with metadb.read(self.env, db=self.dbs[layout.INFO_DB]) as txn:
@@ -172,27 +177,16 @@ class ShardWriter:
             raise StoreError(f"shard {self.path}: refusing to write rows from {start} when it has committed "
                              f"{committed}: another process is writing this database")
 
-    def seal(self, index_kind: str) -> None:
-        """Trim the arrays to the committed rows, write the FAISS and full-text indexes, mark sealed."""
-        from attribdb.faiss_index import build_index, shard_index_kind, write_index
-
+    def seal(self) -> None:
+        """Write the full-text index of the committed rows, then mark the shard sealed."""
         rows = self.committed
-        for name in self.group.array_keys():
-            array = self.group[name]
-            array.resize((rows,) + array.shape[1:])
-        vectors = index_vectors(self.row_files.read(range(rows)), self.group[layout.SELF_INFLUENCE][:rows],
-                                self.layout.normalized_index)
-        write_index(build_index(vectors, shard_index_kind(index_kind), self.layout.normalized_index),
-                    self.path / layout.FAISS_FILE)
         text_index.write(row_texts(self.env, self.dbs[layout.ROWS_DB], f"shard {self.path}", rows),
                          self.path / layout.TEXT_FILE)
-        checksums = {FAISS_CRC_KEY: _file_crc32c(self.path / layout.FAISS_FILE),
-                     TEXT_CRC_KEY: _file_crc32c(self.path / layout.TEXT_FILE)}
+        checksum = _file_crc32c(self.path / layout.TEXT_FILE)
         faults.point("indexes-written")
 
         def mark_sealed(txn) -> None:
-            for key, crc in checksums.items():
-                txn.put(key, crc, db=self.dbs[layout.INFO_DB])
+            txn.put(TEXT_CRC_KEY, checksum, db=self.dbs[layout.INFO_DB])
             txn.put(b"sealed", str(rows).encode(), db=self.dbs[layout.INFO_DB])
 
         metadb.write(self.env, mark_sealed)
@@ -202,78 +196,10 @@ class ShardWriter:
         metadb.close_env(self.env)
 
 
-class RowChunkFiles:
-    """Random row reads (and the build's writes) of a one-row-per-chunk array straight from
-    (to) its chunk files.
-
-    zarr-python spends about a millisecond of event-loop overhead per chunk, which
-    made reading a query's few hundred candidates cost most of its latency, and
-    writing them most of a small model's build time; the
-    layout is fixed by the Zarr v3 spec (``c/<row>/0`` keys; bytes → [zstd →]
-    crc32c codecs), so reading it directly, checksum included, is ten times faster.
-    Any other layout falls back to zarr.
-    """
-
-    CODEC_CHAINS = (["bytes", "crc32c"], ["bytes", "zstd", "crc32c"])
-
-    def __init__(self, array_dir: Path, metadata: dict):
-        self.dir = array_dir
-        self.dtype = np.dtype(metadata["data_type"]).newbyteorder("<")
-        self.row_shape = tuple(metadata["shape"][1:])
-        self.compressed = any(c["name"] == "zstd" for c in metadata["codecs"])
-
-    @classmethod
-    def open(cls, array_dir: Path) -> "RowChunkFiles | None":
-        metadata = json.loads((array_dir / "zarr.json").read_text())
-        chunks = metadata["chunk_grid"]["configuration"]["chunk_shape"]
-        usable = (chunks[0] == 1 and list(chunks[1:]) == metadata["shape"][1:]
-                  and [c["name"] for c in metadata["codecs"]] in cls.CODEC_CHAINS
-                  and metadata["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
-                  and metadata["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}})
-        return cls(array_dir, metadata) if usable else None
-
-    def write(self, start: int, values: np.ndarray) -> None:
-        """Rows ``start, start + 1, ...`` as chunk files of an uncompressed array, each as zarr
-        would write it (and also when a row is all zeros, which zarr would leave out as its fill
-        value, and a reader would then refuse as missing)."""
-        import google_crc32c
-
-        assert not self.compressed, "rows are written uncompressed (see _codecs)"
-        for offset, value in enumerate(np.ascontiguousarray(values, dtype=self.dtype)):
-            body = value.tobytes()
-            folder = f"{self.dir}/c/{start + offset}"
-            os.makedirs(folder, exist_ok=True)
-            with open(f"{folder}/0", "wb") as handle:
-                handle.write(body + google_crc32c.value(body).to_bytes(4, "little"))
-
-    def read(self, rows) -> np.ndarray:
-        import google_crc32c
-        from numcodecs import Zstd
-
-        zstd = Zstd()
-        out = np.empty((len(rows),) + self.row_shape, dtype=self.dtype)
-        flat = out.reshape(len(rows), -1)
-        prefix = f"{self.dir}/c/"  # plain strings: pathlib's joins cost more than the reads
-        for i, row in enumerate(rows):
-            path = f"{prefix}{int(row)}/0"
-            try:
-                with open(path, "rb") as handle:
-                    raw = handle.read()
-            except FileNotFoundError:
-                raise StoreError(f"{path} is missing: the shard is damaged (run attribdb verify)") from None
-            body = raw[:-4]
-            if google_crc32c.value(body).to_bytes(4, "little") != raw[-4:]:
-                raise StoreError(f"{path}: checksum mismatch, the chunk is corrupted (run attribdb verify)")
-            flat[i] = np.frombuffer(zstd.decode(body) if self.compressed else body, dtype=self.dtype)
-        return out
-
-
 class ShardReader:
     """Read-only view of a shard: only committed rows are visible."""
 
     def __init__(self, path: Path, row_layout: RowLayout):
-        import zarr
-
         self.path, self.layout = Path(path), row_layout
         meta_path = self.path / layout.META_LMDB
         if not meta_path.is_dir():
@@ -281,11 +207,10 @@ class ShardReader:
         self.env = metadb.open_env(meta_path, readonly=True)
         try:
             with lmdb_errors(f"shard {self.path}"):
-                self.dbs = {name: self.env.open_db(name, create=False) for name in
-                            (layout.ROWS_DB, layout.DOCS_DB, layout.JOURNAL_DB, layout.INFO_DB)}
+                self.dbs = {name: self.env.open_db(name, create=False) for name in SHARD_DBS}
                 with metadb.read(self.env, db=self.dbs[layout.INFO_DB]) as txn:
-                    committed, sealed, self._faiss_crc, self._text_crc = (
-                        txn.get(key) for key in (b"committed", b"sealed", FAISS_CRC_KEY, TEXT_CRC_KEY))
+                    committed, sealed, self._text_crc = (txn.get(key) for key in
+                                                         (b"committed", b"sealed", TEXT_CRC_KEY))
             self.rows, self.sealed = int(committed or 0), sealed is not None
             if sealed is not None and int(sealed) != self.rows:
                 raise StoreError(f"shard {self.path}: {self.rows} rows committed but {int(sealed)} sealed: "
@@ -297,19 +222,30 @@ class ShardReader:
         except StoreError:
             metadb.close_env(self.env)
             raise
-        self._row_files: dict[str, RowChunkFiles | None] = {}
         self._whole: dict[str, np.ndarray] = {}
+        self.group, self.row_files = None, None
+        if self.rows:  # nothing committed: nothing to read (and the arrays may be a resumed writer's to remake)
+            self._open_arrays()
+
+    def _open_arrays(self) -> None:
+        """Open grads.zarr and check its arrays against the row layout."""
+        import zarr
+
         shapes, where = {}, layout.GRADS_ZARR
         try:
             self.group = zarr.open_group(str(self.path / layout.GRADS_ZARR), mode="r")
-            for name in row_shapes(row_layout):
+            for name in row_arrays(self.layout):
                 where = f"{layout.GRADS_ZARR}/{name}"
                 shapes[name] = self.group[name].shape
+            self.row_files = PackedRows.open(self.path / layout.GRADS_ZARR / layout.ROWS)
+        except StoreError:
+            self.close()
+            raise
         except Exception as exc:  # zarr and json raise many types on damaged metadata
             self.close()
             reason = (str(exc).splitlines() or [""])[0][:120]
             raise StoreError(f"shard {self.path}: cannot open {where} ({type(exc).__name__}: {reason})") from None
-        for name, row_shape in row_shapes(row_layout).items():
+        for name, (row_shape, _) in row_arrays(self.layout).items():
             if shapes[name][1:] != row_shape or shapes[name][0] < self.rows:
                 self.close()
                 raise StoreError(f"shard {self.path}: {name} holds rows of shape {shapes[name]}, the manifest "
@@ -319,6 +255,9 @@ class ShardReader:
         """Committed rows of one array (all of them when ``rows`` is None); whatever zarr raises on
         damaged metadata or chunks, and a chunk file that is missing (zarr would read its fill value,
         zeros, as if they were data), is a StoreError naming the shard and array."""
+        if not self.rows:
+            row_shape, dtype = row_arrays(self.layout)[name]
+            return np.zeros((0,) + row_shape, dtype=dtype)
         try:
             return self._read(name, rows)
         except StoreError:
@@ -328,25 +267,22 @@ class ShardReader:
             raise StoreError(f"shard {self.path}: {layout.GRADS_ZARR}/{name} cannot be read "
                              f"({type(exc).__name__}: {reason})") from None
 
-    def _require_chunks(self, name: str, array, chunk_indices) -> None:
-        tail = "/0" * (array.ndim - 1)
+    def _require_chunks(self, name: str, chunk_indices) -> None:
         for index in chunk_indices:
-            path = self.path / layout.GRADS_ZARR / name / "c" / f"{int(index)}{tail}"
+            path = self.path / layout.GRADS_ZARR / name / "c" / f"{int(index)}"
             if not path.is_file():
                 raise StoreError(f"{path} is missing: the shard is damaged (run attribdb verify)")
 
     def _read(self, name: str, rows: np.ndarray | None) -> np.ndarray:
+        if name == layout.ROWS:  # packed rows, read directly (attribdb/packed_rows.py)
+            return self.row_files.read(np.arange(self.rows) if rows is None else rows)
+        array = self.group[name]  # opening an array costs a millisecond: only for the small arrays
         if rows is None:
-            array = self.group[name]
-            self._require_chunks(name, array, range(-(-self.rows // array.chunks[0])))
+            self._require_chunks(name, range(-(-self.rows // array.chunks[0])))
             return array[: self.rows]
-        if name not in self._row_files:
-            self._row_files[name] = RowChunkFiles.open(self.path / layout.GRADS_ZARR / name)
-        if self._row_files[name] is not None:
-            return self._row_files[name].read(rows)
-        array = self.group[name]  # opening an array costs a millisecond: only on the slow path
-        self._require_chunks(name, array, np.unique(np.asarray(rows, dtype=np.int64) // array.chunks[0]))
-        return array.get_orthogonal_selection((np.asarray(rows, dtype=np.int64),) + (slice(None),) * (array.ndim - 1))
+        rows = np.asarray(rows, dtype=np.int64)
+        self._require_chunks(name, np.unique(rows // array.chunks[0]))
+        return array.get_orthogonal_selection(rows)
 
     def whole(self, name: str) -> np.ndarray:
         """A small per-row array (self-influence) read once and kept: four bytes per row, where
@@ -387,22 +323,6 @@ class ShardReader:
             raise StoreError(f"{path} fails its checksum: the index is damaged")
         return path
 
-    def index(self):
-        """The shard's FAISS index; for an unsealed shard, a flat one over its committed rows."""
-        from attribdb.faiss_index import build_index, read_index
-
-        if not self.sealed:
-            return build_index(self.faiss_vectors(), "flat", self.layout.normalized_index)
-        path = self._sealed_file(layout.FAISS_FILE, self._faiss_crc)
-        try:
-            index = read_index(path)
-        except RuntimeError as exc:
-            raise StoreError(f"{path} cannot be read: {str(exc).splitlines()[0][:120]}") from None
-        if index.ntotal != self.rows:
-            raise StoreError(f"{path} holds {index.ntotal} vectors for {self.rows} committed rows: "
-                             "the shard is damaged")
-        return index
-
     @property
     def has_text_index(self) -> bool:
         """Whether the seal stored a full-text index (shards sealed before attribdb indexed text have none)."""
@@ -426,7 +346,8 @@ class ShardReader:
         return text_index.TextIndex.in_memory(row_texts(self.env, self.dbs[layout.ROWS_DB], where, self.rows), where)
 
     def faiss_vectors(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """What the shard's FAISS index holds (of ``rows``, default all), computed from the Zarr arrays."""
+        """What FAISS searches for these rows (default all): their unit rows, scaled by their norms
+        unless the index is normalized, zero-padded to the index's width (attribdb.rows.index_vectors)."""
         rows = np.arange(self.rows) if rows is None else rows
         return index_vectors(self.read(layout.ROWS, rows), self.whole(layout.SELF_INFLUENCE)[rows],
                              self.layout.normalized_index)

@@ -96,7 +96,8 @@ def _build(root, spec, settings, overrides, append, model_path, device, quiet, w
 def _update_database_index(root: Path, quiet: bool) -> None:
     """Add the sealed shards to the database-wide FAISS index when the index kind's rule wants one
     (attribdb/db_index.py); before the generation is marked complete, so a complete generation is
-    always covered, and a killed run finishes the index when it is run again."""
+    always covered, and a killed run finishes the index when it is run again.  Index files retired
+    long enough ago that no reader can still be opening them are deleted."""
     manifest = Manifest.load(root)
     readers = {shard_id: ShardReader(path, manifest.row_layout()) for shard_id, path in existing_shards(root, manifest)}
     try:
@@ -106,6 +107,7 @@ def _update_database_index(root: Path, quiet: bool) -> None:
     finally:
         for reader in readers.values():
             reader.close()
+    db_index.collect_retired(root, manifest)
 
 
 def _generation_of(manifest: Manifest, spec_dict: dict) -> Generation:
@@ -169,7 +171,7 @@ def _write_shards(runtime: Runtime, spec: CorpusSpec, generation: Generation, wo
                     writer.append(block, start)
                     computed += len(unit)
                     advance(len(unit))
-                writer.seal(settings.index_kind)
+                writer.seal()
             finally:
                 writer.close()
     return computed

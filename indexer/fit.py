@@ -15,6 +15,7 @@ from attribdb.indexer.writing import writing
 from attribdb.manifest import Manifest, exists
 from attribdb.models import check_context, compute_dtype, deterministic_on, fingerprint, load_model, resolve_device
 from attribdb.progress import progress_bar, say
+from attribdb.row_costs import row_store_budget
 from attribdb.rows import RowProjection
 from attribdb.settings import DatabaseSettings
 from attribdb.tasks import CausalLMTask, collate_sequences
@@ -51,6 +52,7 @@ def fit_database(root: str | Path, spec: CorpusSpec, settings: DatabaseSettings,
 
 def _fit(root: Path, spec: CorpusSpec, settings: DatabaseSettings, device: str | None, quiet: bool,
          refit: bool) -> Factors:
+    row_bytes = row_store_budget(settings.row_bytes, settings.max_length)  # refused before the model loads
     resolved = resolve_device(device)
     deterministic_on(resolved)
     model, tokenizer = load_model(settings.model_path, resolved, settings.dtype)
@@ -86,8 +88,7 @@ def _fit(root: Path, spec: CorpusSpec, settings: DatabaseSettings, device: str |
     with progress_bar(f"fit {settings.strategy} factors", len(sample) * passes, quiet) as advance:
         factors = fit_factors(model, task, batches, settings.factor_config, modules, device=resolved,
                               dtype=compute_dtype(settings.dtype), progress=advance)
-    projection = RowProjection.fit(factors, settings.row_bytes, settings.row_kind, settings.normalized_index,
-                                   settings.fit_seed)
+    projection = RowProjection.fit(factors, row_bytes, settings.row_kind, settings.normalized_index, settings.fit_seed)
     # factors, then projections, then the manifest that names the layout and both files' digests: a
     # kill in between leaves a database that is_fitted() calls unfitted, and the next build fits again
     factors.save(layout.factors_path(root))

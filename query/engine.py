@@ -29,16 +29,14 @@ import numpy as np
 import torch
 
 from attribdb import layout
-from attribdb.db_index import IndexSet
+from attribdb.db_index import open_searchable
 from attribdb.errors import QueryError
 from attribdb.faiss_index import divide_by_norm
 from attribdb.influence import eigenbasis_scores, inverse_hvp_self_influence, token_contributions
-from attribdb.inspection import existing_shards
 from attribdb.progress import progress_bar
 from attribdb.query.results import Hit, QueryResult
 from attribdb.rows import module_scores
 from attribdb.runtime import Runtime
-from attribdb.shard import ShardReader
 from attribdb.tasks import collate_sequences
 
 DEFAULT_CANDIDATES = 128  # per end, whatever k is (up to k itself), so a query's top k never depends on k
@@ -184,10 +182,7 @@ class QueryEngine:
         """``shard_ids`` restricts the engine to some shards (default: all)."""
         self.runtime = runtime
         self.modules = [m.name for m in runtime.manifest.modules]
-        self.shards = {shard_id: ShardReader(path, runtime.row_layout)
-                       for shard_id, path in existing_shards(runtime.root, runtime.manifest)
-                       if shard_ids is None or shard_id in shard_ids}
-        self.indexes = IndexSet.open(runtime.root, runtime.manifest, self.shards, runtime.device)
+        self.shards, self.indexes = open_searchable(runtime.root, runtime.manifest, runtime.row_layout, shard_ids)
         self.max_tokens = getattr(runtime.model.config, "max_position_embeddings", None) or 1 << 30
         self.flops_per_token = self._flops_per_token()
 
@@ -300,16 +295,14 @@ class QueryEngine:
         rows = np.array([p[1] for p in pairs], dtype=np.int64)
         if not pairs:
             return _Scored(shards, rows, np.zeros(0), np.zeros((0, len(self.modules))), np.zeros(0), query_self)
-        held = self.indexes.stored_rows(shards, rows, self.runtime.row_layout.dim)  # no file reads
         stored, self_m = [], []
         for reader, wanted in self._by_shard(shards, rows):
-            if held is None:
-                stored.append(reader.read(layout.ROWS, wanted))
+            stored.append(reader.read(layout.ROWS, wanted))
             self_m.append(reader.whole(layout.SELF_INFLUENCE)[wanted])
         self_m = np.concatenate(self_m)
         device = query_row.device
         per_module = module_scores(self.runtime.row_layout, query_row,
-                                   torch.from_numpy(np.concatenate(stored) if held is None else held).to(device),
+                                   torch.from_numpy(np.concatenate(stored)).to(device),
                                    torch.from_numpy(self_m).to(device))[0].double().cpu().numpy()
         return _Scored(shards, rows, per_module.sum(1), per_module, self_m.astype(np.float64), query_self)
 

@@ -1,9 +1,12 @@
-"""The database-wide FAISS index: the auto rule, recall against brute force, verify, append, resume."""
+"""The database index: codes only, candidates as brute force finds them, verify, append, retraining,
+and index files that stay while a reader may need them."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,143 +20,102 @@ from conftest import write_corpus
 from dbtools import cli
 
 SETTINGS = ["--max-length", "16", "--shard-size", "512", "--commit-rows", "64", "--batch-size", "64",
-            "--fit-sample-size", "48", "--row-bytes", "512"]
+            "--fit-sample-size", "48", "--row-bytes", "1024"]
+DEFAULT_CANDIDATES = 128  # query/engine.py: what a query asks the index for, per end
 
 
 def test_the_auto_rule_picks_the_kinds_as_documented():
-    assert not db_index.wanted("auto", db_index.AUTO_MIN_ROWS - 1)
-    assert db_index.wanted("auto", db_index.AUTO_MIN_ROWS) and db_index.database_kind("auto") == "pq4"
-    for kind in ("pq4", "ivf-sq8"):
-        assert db_index.wanted(kind, 1) and db_index.wanted(kind, 10 ** 7) and db_index.database_kind(kind) == kind
-    for kind in ("flat", "hnsw", "ivf"):
-        assert not db_index.wanted(kind, 10 ** 7) and db_index.database_kind(kind) is None
-    assert db_index.list_count(10 ** 6) == 1000 and db_index.list_count(1000) == 1000 // db_index.TRAIN_POINTS_PER_LIST
-    assert db_index.nprobe_for(1000) >= db_index.MIN_NPROBE and db_index.nprobe_for(10) == 10
+    assert not db_index.wanted("auto", db_index.AUTO_MIN_BYTES - 1)
+    assert db_index.wanted("auto", db_index.AUTO_MIN_BYTES)
+    assert db_index.wanted("pq4", 1) and not db_index.wanted("flat", 10 ** 15)
+    assert db_index.first_stage(100) == 100 and db_index.first_stage(10 ** 6) == 10 ** 6 // db_index.FIRST_STAGE_SHARE
 
 
 @pytest.fixture(scope="module")
-def ivf_db(tmp_path_factory, model_dir) -> Path:
+def pq4_db(tmp_path_factory, model_dir) -> Path:
     """A database whose every query goes through a database index (pq4) at 2,400 documents."""
-    corpus = write_corpus(tmp_path_factory.mktemp("ivf") / "corpus.jsonl", 2400, seed=5)
-    db = tmp_path_factory.mktemp("ivf") / "db"
+    corpus = write_corpus(tmp_path_factory.mktemp("pq4") / "corpus.jsonl", 2400, seed=5)
+    db = tmp_path_factory.mktemp("pq4") / "db"
     cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SETTINGS, "--index-kind", "pq4")
     return db
 
 
-def _brute_force_scores(db: Path, query_rows: np.ndarray) -> dict:
-    """(shard, row) → (Q,) inner products of the query rows with every stored unit row."""
+def _stored(db: Path) -> tuple[list, np.ndarray]:
+    """(shard, row) of every stored row, and their index vectors (unit rows, zero-padded)."""
     manifest = Manifest.load(db)
-    out = {}
+    pairs, vectors = [], []
     for shard_id in manifest.shard_ids:
         reader = ShardReader(layout.shard_dir(db, shard_id), manifest.row_layout())
-        scores = query_rows @ reader.read(layout.ROWS, np.arange(reader.rows)).astype(np.float32).T
-        out |= {(shard_id, r): scores[:, r] for r in range(reader.rows)}
+        pairs += [(shard_id, r) for r in range(reader.rows)]
+        vectors.append(reader.faiss_vectors())
         reader.close()
-    return out
+    return pairs, np.concatenate(vectors)
 
 
-def recall_at(results, scores: dict, k: int) -> float:
-    """Share of the true top k found, counting a hit whose true score ties the k-th best as found
-    (short windows repeat in this corpus, and identical rows tie)."""
-    found = []
-    for i, result in enumerate(results):
-        kth = np.sort([s[i] for s in scores.values()])[-k]
-        found.append(sum(scores[(h.shard, h.row)][i] >= kth - 1e-6 for h in result.hits[:k]) / k)
-    return float(np.mean(found))
+def _query_rows(db: Path, n: int) -> np.ndarray:
+    """Both ends of ``n`` queries' rows, as the engine searches them."""
+    import attribdb
+    from attribdb.query.engine import Query
 
-
-def _queries(n: int) -> list[tuple[str, str]]:
     rng = np.random.default_rng(0)
     words = "the cat dog bird sat ran flew over under near house tree river stone".split()
-    return [(" ".join(rng.choice(words, 4)), " " + " ".join(rng.choice(words, 2))) for _ in range(n)]
+    queries = [Query(" ".join(rng.choice(words, 4)), " " + " ".join(rng.choice(words, 2))) for _ in range(n)]
+    with attribdb.open(db) as opened:
+        rows = opened.engine.query_rows(queries).float().numpy()
+    return np.concatenate([rows, -rows])
 
 
-def _answers_and_rows(db_path: Path, queries):
-    """Index answers (``rescore=0``: the index's answer, not its exact rescoring) and query rows."""
-    import attribdb
-    from attribdb.query.engine import Query
-
-    with attribdb.open(db_path) as db:
-        engine = db.engine
-        assert engine.indexes.database is not None and not engine.indexes.shard_indexes
-        results = db.query_batch(queries, k=10, rescore=0)
-        return results, engine.query_rows([Query(*q) for q in queries]).float().numpy()
-
-
-def test_a_pq4_database_answers_like_brute_force_over_its_rows(ivf_db):
-    recorded = Manifest.load(ivf_db).database_index
-    assert recorded["kind"] == "pq4" and recorded["rows"] > 3000
-    results, query_rows = _answers_and_rows(ivf_db, _queries(40))
-    assert recall_at(results, _brute_force_scores(ivf_db, query_rows), 10) >= 0.95
+def recall_at_10(found: list, pairs: list, scores: np.ndarray) -> float:
+    """Share of each query's true top 10 (brute force over the stored rows) among its candidates; a
+    candidate whose true score ties the 10th best counts (short windows repeat, identical rows tie)."""
+    index = {pair: i for i, pair in enumerate(pairs)}
+    shares = []
+    for hits, truth in zip(found, scores):
+        tenth = np.sort(truth)[-10]
+        held = sorted((truth[index[(shard, row)]] for _, shard, row in hits), reverse=True)[:10]
+        shares.append(sum(score >= tenth - 1e-6 for score in held) / 10)
+    return float(np.mean(shares))
 
 
-def test_pq4_re_ranking_every_row_is_brute_force(ivf_db):
-    """Re-ranked from every row's float16 copy, the database index's candidates are brute force's:
-    the same rows in the same order, with the same scores up to float32 summation order."""
-    import attribdb
-    from attribdb.native import faiss
-    from attribdb.query.engine import Query
+def test_the_database_index_finds_what_brute_force_over_the_rows_finds(pq4_db):
+    """recall@10 of the default candidates against brute force over every stored row, and the
+    candidates' scores are the exact inner products (refined from the row store)."""
+    from attribdb.db_index import open_searchable
 
-    with attribdb.open(ivf_db) as db:
-        indexes = db.engine.indexes
-        faiss.downcast_index(indexes.database.index).k_factor = indexes.database.ntotal  # every row re-ranked
-        query_rows = db.engine.query_rows([Query(*q) for q in _queries(20)]).float().numpy()
-        found = indexes.search(query_rows, 50)
-    truth = _brute_force_scores(ivf_db, query_rows)
-    pairs = list(truth)
-    scores = np.stack([truth[p] for p in pairs], axis=1)  # (Q, rows)
-    for i, hits in enumerate(found):
-        assert len(hits) == 50
-        assert np.allclose([s for s, _, _ in hits], -np.sort(-scores[i])[:50], atol=1e-5)
-        for score, shard, row in hits:
-            assert np.isclose(truth[(shard, row)][i], score, rtol=1e-5, atol=1e-5)
-
-
-def test_pq4_keeps_the_stored_rows_bit_for_bit(ivf_db):
-    """The engine scores candidates from the database index's float16 copies instead of the row store."""
-    import attribdb
-
-    with attribdb.open(ivf_db) as db:
-        engine = db.engine
-        shards = np.repeat(sorted(engine.shards), 3)
-        rows = np.tile([0, 5, 9], len(engine.shards))
-        held = engine.indexes.stored_rows(shards, rows, engine.runtime.row_layout.dim)
-        expected = np.concatenate([engine.shards[s].read(layout.ROWS, np.array([r])) for s, r in zip(shards, rows)])
-        assert held.dtype == np.float16 and np.array_equal(held, expected)
-        assert engine.indexes.stored_rows(shards[:1], np.array([10 ** 6]), 1) is None  # not in the index
-
-
-def test_an_ivf_sq8_index_is_replaced_by_pq4_when_the_settings_want_it(tmp_path, model_dir):
-    """A database built with ivf-sq8 (as auto built before pq4) answers through it; once its settings
-    ask for pq4, the next update replaces it with one over every shard, and verify passes."""
-    import dataclasses
-
-    corpus = write_corpus(tmp_path / "corpus.jsonl", 400, seed=7)
-    db = tmp_path / "db"
-    cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SETTINGS, "--index-kind", "ivf-sq8")
-    manifest = Manifest.load(db)
-    assert manifest.database_index["kind"] == "ivf-sq8" and manifest.database_index["nprobe"] >= 1
-    queries = _queries(10)
-    results, query_rows = _answers_and_rows(db, queries)
-    assert recall_at(results, _brute_force_scores(db, query_rows), 10) >= 0.95
-    manifest.settings = dataclasses.replace(manifest.settings, index_kind="pq4")
-    readers = {s: ShardReader(layout.shard_dir(db, s), manifest.row_layout()) for s in manifest.shard_ids}
+    manifest = Manifest.load(pq4_db)
+    assert manifest.database_index["rows"] > 3000
+    pairs, vectors = _stored(pq4_db)
+    queries = _query_rows(pq4_db, 40)
+    scores = np.pad(queries, ((0, 0), (0, vectors.shape[1] - queries.shape[1]))) @ vectors.T
+    readers, indexes = open_searchable(pq4_db, manifest, manifest.row_layout())
     try:
-        assert db_index.update(db, manifest, readers)
+        assert indexes.database is not None and not indexes.scanned
+        found = indexes.search(queries, DEFAULT_CANDIDATES)
     finally:
         for reader in readers.values():
             reader.close()
-    recorded = Manifest.load(db).database_index
-    assert recorded["kind"] == "pq4" and recorded["shards"] == manifest.shard_ids
-    assert sorted(p.name for p in (db / layout.INDEX_DIR).iterdir()) == [recorded["file"]]
-    assert "ok:" in cli("verify", db).stdout
-    results, _ = _answers_and_rows(db, queries)
-    assert recall_at(results, _brute_force_scores(db, query_rows), 10) >= 0.95
+    assert recall_at_10(found, pairs, scores) >= 0.99
+    index = {pair: i for i, pair in enumerate(pairs)}
+    for hits, truth in zip(found, scores):
+        assert np.allclose([s for s, _, _ in hits], [truth[index[(shard, row)]] for _, shard, row in hits],
+                           rtol=1e-5, atol=1e-5)
 
 
-def test_verify_checks_the_database_index(tmp_path, ivf_db):
-    assert "ok:" in cli("verify", ivf_db).stdout
-    db = shutil.copytree(ivf_db, tmp_path / "db")
+def test_the_database_index_holds_codes_not_rows(pq4_db):
+    """No second copy of a row: the index file holds codes of a small fraction of a row's bytes, and
+    FAISS's own row store of them (the re-ranking codes) cannot give the rows back."""
+    manifest = Manifest.load(pq4_db)
+    row_layout = manifest.row_layout()
+    recorded = manifest.database_index
+    per_row = (pq4_db / layout.INDEX_DIR / recorded["file"]).stat().st_size / recorded["rows"]
+    codes = db_index.code_bytes(row_layout.dim)
+    assert codes < row_layout.bytes_per_row / 3
+    assert per_row < 1.5 * codes  # the codes, and the trained quantizers shared by every row
+
+
+def test_verify_checks_the_database_index(tmp_path, pq4_db):
+    assert "ok:" in cli("verify", pq4_db).stdout
+    db = shutil.copytree(pq4_db, tmp_path / "db")
     index_file = db / layout.INDEX_DIR / Manifest.load(db).database_index["file"]
     data = bytearray(index_file.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -163,22 +125,22 @@ def test_verify_checks_the_database_index(tmp_path, ivf_db):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_verify_finds_database_index_copies_that_differ_from_the_rows(tmp_path, ivf_db):
-    """An index whose checksum holds but whose float16 copy of a row is another row (what a bug in
-    building it would leave) fails verify: queries would score candidates from those copies."""
+def test_verify_finds_database_index_codes_that_differ_from_the_rows(tmp_path, pq4_db):
+    """An index whose checksum holds but whose codes of two rows are swapped (what a bug in building
+    it would leave) fails verify: those rows would be candidates for the wrong queries."""
     from attribdb.faiss_index import write_index
 
-    db = shutil.copytree(ivf_db, tmp_path / "db")
+    db = shutil.copytree(pq4_db, tmp_path / "db")
     manifest = Manifest.load(db)
     recorded = manifest.database_index
     readers = {s: ShardReader(layout.shard_dir(db, s), manifest.row_layout()) for s in recorded["shards"]}
     try:
-        index = db_index._trained("pq4", readers, sum(r.rows for r in readers.values()))
+        index = db_index._trained(readers, sum(r.rows for r in readers.values()))
         for shard_id, reader in readers.items():
             vectors = reader.faiss_vectors()
             if shard_id == recorded["shards"][-1]:
-                vectors[[0, 1]] = vectors[[1, 0]]  # two rows' copies swapped
-            index.add_with_ids(vectors, db_index.global_ids(shard_id, reader.rows))
+                vectors[[0, 1]] = vectors[[1, 0]]  # two rows' codes swapped
+            index.add_with_ids(vectors, db_index.global_ids(shard_id, np.arange(reader.rows)))
     finally:
         for reader in readers.values():
             reader.close()
@@ -187,47 +149,95 @@ def test_verify_finds_database_index_copies_that_differ_from_the_rows(tmp_path, 
     manifest.database_index = recorded | {"crc32c": db_index._file_crc32c(path)}
     manifest.save(db)
     result = cli("verify", db, check=False)
-    assert result.returncode == 1 and "differs from its rows" in result.stderr
+    assert result.returncode == 1 and "differ from its row" in result.stderr
     assert f"shard {recorded['shards'][-1]:05d}" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_an_index_lost_before_the_manifest_recorded_it_is_rebuilt_the_same(tmp_path, ivf_db, model_dir):
+def test_an_index_lost_before_the_manifest_recorded_it_is_rebuilt_the_same(tmp_path, pq4_db):
     """A build killed after its shards sealed but before the manifest named the database index
-    leaves the shards searchable on their own; running it again writes the same index."""
-    db = shutil.copytree(ivf_db, tmp_path / "db")
+    leaves the shards searchable by scanning their rows; running it again writes the same index."""
+    import attribdb
+
+    db = shutil.copytree(pq4_db, tmp_path / "db")
     manifest = Manifest.load(db)
     recorded = manifest.database_index
     manifest.database_index = None
     manifest.generations[0].state = "building"
     manifest.save(db)
     (db / layout.INDEX_DIR / recorded["file"]).rename(db / layout.INDEX_DIR / "leftover.faiss.tmp")
-    import attribdb
-
-    with attribdb.open(db) as opened:  # meanwhile: every shard through its own index
-        assert opened.engine.indexes.database is None and len(opened.engine.indexes.shard_indexes) > 1
-    corpus = Manifest.load(ivf_db).generations[0].corpus["path"]
+    with attribdb.open(db) as opened:  # meanwhile: every shard scanned
+        assert opened.engine.indexes.database is None and len(opened.engine.indexes.scanned) > 1
+    corpus = Manifest.load(pq4_db).generations[0].corpus["path"]
     cli("build", db, "--corpus", corpus, "--quiet")
-    rebuilt = Manifest.load(db).database_index
-    assert rebuilt == recorded and sorted(p.name for p in (db / layout.INDEX_DIR).iterdir()) == [recorded["file"]]
+    assert Manifest.load(db).database_index == recorded and (db / layout.INDEX_DIR / recorded["file"]).is_file()
 
 
-def test_append_adds_its_shards_to_the_database_index(tmp_path, ivf_db):
+def test_append_adds_its_shards_to_the_database_index_and_keeps_the_file_it_replaces(tmp_path, pq4_db):
+    """The appended shards join the index, trained once; the file the manifest named before stays,
+    so a reader that read the old manifest still opens it, and a reader whose file is already gone
+    opens the database again from the new manifest instead of calling it damaged."""
+    from attribdb.db_index import open_searchable
     from attribdb.faiss_index import read_index
-    from attribdb.native import faiss
 
-    db = shutil.copytree(ivf_db, tmp_path / "db")
-    before = Manifest.load(db).database_index
+    db = shutil.copytree(pq4_db, tmp_path / "db")
+    before = Manifest.load(db)
 
     def codebook(recorded):
-        index = read_index(db / layout.INDEX_DIR / recorded["file"])  # IDMap → Refine → PQ fast-scan
-        return faiss.vector_to_array(faiss.downcast_index(faiss.downcast_index(index.index).base_index).pq.centroids)
+        from attribdb.native import faiss
 
-    trained = codebook(before)
+        index = read_index(db / layout.INDEX_DIR / recorded["file"])
+        return faiss.vector_to_array(db_index._stages(index)[0].pq.centroids)
+
+    trained = codebook(before.database_index)
     more = write_corpus(tmp_path / "more.jsonl", 300, seed=6, start=5000)
     cli("append", db, "--corpus", more, "--quiet")
     manifest = Manifest.load(db)
     after = manifest.database_index
-    assert after["shards"] == manifest.shard_ids and np.array_equal(codebook(after), trained)  # trained once
+    assert after["shards"] == manifest.shard_ids and np.array_equal(codebook(after), trained)
+    assert after["trained_on"] == before.database_index["trained_on"]
     info = json.loads(cli("info", db, "--json").stdout)
-    assert after["rows"] == info["sequences"] > before["rows"]
+    assert after["rows"] == info["sequences"] > before.database_index["rows"]
     assert "ok:" in cli("verify", db).stdout
+    assert (db / layout.INDEX_DIR / before.database_index["file"]).is_file()
+    for gone in (False, True):
+        if gone:
+            (db / layout.INDEX_DIR / before.database_index["file"]).unlink()
+        readers, indexes = open_searchable(db, before, before.row_layout())
+        try:
+            opened = set(readers) == set(manifest.shard_ids)
+            assert indexes.recorded == (after if gone else before.database_index) and opened == gone
+        finally:
+            for reader in readers.values():
+                reader.close()
+
+
+def test_retired_index_files_are_deleted_after_the_grace_period(tmp_path):
+    """Only files the manifest does not name, and retired for longer than the grace period."""
+    from attribdb.manifest import Manifest as M
+
+    folder = tmp_path / layout.INDEX_DIR
+    folder.mkdir()
+    names = ["rows-pq4-10-aaaaaaaa.faiss", "rows-pq4-20-bbbbbbbb.faiss", "rows-pq4-30-cccccccc.faiss", "x.tmp"]
+    for name in names:
+        (folder / name).write_bytes(b"x")
+    old = time.time() - db_index.GRACE_SECONDS - 5
+    for name in (names[0], names[2], names[3]):
+        os.utime(folder / name, (old, old))
+    manifest = M.__new__(M)
+    manifest.database_index = {"file": names[2]}
+    assert db_index.collect_retired(tmp_path, manifest) == [names[0], names[3]]
+    assert sorted(p.name for p in folder.iterdir()) == [names[1], names[2]]
+
+
+def test_a_small_index_is_trained_again_once_the_database_outgrows_it(tmp_path, model_dir):
+    """An index trained on a few hundred rows would serve a database of thousands with codes fitted
+    to few; once the sample grows RETRAIN_GROWTH times, the next build or append trains it anew."""
+    db = tmp_path / "db"
+    cli("build", db, "--corpus", write_corpus(tmp_path / "a.jsonl", 40, seed=1), "--model", model_dir, "--quiet",
+        *SETTINGS, "--index-kind", "pq4")
+    first = Manifest.load(db).database_index
+    cli("append", db, "--corpus", write_corpus(tmp_path / "b.jsonl", 400, seed=2, start=100), "--quiet")
+    manifest = Manifest.load(db)
+    second = manifest.database_index
+    assert second["trained_on"] >= db_index.RETRAIN_GROWTH * first["trained_on"]
+    assert second["shards"] == manifest.shard_ids and "ok:" in cli("verify", db).stdout

@@ -182,29 +182,39 @@ def test_stored_block_rows_are_blocks_of_the_dense_preconditioned_gradient(tmp_p
     reader.close()
 
 
-@pytest.mark.parametrize("compressors", [["crc32c"], ["zstd", "crc32c"]])
-def test_direct_row_reads_equal_zarr_reads(tmp_path, compressors):
-    """The query path reads one-row chunks itself, bypassing zarr: it must decode exactly what
-    zarr wrote, compressed or not, and reject a chunk whose checksum fails."""
+def test_packed_rows_are_zarr_shards_one_file_per_commit_unit(tmp_path):
+    """Rows written one commit unit per file read back the same through zarr (the files are Zarr v3
+    shards), rows zarr writes read back the same here, and a flipped byte in a row or in a file's
+    row index is a checksum error, never a wrong row."""
     import zarr
 
+    from attribdb import packed_rows
     from attribdb.errors import StoreError
-    from attribdb.shard import RowChunkFiles
 
-    codecs = {"crc32c": zarr.codecs.Crc32cCodec(), "zstd": zarr.codecs.ZstdCodec(level=1)}
-    data = np.random.default_rng(0).standard_normal((9, 40)).astype(np.float16)
-    array = zarr.create_array(str(tmp_path / "a"), shape=data.shape, chunks=(1, 40), dtype="float16",
-                              compressors=[codecs[c] for c in compressors], fill_value=0)
-    array[:] = data
-    files = RowChunkFiles.open(tmp_path / "a")
-    rows = np.array([7, 0, 3, 3])
-    assert files is not None and np.array_equal(files.read(rows), data[rows])
-    chunk = tmp_path / "a" / "c" / "3" / "0"
-    raw = bytearray(chunk.read_bytes())
-    raw[5] ^= 0xFF
-    chunk.write_bytes(bytes(raw))
-    with pytest.raises(StoreError, match="checksum"):
-        files.read(rows)
+    data = np.random.default_rng(0).standard_normal((11, 40)).astype(np.float16)  # 3 units of 4, the last short
+    ours = packed_rows.create(zarr.open_group(str(tmp_path / "ours"), mode="w"), "rows", 11, (40,), 4, "float16")
+    for start in range(0, 11, 4):
+        ours.write(start, data[start:start + 4])
+    assert sorted(str(p.relative_to(tmp_path / "ours" / "rows")) for p in (tmp_path / "ours" / "rows").rglob("*")
+                  if p.is_file()) == ["c/0/0", "c/1/0", "c/2/0", "zarr.json"]
+    assert np.array_equal(zarr.open_array(str(tmp_path / "ours" / "rows"), mode="r")[:], data)
+    theirs_group = zarr.open_group(str(tmp_path / "theirs"), mode="w")
+    packed_rows.create(theirs_group, "rows", 11, (40,), 4, "float16")
+    theirs_group["rows"][:] = data
+    rows = np.array([10, 0, 7, 3, 3, 8])
+    for folder in ("ours", "theirs"):
+        assert np.array_equal(packed_rows.PackedRows.open(tmp_path / folder / "rows").read(rows), data[rows])
+    unit = tmp_path / "ours" / "rows" / "c" / "1" / "0"
+    for at, problem in ((3 * 84 + 5, "checksum mismatch in row 7"), (-10, "row index fails its checksum")):
+        raw = bytearray(unit.read_bytes())
+        raw[at] ^= 0xFF
+        unit.write_bytes(bytes(raw))
+        with pytest.raises(StoreError, match=problem):
+            ours.read(rows)
+        raw[at] ^= 0xFF
+        unit.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="not one commit unit"):
+        ours.write(2, data[2:6])
 
 
 def test_deep_verify_recomputes_rows_and_catches_a_shard_from_another_model(tmp_path, corpus, model_dir,
