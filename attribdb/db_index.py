@@ -40,6 +40,8 @@ a reader that still finds its file gone opens the database again from the manife
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import time
 from pathlib import Path
@@ -58,6 +60,8 @@ KIND = "pq4"  # the database index kind, and the index_kind setting that asks fo
 # default size, 260,000 of bench_scale's 512 bytes
 AUTO_MIN_BYTES = 128 << 20
 MAX_SUB_QUANTIZERS = 2048  # fast-scan's look-up tables stay precise up to about this many
+ROTATION_BLOCK = 256  # coordinates each Hadamard block of the rotation mixes (at most)
+ROTATION_SEED = 0
 FINE_BITS = 2  # RaBitQ bits per coordinate of the re-ranking codes, where fast-scan has a bit or less
 FIRST_STAGE_MIN = 8192  # fast-scan candidates re-ranked per query end...
 FIRST_STAGE_SHARE = 32  # ...or this share of the rows, if more
@@ -84,18 +88,56 @@ def global_ids(shard_id: int, rows: np.ndarray) -> np.ndarray:
 
 
 def scan_dims(width: int) -> int:
-    """Coordinates per fast-scan sub-quantizer for rows ``width`` wide (a power of two dividing it)."""
+    """Coordinates per fast-scan sub-quantizer for codes ``width`` wide (a power of two dividing it)."""
     dims = 1
     while width // dims > MAX_SUB_QUANTIZERS:
         dims *= 2
     return dims
 
 
+def code_width(dim: int) -> int:
+    """The width FAISS codes rows of ``dim`` coordinates at: :func:`index_dim`, and for rows wider than
+    fast-scan codes a coordinate at a time, a multiple of :data:`ROTATION_BLOCK`."""
+    width = index_dim(dim)
+    return width if width <= MAX_SUB_QUANTIZERS else -(-width // ROTATION_BLOCK) * ROTATION_BLOCK
+
+
+@functools.lru_cache(maxsize=4)
+def _rotation(width: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(permutation, signs, Hadamard block) of the seeded rotation of ``width`` coordinates."""
+    rng = np.random.default_rng(ROTATION_SEED)
+    block = math.gcd(width, ROTATION_BLOCK)
+    return rng.permutation(width), rng.choice(np.array([-1.0, 1.0], dtype=np.float32), width), block
+
+
+def rotate(vectors: np.ndarray, width: int) -> np.ndarray:
+    """Index vectors or query rows (N, at most ``width``), zero-padded to ``width`` (a row's
+    :func:`code_width`) and turned by a fixed random rotation (a permutation, random signs, then an
+    orthonormal Hadamard transform per block): what FAISS codes and searches.  Inner products are
+    unchanged.  Why: fast-scan quantizes its look-up tables with one scale for all sub-quantizers,
+    so a query whose energy sits in a few coordinates (query rows do: a quarter of them carry it)
+    leaves most sub-quantizers a level or two; spread evenly, they keep their precision (measured
+    on 20,000 rows of 13,600 coordinates: the fast-scan's best 8,192 held 0.870 of the true top 10
+    unrotated, 0.9925 rotated)."""
+    permutation, signs, block = _rotation(width)
+    out = np.pad(np.asarray(vectors, dtype=np.float32), ((0, 0), (0, width - vectors.shape[1])))[:, permutation]
+    out *= signs
+    step = 1
+    while step < block:  # the fast Walsh-Hadamard transform of every block, in place
+        pairs = out.reshape(len(out), width // (2 * step), 2, step)
+        first = pairs[:, :, 0, :].copy()
+        pairs[:, :, 0, :] += pairs[:, :, 1, :]
+        pairs[:, :, 1, :] = first - pairs[:, :, 1, :]
+        step *= 2
+    out /= np.float32(math.sqrt(block))
+    return out
+
+
 def _empty(dim: int):
-    """An untrained database index for rows of ``dim`` coordinates (padded to :func:`index_dim`)."""
+    """An untrained database index for rows of ``dim`` coordinates (coded at :func:`code_width`)."""
     from attribdb.native import faiss
 
-    width = index_dim(dim)
+    width = code_width(dim)
     scan = faiss.IndexPQFastScan(width, width // scan_dims(width), 4, faiss.METRIC_INNER_PRODUCT)
     scan.pq.cp.min_points_per_centroid = 1  # small databases train on few rows; faiss would warn per sub-quantizer
     scan.pq.cp.niter = 10
@@ -141,8 +183,9 @@ def _trained(sealed: dict, total: int):
     share = min(1.0, TRAIN_ROWS / total)
     rng = np.random.default_rng(0)
     sample = [reader.faiss_vectors(np.flatnonzero(rng.random(reader.rows) < share)) for reader in sealed.values()]
-    index = _empty(next(iter(sealed.values())).layout.dim)
-    index.train(np.ascontiguousarray(np.concatenate(sample), dtype=np.float32))
+    dim = next(iter(sealed.values())).layout.dim
+    index = _empty(dim)
+    index.train(rotate(np.concatenate(sample), code_width(dim)))
     return index
 
 
@@ -168,7 +211,7 @@ def update(root: Path, manifest, readers: dict) -> bool:
     index = _trained(sealed, total) if retrain else read_index(folder / recorded["file"], mmap=False)
     for shard_id in todo:
         for rows, vectors in _blocks(sealed[shard_id]):
-            index.add_with_ids(vectors, global_ids(shard_id, rows))
+            index.add_with_ids(rotate(vectors, index.d), global_ids(shard_id, rows))
     folder.mkdir(exist_ok=True)
     made = folder / f"rows-{KIND}.new"  # named by its content once written
     write_index(index, made)
@@ -212,6 +255,7 @@ def check_codes(index, readers: dict, covered: list[int]) -> None:
     fine_codes = faiss.vector_to_array(fine.codes).reshape(index.ntotal, fine.code_size) if fine is not None else None
     for shard_id in covered:
         for rows, vectors in _blocks(readers[shard_id]):
+            vectors = rotate(vectors, index.d)
             wanted = global_ids(shard_id, rows)
             at = order[np.minimum(np.searchsorted(ids[order], wanted), len(ids) - 1)]
             same = ids[at] == wanted
@@ -288,7 +332,7 @@ class IndexSet:
         pool = min(REFINE_ROWS * k, self.database.ntotal)
         if _stages(self.database)[1] is not None:
             faiss.downcast_index(self.database.index).k_factor = first_stage(self.database.ntotal) / pool
-        _, ids = self.database.search(queries, pool)
+        _, ids = self.database.search(rotate(queries, self.database.d), pool)
         for i, row_ids in enumerate(ids):
             row_ids = np.sort(row_ids[row_ids >= 0])
             shards = row_ids >> SHARD_BITS

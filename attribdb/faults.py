@@ -5,9 +5,9 @@ time (from 1) it passes ``point``: the way to test that a build killed at any
 step resumes to the same database without relying on timing.  Unset, a point
 costs one dictionary lookup.  The points: factors-saved (between the two
 factor files), generation-registered (manifest saved, no shard yet),
-unit-written (Zarr chunks written, LMDB commit not yet), unit-committed,
-indexes-written (a shard's FAISS and text indexes written, the shard not yet
-marked sealed), shard-sealed.
+unit-written (the unit's row file and Zarr chunk written, LMDB commit not yet),
+unit-committed, indexes-written (a shard's text index written, the shard not
+yet marked sealed), shard-sealed.
 """
 
 from __future__ import annotations

@@ -87,8 +87,9 @@ def assert_same_database(a: Path, b: Path) -> None:
         assert lmdb_rows(shard_a) == lmdb_rows(shard_b)
         text_a, text_b = (shard / layout.TEXT_FILE for shard in (shard_a, shard_b))
         assert text_a.read_bytes() == text_b.read_bytes(), f"shard {shard_id} {layout.TEXT_FILE}"
-        files_a = sorted(p.relative_to(shard_a) for p in (shard_a / layout.GRADS_ZARR).rglob("*") if p.is_file())
-        assert files_a == sorted(p.relative_to(shard_b) for p in (shard_b / layout.GRADS_ZARR).rglob("*") if p.is_file())
+        files_a, files_b = (sorted(p.relative_to(shard) for p in (shard / layout.GRADS_ZARR).rglob("*") if p.is_file())
+                            for shard in (shard_a, shard_b))
+        assert files_a == files_b
         for name in files_a:
             assert (shard_a / name).read_bytes() == (shard_b / name).read_bytes(), f"shard {shard_id} {name}"
     assert manifest_a.database_index == manifest_b.database_index

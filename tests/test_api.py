@@ -59,8 +59,9 @@ def test_score_of_named_documents_equals_their_exhaustive_scores(db, named, trut
         full = every[(hit.shard, hit.row)]
         assert hit.exact_score == pytest.approx(full.score, rel=1e-4, abs=1e-6)
         assert hit.exact_normalized_score == pytest.approx(full.normalized_score, rel=1e-4, abs=1e-6)
-        # float32, summed in another order than the score (the rows recomputed in other batches)
-        assert sum(hit.token_contributions) == pytest.approx(hit.exact_score, rel=1e-5, abs=1e-9)
+        # float32, summed in another order than the score (the rows recomputed in other batches, which
+        # depend on the index's candidates: 1.6e-5 apart once)
+        assert sum(hit.token_contributions) == pytest.approx(hit.exact_score, rel=1e-4, abs=1e-9)
         assert len(hit.tokens) == len(hit.token_contributions)
     assert [h.rank for h in result.hits] == sorted(h.rank for h in result.hits)
 

@@ -132,14 +132,18 @@ def test_append_adds_shards_and_refuses_another_model(tmp_path, corpus, model_di
     assert f"{before.generations[0].sequences + after.generations[1].sequences} rows" in report
 
 
-def test_a_database_of_the_previous_format_is_refused_in_one_line(tmp_path, reference_db):
+@pytest.mark.parametrize("version", [layout.FORMAT_VERSION - 1, 1])
+def test_a_database_of_an_earlier_format_is_refused_in_one_line(tmp_path, reference_db, version):
+    """Format 3 kept a file per row and float16 copies of the rows in FAISS: it is not read, and every
+    command says so in one line naming its format, whatever else it would have read."""
     db = tmp_path / "old"
     (db / "shards").mkdir(parents=True)
     manifest = json.loads((reference_db / "manifest.json").read_text())
-    (db / "manifest.json").write_text(json.dumps(manifest | {"format_version": 1}))
+    (db / "manifest.json").write_text(json.dumps(manifest | {"format_version": version}))
     for command in (["info", db], ["query", db, "--prompt", "the cat", "--completion", " sat"], ["verify", db]):
         refused = cli(*command, check=False)
-        assert refused.returncode == 1 and "format version 1" in refused.stderr, command
+        assert refused.returncode == 1 and f"format version {version};" in refused.stderr, command
+        assert f"reads version {layout.FORMAT_VERSION} only" in refused.stderr
         assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
 

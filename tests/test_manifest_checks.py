@@ -97,13 +97,3 @@ def test_a_resealed_manifest_that_disagrees_with_its_files_is_one_line(tmp_path,
     with pytest.raises(StoreError, match=rf"rows holds rows of shape \(32, {dim}\).*manifest and shard disagree"):
         ShardReader(layout.shard_dir(db, 0), changed)
 
-
-@pytest.mark.parametrize("version", [3, 1])
-def test_an_old_database_is_refused_in_one_line_naming_its_format(tmp_path, built_db, version):
-    """Format 3 kept one file per row and float16 copies of the rows in FAISS: it is not read, and
-    every command says so in one line that names the format, whatever else it would have read."""
-    db = copy_db(built_db, tmp_path / "db")
-    rewrite_manifest(db, manifest_setter("format_version", value=version))
-    for command in (("info", db), ("verify", db), ("query", db, "--prompt", "the", "--completion", " cat")):
-        one_line_error(cli_here(*command), f"has format version {version}", f"reads version {layout.FORMAT_VERSION}",
-                       "build the database again")

@@ -1,4 +1,4 @@
-"""`attribdb plan` predicts what `attribdb info` reports of a real database's rows, before it is built."""
+"""`attribdb plan` predicts what `attribdb info` reports of a real database's rows, all-in, before it is built."""
 
 from __future__ import annotations
 
@@ -10,34 +10,60 @@ from conftest import make_model_folder, write_corpus
 from dbtools import SMALL_SETTINGS, cli
 
 
-@pytest.mark.parametrize(("width", "layers", "budget"), [(32, 2, 4096), (48, 1, 6000)])
-def test_plan_of_a_model_folder_matches_info_of_its_database(tmp_path, width, layers, budget):
+@pytest.mark.parametrize(("width", "layers", "budget", "index_kind"), [(32, 2, 4096, "pq4"), (48, 1, 6000, "auto")])
+def test_plan_of_a_model_folder_matches_info_of_its_database(tmp_path, width, layers, budget, index_kind):
+    """The all-in cost a plan prints is what info reports once the database is built (up to the
+    layout a fit makes of the real factors), within the budget; and what lies on disk per row."""
     from attribdb import api
 
     model_dir = make_model_folder(tmp_path / "model", width=width, layers=layers)
     settings = list(SMALL_SETTINGS)
     settings[settings.index("--row-bytes") + 1] = str(budget)
-    [plan] = api.plan(model_dir, row_bytes=budget)  # before the build: no database yet
+    max_length = int(settings[settings.index("--max-length") + 1])
+    [plan] = api.plan(model_dir, row_bytes=budget, max_length=max_length)  # before the build: no database yet
     db = tmp_path / "db"
-    cli("build", db, "--corpus", write_corpus(tmp_path / "c.jsonl", 20), "--model", model_dir, "--quiet", *settings)
+    cli("build", db, "--corpus", write_corpus(tmp_path / "c.jsonl", 60), "--model", model_dir, "--quiet",
+        *settings, "--index-kind", index_kind)
     info = json.loads(cli("info", db, "--json").stdout)
-    assert plan.row_kind == info["row"]["kind"]
-    predicted = plan.cost
-    assert predicted.dense_bytes == info["row"]["dense_float32_bytes"]
-    assert predicted.row_store_bytes == pytest.approx(info["row"]["bytes"], rel=0.02)
-    assert info["row"]["bytes"] <= budget and predicted.row_store_bytes <= budget
-    assert predicted.index_bytes == pytest.approx(info["bytes_per_sequence"]["faiss"], rel=0.05)
+    assert plan.row_kind == info["row"]["kind"] and plan.dense_bytes == info["row"]["dense_float32_bytes"]
+    predicted, built = plan.cost.to_dict(), info["row"]["all_in"]
+    assert predicted["metadata"] == built["metadata"]
+    for key in ("row_store", "codes", "total"):
+        assert predicted[key] == pytest.approx(built[key], rel=0.02), key
+    assert built["total"] <= budget and predicted["total"] <= budget
+    assert built["row_store"] == info["row"]["bytes"]
+    per_row = info["bytes_per_sequence"]
+    # each row once in the row store, with its CRC32C and its (offset, length) in its file's index, and the
+    # arrays' metadata shared by the 32 rows of a shard
+    assert built["row_store"] < per_row["zarr"] < built["row_store"] + 128
+    if index_kind == "pq4":  # the codes, and the quantizers trained once, shared by every row
+        assert built["codes"] <= per_row["faiss"] < 2 * built["codes"]
+    else:
+        assert info["database_index"] is None and per_row["faiss"] == 0
 
 
 def test_plan_command_prices_named_shapes_and_refuses_bad_settings(tmp_path):
     out = cli("plan", "--shape", "gpt2-small", "--rows", "1000", "--row-bytes", "8192").stdout
     line = next(line for line in out.splitlines() if line.startswith("gpt2-small"))
-    assert line.split()[1] == "48", "12 blocks × 4 linear layers are tracked"
-    row_store_kib = float(line.split()[3].removesuffix("Ki"))
-    assert 7.0 < row_store_kib <= 8.0, "the layout fills most of the 8 KiB budget, never more"
-    total_kib, database = float(line.split()[4].removesuffix("Ki")), line.split()[5]
-    assert database.endswith("Mi")
-    assert float(database.removesuffix("Mi")) == pytest.approx(total_kib * 1000 / 1024, rel=0.01)
+    columns = line.split()
+    assert columns[1] == "48", "12 blocks × 4 linear layers are tracked"
+    row_store, codes, metadata, total = (float(c.removesuffix("Ki")) for c in columns[3:7])
+    assert metadata == 2.0, "16 bytes per token of the default max-length, 128"
+    assert 7.0 < total <= 8.0 and total == pytest.approx(row_store + codes + metadata, abs=0.15), \
+        "the layout fills most of the 8 KiB all-in budget, never more"
+    database = columns[7]
+    assert database.endswith("Mi") and float(database.removesuffix("Mi")) == pytest.approx(total * 1000 / 1024,
+                                                                                            rel=0.02)
     bad = cli("plan", "--row-kind", "dense", check=False)
     assert bad.returncode == 1 and bad.stderr.strip().startswith("Error: unknown row kind")
     assert "Traceback" not in bad.stderr
+    tight = cli("plan", "--shape", "gpt2-small", "--row-bytes", "2000", check=False)
+    assert tight.returncode == 1 and "leaves no room for a row" in tight.stderr
+    assert len(tight.stderr.strip().splitlines()) == 1
+
+
+def test_the_default_row_costs_at_most_32_kib_all_in_at_gpt2_small():
+    from attribdb import api
+
+    [plan] = api.plan(shape="gpt2-small")
+    assert plan.row_bytes == 32768 and 31 * 1024 < plan.cost.total <= 32 * 1024

@@ -172,14 +172,15 @@ def test_default_rescoring_spends_the_compute_budget(db, monkeypatch, budget, re
         assert result.rescored == result.candidates and all(h.exact_score is not None for h in result.hits)
 
 
-def test_faiss_holds_the_unit_rows(db):
-    """The stored unit rows, then zeros up to a multiple of 16 dimensions (FAISS's SIMD width)."""
+def test_candidates_are_searched_as_the_unit_rows(db):
+    """What the index search scores: the stored unit rows, then zeros up to a multiple of 16
+    dimensions (FAISS's SIMD width)."""
     import numpy as np
 
     from attribdb import layout
 
-    for shard_id, reader in db.engine.shards.items():
-        held = db.engine.indexes.shard_indexes[shard_id].reconstruct_n(0, reader.rows)
+    for reader in db.engine.shards.values():
+        held = reader.faiss_vectors()
         rows = reader.read(layout.ROWS).astype(np.float32)
         assert held.shape[1] % 16 == 0 and held.shape[1] - rows.shape[1] < 16
         np.testing.assert_array_equal(held[:, :rows.shape[1]], rows)

@@ -25,10 +25,13 @@ against one forward+backward of the query on that model (goal: <= 3x at >= 10^4 
 With ``--rows N`` it measures scale instead (tools/benchmarks/bench_scale.py): a database of N
 short sequences on a tiny model, its index latency, recall@10 against brute force
 over the stored rows, memory and disk, with the index kind the default rule picks.
+With ``--rows N --synthetic`` the rows are synthetic, of the default size, written through the
+real store and indexes (tools/benchmarks/synthetic_rows.py): p50, p95, RSS, disk and file count.
 
 Run: python -m tools.benchmarks.bench_query [--docs 4800] [--workdir /tmp/attribdb-bench-query]
      python -m tools.benchmarks.bench_query --wide /tmp/attribdb-bench-build/db-gpt2-small-once --copies 100
-     python -m tools.benchmarks.bench_query --rows 1000000 [--row-bytes 512] [--workdir /tmp/attribdb-bench-rows]
+     python -m tools.benchmarks.bench_query --rows 1000000 [--row-bytes 1024] [--workdir /tmp/attribdb-bench-rows]
+     python -m tools.benchmarks.bench_query --rows 1000000 --synthetic [--workdir /tmp/attribdb-bench-synthetic]
 """
 
 from __future__ import annotations
@@ -64,9 +67,11 @@ def make_queries(seed: int = 1) -> list[dict]:
 
 
 def faiss_mib(engine) -> float:
+    """The database index's file (shards without one are scanned from their rows: no FAISS file)."""
     from attribdb import layout
 
-    return sum((reader.path / layout.FAISS_FILE).stat().st_size for reader in engine.shards.values()) / 2 ** 20
+    recorded = engine.indexes.recorded
+    return (engine.runtime.root / layout.INDEX_DIR / recorded["file"]).stat().st_size / 2 ** 20 if recorded else 0.0
 
 
 def distinct_sequences(engine) -> int:
@@ -148,7 +153,15 @@ def main() -> None:
     parser.add_argument("--rows", type=int, help="measure scale: a database of this many short sequences")
     parser.add_argument("--row-bytes", type=int, help="with --rows: bytes per row (default: bench_scale's)")
     parser.add_argument("--index-kind", help="with --rows: an explicit index kind instead of the default rule")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="with --rows: synthetic rows of the default size through the real store and indexes "
+                             "(tools/benchmarks/synthetic_rows.py)")
     args = parser.parse_args()
+    if args.rows and args.synthetic:
+        from tools.benchmarks.synthetic_rows import synthetic_scale
+
+        return synthetic_scale(args.rows, args.workdir if args.workdir != parser.get_default("workdir") else None,
+                               args.row_bytes)
     if args.rows:
         from tools.benchmarks.bench_scale import scale
 

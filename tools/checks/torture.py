@@ -62,6 +62,10 @@ class Child:
     pid: int
     result_path: str
 
+    def running(self) -> bool:
+        """Whether the child has not exited yet (it stays waitable for finish)."""
+        return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+
     def finish(self, timeout: float = CHILD_TIMEOUT) -> dict:
         """The child's JSON result, or {"signal": n} when it died, or {"signal": "hung"}."""
         deadline = time.time() + timeout
@@ -516,15 +520,76 @@ def read_while_writing(delay: float) -> Callable[[Pristine, Path], tuple[str, st
     return scenario
 
 
+READER_STARTS = Counter()  # readers during appends: reader starts and failures, printed under the table
+
+
+def append_work(db: Path, corpora: list[Path], grace: float | None) -> Callable[[], dict]:
+    """Append ``corpora`` one after another in one child; with ``grace``, the database index files
+    each append replaces are deleted that many seconds after they were retired (0: at once, the
+    worst case for a reader that has just read the manifest naming one)."""
+    def work() -> dict:
+        from attribdb import db_index
+
+        if grace is not None:
+            db_index.GRACE_SECONDS = grace
+        results = [cli_work("append", db, "--corpus", corpus, "--quiet")() for corpus in corpora]
+        return next((r for r in results if r["exit"] != 0 or r["traceback"]), results[-1])
+    return work
+
+
+def readers_during_appends(appends: int, docs: int, loops: int, grace: float | None
+                           ) -> Callable[[Pristine, Path], tuple[str, str]]:
+    """``loops`` readers run `attribdb query` one after another while ``appends`` appends land on a
+    database with a database index (pq4): every reader started while the appends ran must answer,
+    whatever the writer was doing (recording a new index, retiring, deleting the old one)."""
+    def scenario(p: Pristine, where: Path) -> tuple[str, str]:
+        db = where / "db"
+        built = cli("build", db, "--corpus", p.corpus, "--model", p.model, "--quiet", *SETTINGS, "--index-kind", "pq4")
+        if failed(built) is not None:
+            return failed(built), f"the build: {built.get('stderr')}"
+        rng = random.Random(appends)
+        sentences = english_sentences()
+        corpora = []
+        for a in range(appends):
+            corpora.append(where / f"append{a}.jsonl")
+            corpora[-1].write_text("".join(json.dumps({"id": f"a{a}-{i}", "text": " ".join(
+                rng.choice(sentences) for _ in range(rng.randint(1, 3)))}) + "\n" for i in range(docs)))
+        writer = start(append_work(db, corpora, grace))
+        query = ("query", db, "--queries", p.queries, "--format", "json", "-k", "5", "--rescore", "0")
+        running, results = [start(cli_work(*query)) for _ in range(loops)], []
+        while running:
+            results.append(running.pop(0).finish())
+            if writer.running():
+                running.append(start(cli_work(*query)))
+        written = writer.finish()
+        if failed(written) is not None:
+            return failed(written), f"the appends: {str(written)[:200]}"
+        bad = [r for r in results if failed(r) is not None or not answers(r)]
+        READER_STARTS.update(starts=len(results), failed=len(bad))
+        verify = cli("verify", db)
+        if failed(verify) is not None or verify["exit"] != 0:
+            return failed(verify) or UNCLEAR, f"verify after the appends: {verify.get('stderr', '')[:160]}"
+        if bad:
+            first = bad[0].get("stderr") or bad[0].get("traceback") or str(bad[0])
+            return failed(bad[0]) or WRONG, f"{len(bad)} of {len(results)} readers failed: {first.strip()[:150]}"
+        return OK, f"{len(results)} reader starts during {appends} appends, none failed"
+    return scenario
+
+
 def concurrency_scenarios(quick: bool) -> list[Scenario]:
     if quick:
-        return [Scenario("concurrency", "two builds at once", concurrent_builds(0.0, "build"))]
+        return [Scenario("concurrency", "two builds at once", concurrent_builds(0.0, "build")),
+                Scenario("readers", "query loops during 2 appends, replaced indexes deleted at once",
+                         readers_during_appends(2, 8, 2, grace=0.0))]
     out = [Scenario("concurrency", f"two builds {d}s apart", concurrent_builds(d, "build"))
            for d in (0.0, 0.05, 0.2, 0.5, 1.0)]
     out += [Scenario("concurrency", f"build and append {d}s apart", concurrent_builds(d, "append")) for d in (0.2, 1.0)]
     out += [Scenario("concurrency", f"two appends {d}s apart", concurrent_appends(d)) for d in (0.0, 1.0)]
     out += [Scenario("concurrency", f"verify, info, query {d}s into a build", read_while_writing(d))
             for d in (0.3, 1.0)]
+    out += [Scenario("readers", f"3 query loops during 5 appends, {label}", readers_during_appends(5, 40, 3, grace))
+            for grace, label in ((None, "replaced indexes kept for the grace period"),
+                                 (0.0, "replaced indexes deleted at once"))]
     return out
 
 
@@ -716,6 +781,8 @@ def main() -> None:
         shutil.rmtree(where, ignore_errors=True)
     print()
     print(report.table())
+    if READER_STARTS:
+        print(f"readers during appends: {READER_STARTS['starts']} reader starts, {READER_STARTS['failed']} failed")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,156 @@
+"""Scale at the default row size: N synthetic rows written through the real store and indexes, opened and
+queried in one process.
+
+Run through ``python -m tools.benchmarks.bench_query --rows N --synthetic [--row-bytes B]``.
+Computing 10⁶ rows of the default size from a model would take days on one core; the store, the
+database index and the query path do not care where a row came from.  So the database is real up
+to its rows: a 2×64 GPT-2 (random init, wide enough for a row of the default size) is fitted on a
+few hundred documents of English, which fixes the manifest, the row layout and the projections;
+then N rows are written by the build's own ShardWriter in commit units (each with an LMDB record
+like a real one), shards are sealed, and the database index is brought up to date as the end of a
+build does.  The rows are isotropic: random unit vectors with log-normal squared norms, the worst
+case for compact codes (no structure to learn), queried with the model's own query rows.  Writing
+can be interrupted and resumed.  Figures (printed last): p50/p95 of one index query with
+``rescore=0``, recall@10 against brute force over the stored rows (a sample of the queries), RSS
+after opening and after querying, disk and file count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tools.benchmarks.bench_scale import brute_force_scores_top, current_rss_mib, disk_mib, queries, recall_at
+from tools.benchutil import english_paragraphs, make_model, write_corpus
+
+MODEL = {"layers": 2, "width": 64, "vocab": 512, "positions": 64}
+SETTINGS = {"max_length": 64, "batch_size": 16, "shard_size": 4096, "commit_rows": 64, "fit_sample_size": 256}
+FIT_DOCS = 512
+N_QUERIES = 100
+TRUTH_QUERIES = 40  # brute force reads every row once for these
+TRUTH_K = 10
+
+
+def _fitted(work: Path, n: int, row_bytes: int) -> Path:
+    """The database folder for ``n`` rows, fitted (a real fit on a small English corpus)."""
+    from attribdb import api
+    from attribdb.manifest import exists
+
+    model = make_model(work / "model-{layers}x{width}-v{vocab}".format(**MODEL), english_paragraphs(), **MODEL)
+    key = hashlib.sha256(json.dumps([n, row_bytes, MODEL, SETTINGS], sort_keys=True).encode()).hexdigest()[:10]
+    db = work / f"synthetic-{n}-{key}"
+    if not exists(db):
+        corpus = write_corpus(work / "fit-corpus.jsonl", FIT_DOCS, seed=3)
+        api.fit(db, str(corpus), str(model), quiet=True, row_bytes=row_bytes, **SETTINGS)
+    return db
+
+
+def _block(start: int, rows: int, dim: int) -> "RowBlock":  # noqa: F821 - attribdb.shard.RowBlock
+    """Rows ``start..start+rows``: random unit float16 rows (seeded by their place) and metadata."""
+    from attribdb.shard import RowBlock
+
+    rng = np.random.default_rng(start)
+    vectors = rng.standard_normal((rows, dim), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    self_influence = rng.lognormal(0.0, 1.0, rows).astype(np.float32)
+    metadata = [{"doc_id": f"s{start + i}", "source": "synthetic", "token_span": [0, 2], "char_span": [0, 9],
+                 "text": f"row {start + i}", "token_ids": [1, 2], "sequence": start + i} for i in range(rows)]
+    return RowBlock(vectors.astype(np.float16), self_influence, metadata)
+
+
+def synthetic_database(work: Path, n: int, row_bytes: int) -> Path:
+    """The database of ``n`` synthetic rows: fitted, its rows written (or resumed) and sealed, its
+    database index up to date."""
+    from attribdb import db_index, layout
+    from attribdb.indexer.writing import writing
+    from attribdb.manifest import Generation, Manifest
+    from attribdb.shard import ShardReader, ShardWriter
+
+    db = _fitted(work, n, row_bytes)
+    with writing(db):
+        manifest = Manifest.load(db)
+        settings, row_layout = manifest.settings, manifest.row_layout()
+        if not manifest.generations:
+            manifest.generations.append(Generation(corpus={"path": f"synthetic:{n}"}, first_shard=0,
+                                                   shards=math.ceil(n / settings.shard_size), sequences=n,
+                                                   documents=n))
+            manifest.save(db)
+        started = time.perf_counter()
+        for shard_id in manifest.generations[0].shard_ids:
+            first = shard_id * settings.shard_size
+            capacity = min(settings.shard_size, n - first)
+            writer = ShardWriter(layout.shard_dir(db, shard_id), row_layout, capacity, settings.commit_rows)
+            try:
+                for start in range(writer.committed, capacity if not writer.sealed else 0, settings.commit_rows):
+                    writer.append(_block(first + start, min(settings.commit_rows, capacity - start), row_layout.dim),
+                                  start)
+                if not writer.sealed:
+                    writer.seal()
+            finally:
+                writer.close()
+        written = time.perf_counter() - started
+        started = time.perf_counter()
+        readers = {s: ShardReader(layout.shard_dir(db, s), row_layout) for s in manifest.shard_ids}
+        try:
+            db_index.update(db, manifest, readers)
+        finally:
+            for reader in readers.values():
+                reader.close()
+        indexed = time.perf_counter() - started
+        manifest = Manifest.load(db)
+        manifest.generations[0].state = "complete"
+        manifest.save(db)
+    print(f"rows written in {written:.0f} s, database index in {indexed:.0f} s (0 when already done)", file=sys.stderr)
+    return db
+
+
+def synthetic_scale(n: int, work: Path | None, row_bytes: int | None) -> None:
+    from attribdb.inspection import database_info
+    from attribdb.query.engine import QueryEngine
+    from attribdb.runtime import Runtime
+
+    work = work or Path("/tmp/attribdb-bench-synthetic")
+    work.mkdir(parents=True, exist_ok=True)
+    db = synthetic_database(work, n, row_bytes or 32768)
+    rss_start = current_rss_mib()
+    started = time.perf_counter()
+    runtime = Runtime.load(db)
+    engine = QueryEngine(runtime)
+    open_seconds = time.perf_counter() - started
+    rss_open = current_rss_mib()
+    items = queries(N_QUERIES + 10, runtime.tokenizer, SETTINGS["max_length"] - 2)
+    for item in items[N_QUERIES:]:  # warm-up: first reads of the index and code paths
+        engine.query([item], k=TRUTH_K, rescore=0)
+    latencies, answers, laps = [], [], {}
+    for item in items[:N_QUERIES]:
+        started = time.perf_counter()
+        answers += engine.query([item], k=TRUTH_K, rescore=0)
+        latencies.append(time.perf_counter() - started)
+        for lap, ms in answers[-1].timings_ms.items():
+            laps.setdefault(lap, []).append(ms)
+    rss_queried = current_rss_mib()
+    query_rows = engine.query_rows(items[:TRUTH_QUERIES]).float().cpu().numpy()
+    truth = brute_force_scores_top(engine, query_rows, TRUTH_K)
+    index_recall = recall_at(engine, answers[:TRUTH_QUERIES], query_rows, truth)
+    info = database_info(db)
+    ordered = sorted(latencies)
+    print("laps (median ms): " + ", ".join(f"{lap} {statistics.median(v):.1f}" for lap, v in laps.items()),
+          file=sys.stderr)
+    print(f"{engine.rows} synthetic rows of {runtime.row_layout.bytes_per_row} bytes (dim {runtime.row_layout.dim}), "
+          f"{info['row']['all_in']['total']} bytes all-in; index {engine.indexes.kinds}")
+    print(f"query process RSS: {rss_start:.0f} MiB before, {rss_open:.0f} MiB with the database open "
+          f"({open_seconds:.1f} s), {rss_queried:.0f} MiB after {len(items)} queries")
+    print(f"{N_QUERIES} queries, rescore=0: p50 {1000 * statistics.median(ordered):.0f} ms, "
+          f"p95 {1000 * ordered[int(0.95 * (len(ordered) - 1))]:.0f} ms; recall@10 against brute force over the "
+          f"stored rows {index_recall:.3f} ({TRUTH_QUERIES} queries)")
+    print(f"database {db}: disk {disk_mib(db) / 1024:.1f} GiB in {info['files']} files "
+          f"({info['bytes_per_sequence']['zarr']:.0f} B per row in Zarr, {info['bytes_per_sequence']['faiss']:.0f} "
+          f"in FAISS, {info['bytes_per_sequence']['lmdb']:.0f} in LMDB, {info['bytes_per_sequence']['text']:.0f} in "
+          "text.sqlite)")
