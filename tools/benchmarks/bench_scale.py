@@ -135,6 +135,21 @@ def queries(n: int, tokenizer, max_length: int):
     return out
 
 
+def timed_queries(engine, items, warm_up) -> tuple[list[float], list, dict[str, list[float]]]:
+    """Index queries with ``rescore=0`` one at a time, after ``warm_up`` untimed ones (first reads of the
+    index and code paths): (seconds per query, answers, each lap's milliseconds per query)."""
+    for item in warm_up:
+        engine.query([item], k=TRUTH_K, rescore=0)
+    latencies, answers, laps = [], [], {}
+    for item in items:
+        started = time.perf_counter()
+        answers += engine.query([item], k=TRUTH_K, rescore=0)
+        latencies.append(time.perf_counter() - started)
+        for lap, ms in answers[-1].timings_ms.items():
+            laps.setdefault(lap, []).append(ms)
+    return latencies, answers, laps
+
+
 def brute_force_scores_top(engine, query_rows: np.ndarray, k: int) -> np.ndarray:
     """(Q, k) the ``k`` largest inner products of each query row with every stored unit row, best
     first: every row read back from the row store, a shard at a time (bounded memory)."""
@@ -180,15 +195,7 @@ def scale(n: int, work: Path | None, row_bytes: int | None, index_kind: str | No
     open_seconds = time.perf_counter() - started
     rss_open = current_rss_mib()
     items = queries(N_QUERIES, runtime.tokenizer, SETTINGS['max_length'] - 2)
-    for item in items[:20]:  # warm-up: first reads of indexes and code paths
-        engine.query([item], k=TRUTH_K, rescore=0)
-    latencies, answers, laps = [], [], {}
-    for item in items:
-        started = time.perf_counter()
-        answers += engine.query([item], k=TRUTH_K, rescore=0)
-        latencies.append(time.perf_counter() - started)
-        for lap, ms in answers[-1].timings_ms.items():
-            laps.setdefault(lap, []).append(ms)
+    latencies, answers, laps = timed_queries(engine, items, items[:20])
     rss_queried = current_rss_mib()
     query_rows = engine.query_rows(items).float().cpu().numpy()
     started = time.perf_counter()

@@ -27,7 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.benchmarks.bench_scale import brute_force_scores_top, current_rss_mib, disk_mib, queries, recall_at
+from tools.benchmarks.bench_scale import (
+    TRUTH_K,
+    brute_force_scores_top,
+    current_rss_mib,
+    disk_mib,
+    queries,
+    recall_at,
+    timed_queries,
+)
 from tools.benchutil import english_paragraphs, make_model, write_corpus
 
 MODEL = {"layers": 2, "width": 64, "vocab": 512, "positions": 64}
@@ -35,7 +43,6 @@ SETTINGS = {"max_length": 64, "batch_size": 16, "shard_size": 4096, "commit_rows
 FIT_DOCS = 512
 N_QUERIES = 100
 TRUTH_QUERIES = 40  # brute force reads every row once for these
-TRUTH_K = 10
 
 
 def _fitted(work: Path, n: int, row_bytes: int) -> Path:
@@ -126,15 +133,7 @@ def synthetic_scale(n: int, work: Path | None, row_bytes: int | None) -> None:
     open_seconds = time.perf_counter() - started
     rss_open = current_rss_mib()
     items = queries(N_QUERIES + 10, runtime.tokenizer, SETTINGS["max_length"] - 2)
-    for item in items[N_QUERIES:]:  # warm-up: first reads of the index and code paths
-        engine.query([item], k=TRUTH_K, rescore=0)
-    latencies, answers, laps = [], [], {}
-    for item in items[:N_QUERIES]:
-        started = time.perf_counter()
-        answers += engine.query([item], k=TRUTH_K, rescore=0)
-        latencies.append(time.perf_counter() - started)
-        for lap, ms in answers[-1].timings_ms.items():
-            laps.setdefault(lap, []).append(ms)
+    latencies, answers, laps = timed_queries(engine, items[:N_QUERIES], items[N_QUERIES:])
     rss_queried = current_rss_mib()
     query_rows = engine.query_rows(items[:TRUTH_QUERIES]).float().cpu().numpy()
     truth = brute_force_scores_top(engine, query_rows, TRUTH_K)
