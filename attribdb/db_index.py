@@ -56,8 +56,8 @@ from attribdb.rows import index_dim
 from attribdb.shard import ShardReader
 
 KIND = "pq4"  # the database index kind, and the index_kind setting that asks for it at any size
-# auto: a database index once a query would otherwise scan this many bytes of rows: 5,000 rows of the
-# default size, 260,000 of bench_scale's 512 bytes
+# auto: a database index once a scan of every row would read this much: about 5,000 rows of the default
+# size (a scan of them takes a few hundred ms on one core), 200,000 of bench_scale's
 AUTO_MIN_BYTES = 128 << 20
 MAX_SUB_QUANTIZERS = 2048  # fast-scan's look-up tables stay precise up to about this many
 ROTATION_BLOCK = 256  # coordinates each Hadamard block of the rotation mixes (at most)
@@ -122,7 +122,7 @@ def rotate(vectors: np.ndarray, width: int) -> np.ndarray:
     its look-up tables with one scale for all sub-quantizers, so a query whose energy sits in few
     coordinates (query rows do: a quarter of them carry it) leaves most sub-quantizers a level or
     two; spread evenly, they keep their precision (measured on 20,000 rows of 13,600 coordinates:
-    the fast-scan's best 8,192 held 0.870 of the true top 10 unrotated, 0.9925 rotated)."""
+    the fast-scan's best 8,192 held 0.870 of the true top 10 unrotated, 0.9975 rotated)."""
     signs, hadamard = _rotation(width)
     blocks, block = signs.shape
     padded = np.pad(np.asarray(vectors, dtype=np.float32), ((0, 0), (0, width - vectors.shape[1])))
