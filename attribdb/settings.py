@@ -42,8 +42,8 @@ class DatabaseSettings:
                                             "eigendecompositions in float32 (covariances stay float32); 0.6 of the "
                                             "float32 fit's time on a CPU with bfloat16 units, its rounding 5-8x below "
                                             "the fit's own sampling noise (docs/evidence.md)")
-    row_bytes: int = setting(32768, "bytes of each stored row: the EK-FAC-preconditioned gradient's block in the "
-                                    "eigenvectors that carry the most expected influence, spent over all modules")
+    row_bytes: int = setting(32768, "bytes of each stored row, spent over the modules in proportion to their "
+                                    "expected share of the influence (`attribdb plan` prices a budget)")
     row_kind: str = setting("kron", "kron: a random Kronecker projection whose inner products estimate the EK-FAC "
                                     "score without bias; block: the exact block of the eigen-coordinates with the "
                                     "most expected influence (docs/evidence.md compares them)")

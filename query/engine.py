@@ -9,7 +9,7 @@ Three modes answer the same question at different costs:
   compressed scores per module.  The best of them by that score are then
   *rescored*: recomputed in full from their stored token ids and re-ranked by
   the uncompressed EK-FAC score.  A few KiB per row cannot hold a gradient's
-  cosines to the precision a top 10 needs (tools/evaluations/eval_compression.py); the
+  cosines to the precision a top 10 needs (docs/evidence.md); the
   compressed ranking finds the right neighbourhood and recomputation orders
   it.  How many rows are rescored is ``rescore``; by default as many as fit in
   a fixed budget of floating-point operations per query (:data:`RESCORE_FLOPS`),
@@ -64,8 +64,8 @@ def normalized(scores, self_q: float, self_m):
     """score / sqrt(self-influence of query × of row): the cosine of the two preconditioned
     gradients.  Raw scores favour rows with large gradients; this ranks by direction alone.
     It is the default because it did better on both demo evaluations: it found the documents
-    stating a fact more often (tools/evaluations/eval_facts.py), and removing its top documents cost the
-    retrained model more of the fact (tools/evaluations/eval_counterfactual.py), which is influence itself."""
+    stating a fact more often, and removing its top documents cost the retrained model more of the
+    fact, which is influence itself (docs/evidence.md)."""
     return divide_by_norm(scores, self_q * np.asarray(self_m, dtype=np.float64))
 
 

@@ -18,7 +18,7 @@ Figures (printed last):
   exact inner product of the query row with every stored unit row, read back
   from the row store in bounded memory (a shard at a time).  That is the truth
   the index approximates; compression loss is a property of the row, not of
-  the index (README, tools/evaluations/eval_compression.py);
+  the index (docs/evidence.md, tools/evaluations/eval_compression.py);
 - with ``--exhaustive Q`` (default: on a few queries up to 2·10⁴ rows) also
   recall@10 against the full-space exhaustive mode;
 - resident memory of the query process, the database's size on disk and the
