@@ -216,7 +216,8 @@ def real_text_world(workdir: Path, config: RealTextConfig = RealTextConfig(), pr
     model_config = recipe(config, corpus_tokens(corpus, tokenizer_dir))
     model_dir = train_model(corpus, folder / "model", model_config, progress=progress, tokenizer_from=tokenizer_dir)
     rows = [json.loads(line) for line in queries.read_text().splitlines() if line.strip()]
-    return RealTextWorld("real text (GPT-2 2×128, man pages)", corpus, rows, model_dir, tokenizer_dir, config)
+    name = f"real text (GPT-2 {config.model.n_layer}×{config.model.n_embd}, man pages)"
+    return RealTextWorld(name, corpus, rows, model_dir, tokenizer_dir, config)
 
 
 def model_losses(world: RealTextWorld, sample: int = 200) -> dict:
