@@ -19,7 +19,8 @@ with the ground truth, ``exhaustive`` (every row recomputed, uncompressed):
 - ``bytes/row``: ``attribdb info``'s bytes per sequence of the row store and the FAISS index (the
   two that grow with the representation), and ``all-in``: everything the database holds, factors
   and the text index included, divided by its rows.
-- ``p50``: of single default queries and single ``rescore=0`` queries, on one thread.
+- ``p50``: of single default queries and single ``rescore=0`` queries, on one thread: wall clock
+  and the process's CPU time (on a shared machine the wall clock also counts other people's work).
 
 The exhaustive scores depend on the model, the corpus and the fit settings, which every
 representation of a model shares, not on the rows: they are computed once per model (on its first
@@ -175,18 +176,21 @@ class Scores:
         return out
 
 
-def exhaustive_scores(db, subject: Subject, path: Path) -> Scores:
-    """The exact score of every row for every query, from ``exhaustive`` (cached beside the databases)."""
+def exhaustive_scores(db, subject: Subject, path: Path) -> tuple[Scores, float]:
+    """The exact score of every row for every query, from ``exhaustive`` with k = the row count, and
+    the seconds that pass took (both cached beside the databases)."""
     cache = path.parent / "exhaustive.pt"
     digest = hashlib.sha256(json.dumps(subject.queries).encode()).hexdigest()
     if cache.is_file():
         saved = torch.load(cache, weights_only=False)
         if saved["queries"] == digest:
-            return Scores(saved["keys"], saved["score"], saved["normalized"])
-    rows = db.info()["sequences"]
-    scores = Scores.from_results(db.exhaustive(subject.queries, k=rows, quiet=True))
-    torch.save({"queries": digest, "keys": scores.keys, "score": scores.score, "normalized": scores.normalized}, cache)
-    return scores
+            return Scores(saved["keys"], saved["score"], saved["normalized"]), saved["seconds"]
+    started = time.time()
+    scores = Scores.from_results(db.exhaustive(subject.queries, k=db.info()["sequences"], quiet=True))
+    seconds = time.time() - started
+    torch.save({"queries": digest, "keys": scores.keys, "score": scores.score, "normalized": scores.normalized,
+                "seconds": seconds}, cache)
+    return scores, seconds
 
 
 def stored_scores(db, subject: Subject, keys: list) -> Scores:
@@ -196,16 +200,29 @@ def stored_scores(db, subject: Subject, keys: list) -> Scores:
                                               quiet=True), keys)
 
 
-def timed_answers(db, queries: list, rescore: int | None) -> tuple[list, list[float]]:
-    """Single queries, one at a time as a user sends them: (results, seconds each); one untimed first
-    query loads the model and the indexes."""
+@dataclass
+class Timings:
+    """Seconds per query: wall clock (what a user waits on an idle core) and this process's CPU
+    time (the same on one thread, but unmoved by other work on a shared machine)."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    def p50(self) -> dict:
+        return {"wall": statistics.median(self.wall), "cpu": statistics.median(self.cpu)}
+
+
+def timed_answers(db, queries: list, rescore: int | None) -> tuple[list, Timings]:
+    """Single queries, one at a time as a user sends them; one untimed first query loads the model
+    and the indexes."""
     db.query(*queries[0], rescore=rescore)
-    results, seconds = [], []
+    results, timings = [], Timings()
     for prompt, completion in queries:
-        started = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         results.append(db.query(prompt, completion, rescore=rescore))
-        seconds.append(time.perf_counter() - started)
-    return results, seconds
+        timings.wall.append(time.perf_counter() - wall)
+        timings.cpu.append(time.process_time() - cpu)
+    return results, timings
 
 
 # ---- measures ------------------------------------------------------------------------------
@@ -268,15 +285,15 @@ def evaluate_representation(subject: Subject, representation: Representation, co
         stored = stored_scores(db, subject, truth.keys)
         plain = db.query_batch(subject.queries, k=config.k, rescore=0, opponents=False, quiet=True)
         timed = subject.queries if subject.retrainings else subject.queries[:config.latency_queries]
-        default, default_seconds = timed_answers(db, timed, rescore=None)
-        _, plain_seconds = timed_answers(db, subject.queries[:config.latency_queries], rescore=0)
+        default, default_timings = timed_answers(db, timed, rescore=None)
+        _, plain_timings = timed_answers(db, subject.queries[:config.latency_queries], rescore=0)
         info = db.info()
     figures = {"representation": representation.label, "rows": len(truth.keys), "bytes": row_bytes(info),
                "row": info["row"], **correlations(stored, truth),
                f"recall@{config.k}_rescore0": recall_at(plain, truth, config.k),
                f"recall@{config.k}_default": recall_at(default, truth, config.k),
-               "default_queries_timed": len(timed), "p50_default_s": statistics.median(default_seconds),
-               "p50_rescore0_s": statistics.median(plain_seconds), "rescored_default": statistics.fmean(
+               "default_queries_timed": len(timed), "p50_default_s": default_timings.p50(),
+               "p50_rescore0_s": plain_timings.p50(), "rescored_default": statistics.fmean(
                    r.rescored for r in default), "build_s": built, "seconds": time.time() - started}
     if subject.retrainings:
         figures["lds_rescore0"] = asdict(lds_of_rows(subject.retrainings, all_rows(stored)))
@@ -291,9 +308,7 @@ def evaluate(subject: Subject, config: EvalConfig) -> dict:
 
     def truth_of(db, path):
         if "scores" not in truth_cache:
-            started = time.time()
-            truth_cache["scores"] = exhaustive_scores(db, subject, path)
-            truth_cache["seconds"] = time.time() - started
+            truth_cache["scores"], truth_cache["seconds"] = exhaustive_scores(db, subject, path)
         return truth_cache["scores"]
 
     results = [evaluate_representation(subject, r, config, truth_of) for r in config.representations]
@@ -318,10 +333,14 @@ def lds_text(figure: dict | None) -> str:
     return f"{figure['mean']:.3f} ± {figure['standard_error']:.3f}" if figure else "—"
 
 
+def seconds_text(p50: dict) -> str:
+    return f"{p50['wall']:.2f}/{p50['cpu']:.2f}s"
+
+
 def print_table(tables: list[dict], k: int) -> None:
     columns = ("representation", "bytes/row", "all-in", "Spearman", "Pearson", "Spear. cos", f"R@{k} r=0",
-               f"R@{k} dflt", "p50 dflt", "p50 r=0", "LDS r=0", "LDS default")
-    widths = (16, 10, 10, 9, 9, 10, 9, 9, 9, 9, 15, 15)
+               f"R@{k} dflt", "p50 dflt wall/cpu", "p50 r=0 wall/cpu", "LDS r=0", "LDS default")
+    widths = (16, 10, 10, 9, 9, 10, 9, 9, 17, 16, 15, 15)
     for table in tables:
         h = table["header"]
         print(f"\n== {h['model']}: {h['rows']} rows, {h['queries']} queries; exhaustive pass {h['exhaustive_s']:.0f}s")
@@ -334,7 +353,7 @@ def print_table(tables: list[dict], k: int) -> None:
             cells = (r["representation"], f"{r['bytes']['row_and_index']:,.0f}", f"{r['bytes']['all_in']:,.0f}",
                      f"{r['spearman']:.3f}", f"{r['pearson']:.3f}", f"{r['spearman_cos']:.3f}",
                      f"{r[f'recall@{k}_rescore0']:.3f}", f"{r[f'recall@{k}_default']:.3f}",
-                     f"{r['p50_default_s'] * 1000:.0f}ms", f"{r['p50_rescore0_s'] * 1000:.0f}ms",
+                     seconds_text(r["p50_default_s"]), seconds_text(r["p50_rescore0_s"]),
                      lds_text(r.get("lds_rescore0")), lds_text(r.get("lds_default")))
             print("  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
 
