@@ -71,9 +71,8 @@ def test_quick_run_end_to_end(tmp_path):
         pytest.skip("needs Debian's man pages under /usr/share/man")
     from tools.evaluations import eval_rows
 
-    args = eval_rows.parse_args(["--quick", "--lds-workdir", str(tmp_path), "--json", str(tmp_path / "rows.json")])
-    tables = eval_rows.run(args)
-    (table,) = tables
+    eval_rows.main(["--quick", "--lds-workdir", str(tmp_path), "--json", str(tmp_path / "rows.json")])
+    (table,) = json.loads((tmp_path / "rows.json").read_text())
     header = table["header"]
     assert header["self_check"]["spearman"] == pytest.approx(1.0)  # exact against exact
     assert header["self_check"]["pearson"] == pytest.approx(1.0)
@@ -95,4 +94,3 @@ def test_quick_run_end_to_end(tmp_path):
     # every retrained half's losses are on disk, so a rerun trains nothing
     halves = sorted(tmp_path.glob("realtext-*/lds/half-*.json"))
     assert len(halves) == eval_rows.QUICK_LDS.halves + eval_rows.QUICK_LDS.noise_halves
-    assert json.loads((tmp_path / "rows.json").read_text()) == json.loads(json.dumps(tables))
