@@ -58,6 +58,8 @@ def test_spearman_and_lds_on_known_cases():
     assert lds(scores, masks, linear).mean == pytest.approx(1.0)
     assert lds(-scores, masks, linear).mean == pytest.approx(-1.0)
     assert lds(torch.ones(5, 40), masks, linear).mean == 0.0
+    shifted = linear + torch.randn(30, 1, generator=generator, dtype=torch.float64) * 100  # each model's luck
+    assert lds(scores, masks, shifted, centred=True).mean == pytest.approx(1.0)  # centring removes it
     noise = torch.randn(30, 5, generator=generator, dtype=torch.float64)
     unrelated = lds(scores, masks, noise)
     assert abs(unrelated.mean) < 4 * unrelated.standard_error + 0.05
@@ -77,8 +79,8 @@ def test_quick_run_end_to_end(tmp_path):
     assert header["self_check"]["spearman"] == pytest.approx(1.0)  # exact against exact
     assert header["self_check"]["pearson"] == pytest.approx(1.0)
     assert header["lds_constant"]["mean"] == 0.0
-    assert len(header["lds_exact"]["per_query"]) == header["queries"] == eval_rows.QUICK_WORLD.queries
-    assert -1 <= header["noise_ceiling"]["mean"] <= 1
+    assert len(header["lds_exact"]["plain"]["per_query"]) == header["queries"] == eval_rows.QUICK_WORLD.queries
+    assert -1 <= header["noise_ceiling"]["plain"]["mean"] <= 1
     documents = eval_rows.QUICK_WORLD.documents
     assert header["rows"] == documents  # one row per document: the LDS drops and keeps whole rows
     for figures, label in zip(table["representations"], eval_rows.QUICK_ROWS):
@@ -89,7 +91,7 @@ def test_quick_run_end_to_end(tmp_path):
         assert -1 <= figures["spearman"] <= 1 and -1 <= figures["pearson"] <= 1
         assert 0 <= figures["recall@10_rescore0"] <= 1 and 0 <= figures["recall@10_default"] <= 1
         assert figures["p50_default_s"]["cpu"] > 0 and figures["default_queries_timed"] == header["queries"]
-        assert all(-1 <= v <= 1 for v in figures["lds_rescore0"]["per_query"])
+        assert all(-1 <= v <= 1 for v in figures["lds_rescore0"]["plain"]["per_query"])
 
     # every retrained half's losses are on disk, so a rerun trains nothing
     halves = sorted(tmp_path.glob("realtext-*/lds/half-*.json"))

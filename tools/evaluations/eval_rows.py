@@ -250,9 +250,11 @@ def answer_rows(results) -> list[list[tuple]]:
     return [[(row_key(h), h.final_score) for h in r.hits + r.opponents] for r in results]
 
 
-def lds_of_rows(retrainings: Retrainings, per_query_rows: list[list[tuple]]):
-    """The LDS of per-query (row key, score) lists: each document scored by the sum over its rows, 0 if absent."""
-    return retrainings.lds(retrainings.doc_scores([[(key[0], s) for key, s in rows] for rows in per_query_rows]))
+def lds_of_rows(retrainings: Retrainings, per_query_rows: list[list[tuple]]) -> dict:
+    """The LDS, plain and centred (lds.lds), of per-query (row key, score) lists: each document
+    scored by the sum over its rows, 0 if absent."""
+    scores = retrainings.doc_scores([[(key[0], s) for key, s in rows] for rows in per_query_rows])
+    return {"plain": asdict(retrainings.lds(scores)), "centred": asdict(retrainings.lds(scores, centred=True))}
 
 
 def all_rows(scores: Scores) -> list[list[tuple]]:
@@ -296,8 +298,8 @@ def evaluate_representation(subject: Subject, representation: Representation, co
                "p50_rescore0_s": plain_timings.p50(), "rescored_default": statistics.fmean(
                    r.rescored for r in default), "build_s": built, "seconds": time.time() - started}
     if subject.retrainings:
-        figures["lds_rescore0"] = asdict(lds_of_rows(subject.retrainings, all_rows(stored)))
-        figures["lds_default"] = asdict(lds_of_rows(subject.retrainings, answer_rows(default)))
+        figures["lds_rescore0"] = lds_of_rows(subject.retrainings, all_rows(stored))
+        figures["lds_default"] = lds_of_rows(subject.retrainings, answer_rows(default))
     log(f"{subject.name} {representation.label}: {figures['seconds']:.0f}s")
     return figures
 
@@ -317,10 +319,11 @@ def evaluate(subject: Subject, config: EvalConfig) -> dict:
               "exhaustive_s": truth_cache["seconds"], "self_check": correlations(truth, truth)}
     if subject.retrainings:
         retrainings = subject.retrainings
-        header["lds_exact"] = asdict(lds_of_rows(retrainings, all_rows(truth)))
-        header["lds_exact_answer"] = asdict(lds_of_rows(retrainings, truth.answer(config.k)))
+        header["lds_exact"] = lds_of_rows(retrainings, all_rows(truth))
+        header["lds_exact_answer"] = lds_of_rows(retrainings, truth.answer(config.k))
         header["lds_constant"] = asdict(retrainings.lds(torch.ones(len(subject.queries), len(retrainings.doc_ids))))
-        header["noise_ceiling"] = asdict(retrainings.noise_ceiling())
+        header["noise_ceiling"] = {"plain": asdict(retrainings.noise_ceiling()),
+                                   "centred": asdict(retrainings.noise_ceiling(centred=True))}
         header["halves"] = retrainings.config.halves
         header["noise_halves"] = retrainings.config.noise_halves
     return {"header": header, "representations": results}
@@ -329,8 +332,12 @@ def evaluate(subject: Subject, config: EvalConfig) -> dict:
 # ---- output ---------------------------------------------------------------------------------
 
 
-def lds_text(figure: dict | None) -> str:
-    return f"{figure['mean']:.3f} ± {figure['standard_error']:.3f}" if figure else "—"
+def lds_text(figure: dict | None, variant: str = "plain") -> str:
+    """"mean ± standard error" of a Summary, or of one variant of a plain/centred pair."""
+    if not figure:
+        return "—"
+    figure = figure.get(variant, figure)
+    return f"{figure['mean']:.3f} ± {figure['standard_error']:.3f}"
 
 
 def seconds_text(p50: dict) -> str:
@@ -339,22 +346,26 @@ def seconds_text(p50: dict) -> str:
 
 def print_table(tables: list[dict], k: int) -> None:
     columns = ("representation", "bytes/row", "all-in", "Spearman", "Pearson", "Spear. cos", f"R@{k} r=0",
-               f"R@{k} dflt", "p50 dflt wall/cpu", "p50 r=0 wall/cpu", "LDS r=0", "LDS default")
-    widths = (16, 10, 10, 9, 9, 10, 9, 9, 17, 16, 15, 15)
+               f"R@{k} dflt", "p50 dflt wall/cpu", "p50 r=0 wall/cpu", "LDS r=0", "LDS default", "LDS r=0 c.",
+               "LDS dflt c.")
+    widths = (16, 10, 10, 9, 9, 10, 9, 9, 17, 16, 15, 15, 15, 15)
     for table in tables:
         h = table["header"]
         print(f"\n== {h['model']}: {h['rows']} rows, {h['queries']} queries; exhaustive pass {h['exhaustive_s']:.0f}s")
         if "lds_exact" in h:
-            print(f"LDS over {h['halves']} halves: exact scores {lds_text(h['lds_exact'])}, exhaustive answer "
-                  f"(top/bottom {k}) {lds_text(h['lds_exact_answer'])}, constant score {lds_text(h['lds_constant'])}; "
-                  f"noise ceiling ({h['noise_halves']} halves × 2 seeds) {lds_text(h['noise_ceiling'])}")
+            for variant in ("plain", "centred"):
+                print(f"LDS ({variant}) over {h['halves']} halves: exact scores {lds_text(h['lds_exact'], variant)}, "
+                      f"exhaustive answer (top/bottom {k}) {lds_text(h['lds_exact_answer'], variant)}; noise ceiling "
+                      f"({h['noise_halves']} halves × 2 seeds) {lds_text(h['noise_ceiling'], variant)}")
+            print(f"LDS of a constant score: {lds_text(h['lds_constant'])}")
         print("  ".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
         for r in table["representations"]:
             cells = (r["representation"], f"{r['bytes']['row_and_index']:,.0f}", f"{r['bytes']['all_in']:,.0f}",
                      f"{r['spearman']:.3f}", f"{r['pearson']:.3f}", f"{r['spearman_cos']:.3f}",
                      f"{r[f'recall@{k}_rescore0']:.3f}", f"{r[f'recall@{k}_default']:.3f}",
                      seconds_text(r["p50_default_s"]), seconds_text(r["p50_rescore0_s"]),
-                     lds_text(r.get("lds_rescore0")), lds_text(r.get("lds_default")))
+                     lds_text(r.get("lds_rescore0")), lds_text(r.get("lds_default")),
+                     lds_text(r.get("lds_rescore0"), "centred"), lds_text(r.get("lds_default"), "centred"))
             print("  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
 
 
