@@ -326,6 +326,7 @@ def evaluate(subject: Subject, config: EvalConfig) -> dict:
                                    "centred": asdict(retrainings.noise_ceiling(centred=True))}
         header["halves"] = retrainings.config.halves
         header["noise_halves"] = retrainings.config.noise_halves
+        header["seeds"] = retrainings.config.seeds
     return {"header": header, "representations": results}
 
 
@@ -354,9 +355,10 @@ def print_table(tables: list[dict], k: int) -> None:
         print(f"\n== {h['model']}: {h['rows']} rows, {h['queries']} queries; exhaustive pass {h['exhaustive_s']:.0f}s")
         if "lds_exact" in h:
             for variant in ("plain", "centred"):
-                print(f"LDS ({variant}) over {h['halves']} halves: exact scores {lds_text(h['lds_exact'], variant)}, "
-                      f"exhaustive answer (top/bottom {k}) {lds_text(h['lds_exact_answer'], variant)}; noise ceiling "
-                      f"({h['noise_halves']} halves × 2 seeds) {lds_text(h['noise_ceiling'], variant)}")
+                print(f"LDS ({variant}) over {h['halves']} halves × {h.get('seeds', 1)} seeds: exact scores "
+                      f"{lds_text(h['lds_exact'], variant)}, exhaustive answer (top/bottom {k}) "
+                      f"{lds_text(h['lds_exact_answer'], variant)}; noise ceiling ({h['noise_halves']} halves, "
+                      f"two ensembles) {lds_text(h['noise_ceiling'], variant)}")
             print(f"LDS of a constant score: {lds_text(h['lds_constant'])}")
         print("  ".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
         for r in table["representations"]:
@@ -396,9 +398,10 @@ def parse_args(argv=None):
                              "and small rows")
     add_lds_options(parser)
     args = parser.parse_args(argv)
-    args.world, args.lds = RealTextConfig(), LDSConfig(halves=args.halves, noise_halves=args.noise_halves)
+    args.world = RealTextConfig()
+    args.lds = LDSConfig(halves=args.halves, noise_halves=args.noise_halves, seeds=args.seeds)
     if args.quick:
-        args.models, args.world, args.lds = ["realtext"], QUICK_WORLD, QUICK_LDS
+        args.models, args.world, args.lds = ["realtext"], QUICK_WORLD, replace(QUICK_LDS, seeds=args.seeds)
     args.rows = args.rows or list(QUICK_ROWS if args.quick else DEFAULT_ROWS)
     return args
 

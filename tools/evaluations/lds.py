@@ -12,9 +12,10 @@ are stored on disk as soon as it is trained (``lds/half-NNN-seed-S.json`` beside
 model; the model itself is not kept) and a rerun trains only what is missing: scores of a new
 representation are judged at no training cost, and an interrupted run resumes at the next half.
 
-The noise ceiling: some halves are retrained again with another training seed; per query, the
-Spearman over those halves between the two seeds' losses says how far retraining itself agrees
-with itself, the most any score could reach.
+The noise ceiling: some halves are retrained again with other training seeds; per query, the
+Spearman over those halves between the two retrainings' losses says how far retraining itself
+agrees with itself, the most any score could reach.  ``--seeds N`` averages N retrainings per
+half (TRAK's ensemble), which lifts that ceiling at N times the cost.
 
 Run: python -m tools.evaluations.lds [--workdir /work/cache/lds] [--halves 50] [--noise-halves 10]
 trains what is missing and prints the noise ceiling (one half is about a minute of one core).
@@ -41,8 +42,9 @@ from tools.evaluations.realtext import RealTextConfig, RealTextWorld, corpus_tok
 class LDSConfig:
     halves: int = 50
     seed: int = 0  # draws the halves
-    noise_halves: int = 10  # the first this many halves, retrained again with noise_seed
-    noise_seed: int = 1  # the training seed of those second retrainings (the first use the full model's)
+    noise_halves: int = 10  # the first this many halves, retrained again with the next `seeds` seeds
+    seeds: int = 1  # training seeds per half whose losses are averaged (TRAK's ensemble): the full
+    #                 model's seed s and s+1, ..., s+seeds-1; the noise ceiling's second ensemble takes the next ones
 
 
 @dataclass(frozen=True)
@@ -192,17 +194,20 @@ class Retrainings:
         log(f"half {half} seed {seed}: {config.train_steps} steps in {time.time() - started:.0f}s")
         return losses
 
-    def loss_matrix(self, halves: range | None = None, seed: int | None = None) -> torch.Tensor:
-        """(halves, queries) losses, training whatever is not cached yet."""
-        seed = self.world.config.model.seed if seed is None else seed
+    def loss_matrix(self, halves: range | None = None, ensemble: int = 0) -> torch.Tensor:
+        """(halves, queries) losses, each the mean over ``config.seeds`` training seeds (``ensemble``
+        1: the next as many seeds, for the noise ceiling), training whatever is not cached yet."""
+        first = self.world.config.model.seed + ensemble * self.config.seeds
         halves = halves if halves is not None else range(self.config.halves)
-        return torch.tensor([self.losses(h, seed) for h in halves], dtype=torch.float64)
+        return torch.tensor([[sum(v) / len(v) for v in zip(*(self.losses(h, s) for s in
+                                                             range(first, first + self.config.seeds)))]
+                             for h in halves], dtype=torch.float64)
 
     def noise_ceiling(self, centred: bool = False) -> Summary:
         """Per query, Spearman over the noise halves between two training seeds' losses, summarised
         (``centred``: as :func:`lds` centres them)."""
         halves = range(self.config.noise_halves)
-        first, second = self.loss_matrix(halves), self.loss_matrix(halves, self.config.noise_seed)
+        first, second = self.loss_matrix(halves), self.loss_matrix(halves, ensemble=1)
         if centred:
             first, second = centre(first), centre(second)
         return summarise([spearman(first[:, q], second[:, q]) for q in range(first.shape[1])])
@@ -223,6 +228,8 @@ class Retrainings:
 def add_lds_options(parser) -> None:
     parser.add_argument("--halves", type=int, default=LDSConfig.halves)
     parser.add_argument("--noise-halves", type=int, default=LDSConfig.noise_halves)
+    parser.add_argument("--seeds", type=int, default=LDSConfig.seeds,
+                        help="retrainings per half, their losses averaged (each costs as much as the first)")
 
 
 def main() -> None:
@@ -233,13 +240,14 @@ def main() -> None:
     torch.set_num_threads(1)
     started = time.time()
     world = real_text_world(args.workdir, RealTextConfig())
-    retrainings = Retrainings(world, LDSConfig(halves=args.halves, noise_halves=args.noise_halves))
+    retrainings = Retrainings(world, LDSConfig(halves=args.halves, noise_halves=args.noise_halves, seeds=args.seeds))
     losses = retrainings.loss_matrix()
     ceiling, centred = retrainings.noise_ceiling(), retrainings.noise_ceiling(centred=True)
     print(f"{world.name}: {len(retrainings.doc_ids)} documents, {len(retrainings.queries)} queries, "
           f"{args.halves} halves (loss per query over halves: mean {float(losses.mean()):.2f}, "
           f"spread {float(losses.std(0).mean()):.3f})")
-    print(f"noise ceiling over {args.noise_halves} halves × 2 seeds: {ceiling}; centred: {centred}")
+    print(f"noise ceiling over {args.noise_halves} halves, two ensembles of {args.seeds} seeds: {ceiling}; "
+          f"centred: {centred}")
     print(f"{time.time() - started:.0f}s")
 
 
