@@ -407,6 +407,8 @@ def parse_args(argv=None):
 
 
 def run(args) -> list[dict]:
+    """Every model in turn; each model's table printed, and the JSON rewritten, as soon as it is
+    done, so a long model (the second one's exhaustive pass) never holds back the others' figures."""
     config = EvalConfig(tuple(Representation.parse(r) for r in args.rows), args.lds_workdir / "databases",
                         latency_queries=args.latency_queries)
     tables = []
@@ -415,6 +417,10 @@ def run(args) -> list[dict]:
             subject = replace(subject, build=dict(QUICK_BUILD))
         log(f"{subject.name}: {len(subject.queries)} queries")
         tables.append(evaluate(subject, config))
+        print_table(tables[-1:], config.k)
+        sys.stdout.flush()
+        if args.json:
+            args.json.write_text(json.dumps(tables, indent=1))
     return tables
 
 
@@ -422,10 +428,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     started = time.time()
-    tables = run(args)
-    if args.json:
-        args.json.write_text(json.dumps(tables, indent=1))
-    print_table(tables, 10)
+    run(args)
     print(f"\n{time.time() - started:.0f}s in all")
 
 
