@@ -330,7 +330,7 @@ class QueryEngine:
         return 6.0 * weights + rotations
 
     def _tokens(self, shard_id: int, row: int) -> int:
-        start, end = self.shards[shard_id].metadata([row])[0]["token_span"]
+        start, end = self.shards[shard_id].metadata([row])[0].token_span
         return end - start
 
     def _to_recompute(self, scored: _Scored, key: np.ndarray, rescore: int | None,
@@ -364,7 +364,7 @@ class QueryEngine:
             for i in np.flatnonzero(np.logical_or.reduce(list(s.first.values()))):
                 wanted.setdefault((int(s.shards[i]), int(s.rows[i])), []).append((q, int(i)))
         computer = self.runtime.computer
-        token_ids = {pair: self.shards[pair[0]].metadata([pair[1]])[0]["token_ids"] for pair in wanted}
+        token_ids = {pair: self.shards[pair[0]].metadata([pair[1]])[0].token_ids for pair in wanted}
         order = sorted(wanted, key=lambda pair: (len(token_ids[pair]), pair))
         batch_size = self.runtime.manifest.settings.batch_size
         for start in range(0, len(order), batch_size):
@@ -386,7 +386,7 @@ class QueryEngine:
         rows shown pay for this)."""
         if not hits:
             return
-        token_ids = [self.shards[h.shard].metadata([h.row])[0]["token_ids"] for h in hits]
+        token_ids = [self.shards[h.shard].metadata([h.row])[0].token_ids for h in hits]
         computer = self.runtime.computer
         captures, _ = computer.runner.train_captures(collate_sequences(token_ids, self.runtime.tokenizer.pad_token_id))
         split = token_contributions(computer.factors, solved, captures).double().cpu()
@@ -416,7 +416,7 @@ class QueryEngine:
             exact = bool(scored.exact[i])
             self_q = scored.query_self
             module_values = scored.exact_module_scores[i] if exact else scored.module_scores[i]
-            hits.append(Hit.from_metadata(
+            hits.append(Hit.from_record(
                 meta, shard_id, row, rank=rank, score=float(scored.scores[i]),
                 normalized_score=float(normalized(scored.scores[i], self_q, self_m)),
                 self_influence=self_m,
@@ -494,7 +494,7 @@ class QueryEngine:
             for shard_id, reader in self.shards.items():
                 for start in range(0, reader.rows, batch_size):
                     rows = np.arange(start, min(start + batch_size, reader.rows))
-                    token_ids = [m["token_ids"] for m in reader.metadata(rows)]
+                    token_ids = [m.token_ids for m in reader.metadata(rows)]
                     captures, _ = computer.runner.train_captures(collate_sequences(token_ids, pad_id))
                     exact = eigenbasis_scores(computer.factors, solved(), captures, self.modules)
                     per_module = exact.per_module.double().cpu().numpy()  # (Q, B, modules)

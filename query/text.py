@@ -84,9 +84,9 @@ class TextSearch:
         hits = []
         for rank, (score, shard_id, row) in enumerate(found, start=1):
             reader = self.readers[shard_id]
-            hits.append(Hit.from_metadata(reader.metadata([row])[0], shard_id, row, rank=rank, score=score,
-                                          normalized_score=None, bm25=score, module_scores={},
-                                          self_influence=float(reader.whole(layout.SELF_INFLUENCE)[row])))
+            hits.append(Hit.from_record(reader.metadata([row])[0], shard_id, row, rank=rank, score=score,
+                                        normalized_score=None, bm25=score, module_scores={},
+                                        self_influence=float(reader.whole(layout.SELF_INFLUENCE)[row])))
         return hits, matched
 
     def search(self, queries: list[Query], k: int = 10, bm25_query: str | None = None) -> list[QueryResult]:

@@ -168,7 +168,7 @@ def test_stored_block_rows_are_blocks_of_the_dense_preconditioned_gradient(tmp_p
     reader = ShardReader(layout.shard_dir(db, 1), runtime.row_layout)
     rows = np.arange(10)
     dense = runtime.computer.train_preconditioned(
-        collate_sequences([m["token_ids"] for m in reader.metadata(rows)], runtime.tokenizer.pad_token_id))
+        collate_sequences([m.token_ids for m in reader.metadata(rows)], runtime.tokenizer.pad_token_id))
     lengths = np.sqrt(reader.read(layout.SELF_INFLUENCE, rows))[:, None]
     stored = reader.read(layout.ROWS, rows).astype(np.float64) * lengths
     for module in runtime.manifest.modules:

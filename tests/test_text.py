@@ -12,7 +12,7 @@ import pytest
 
 import attribdb.api as api
 from attribdb import layout, text_index
-from attribdb.shard import TEXT_CRC_KEY, _file_crc32c
+from attribdb.shard import TEXT_CRC_KEY, file_crc32c
 
 from conftest import write_corpus
 from dbtools import SMALL_SETTINGS, assert_same_database, cli, cli_here, copy_db, edit_lmdb, one_line_error
@@ -56,8 +56,8 @@ def db(db_path):
 
 def all_texts(database) -> dict[tuple[int, int], str]:
     readers = database.text_search.readers
-    return {(shard_id, row): meta["text"] for shard_id, reader in readers.items()
-            for row, meta in enumerate(reader.metadata(range(reader.rows)))}
+    return {(shard_id, row): record.text for shard_id, reader in readers.items()
+            for row, record in enumerate(reader.metadata(range(reader.rows)))}
 
 
 def test_every_shard_stores_a_text_index_of_its_rows(db_path, db):
@@ -206,7 +206,7 @@ def _replace_text_index(db: Path, shard: int, data: bytes, record_crc: bool) -> 
     path.write_bytes(data)
     if record_crc:
         edit_lmdb(layout.shard_dir(db, shard), layout.INFO_DB,
-                  lambda txn, info: txn.put(TEXT_CRC_KEY, _file_crc32c(path), db=info))
+                  lambda txn, info: txn.put(TEXT_CRC_KEY, file_crc32c(path), db=info))
 
 
 def test_verify_catches_a_damaged_missing_or_foreign_text_index(tmp_path, db_path):

@@ -71,7 +71,7 @@ def faiss_mib(engine) -> float:
 
 def distinct_sequences(engine) -> int:
     """Identical rows tie in every ranking; the corpus should have few of them for recall to mean anything."""
-    return len({tuple(m["token_ids"]) for reader in engine.shards.values()
+    return len({m.token_ids for reader in engine.shards.values()
                 for m in reader.metadata(range(reader.rows))})
 
 
