@@ -71,11 +71,11 @@ def _queries(n: int) -> list[tuple[str, str]]:
 def _answers_and_rows(db_path: Path, queries):
     """Index answers (``rescore=0``: the index's answer, not its exact rescoring) and query rows."""
     import attribdb
-    from attribdb.query.engine import Query
+    from attribdb.query.options import Query
 
     with attribdb.open(db_path) as db:
         engine = db.engine
-        assert engine.indexes.database is not None and not engine.indexes.shard_indexes
+        assert engine.store.indexes.database is not None and not engine.store.indexes.shard_indexes
         results = db.query_batch(queries, k=10, rescore=0)
         return results, engine.query_rows([Query(*q) for q in queries]).float().numpy()
 
@@ -92,10 +92,10 @@ def test_pq4_re_ranking_every_row_is_brute_force(ivf_db):
     the same rows in the same order, with the same scores up to float32 summation order."""
     import attribdb
     from attribdb.native import faiss
-    from attribdb.query.engine import Query
+    from attribdb.query.options import Query
 
     with attribdb.open(ivf_db) as db:
-        indexes = db.engine.indexes
+        indexes = db.engine.store.indexes
         faiss.downcast_index(indexes.database.index).k_factor = indexes.database.ntotal  # every row re-ranked
         query_rows = db.engine.query_rows([Query(*q) for q in _queries(20)]).float().numpy()
         found = indexes.search(query_rows, 50)
@@ -115,12 +115,13 @@ def test_pq4_keeps_the_stored_rows_bit_for_bit(ivf_db):
 
     with attribdb.open(ivf_db) as db:
         engine = db.engine
-        shards = np.repeat(sorted(engine.shards), 3)
-        rows = np.tile([0, 5, 9], len(engine.shards))
-        held = engine.indexes.stored_rows(shards, rows, engine.runtime.row_layout.dim)
-        expected = np.concatenate([engine.shards[s].read(layout.ROWS, np.array([r])) for s, r in zip(shards, rows)])
+        shards = np.repeat(sorted(engine.store.shards), 3)
+        rows = np.tile([0, 5, 9], len(engine.store.shards))
+        held = engine.store.indexes.stored_rows(shards, rows, engine.runtime.row_layout.dim)
+        readers = engine.store.shards
+        expected = np.concatenate([readers[s].read(layout.ROWS, np.array([r])) for s, r in zip(shards, rows)])
         assert held.dtype == np.float16 and np.array_equal(held, expected)
-        assert engine.indexes.stored_rows(shards[:1], np.array([10 ** 6]), 1) is None  # not in the index
+        assert engine.store.indexes.stored_rows(shards[:1], np.array([10 ** 6]), 1) is None  # not in the index
 
 
 def test_an_ivf_sq8_index_is_replaced_by_pq4_when_the_settings_want_it(tmp_path, model_dir):
@@ -204,7 +205,7 @@ def test_an_index_lost_before_the_manifest_recorded_it_is_rebuilt_the_same(tmp_p
     import attribdb
 
     with attribdb.open(db) as opened:  # meanwhile: every shard through its own index
-        assert opened.engine.indexes.database is None and len(opened.engine.indexes.shard_indexes) > 1
+        assert opened.engine.store.indexes.database is None and len(opened.engine.store.indexes.shard_indexes) > 1
     corpus = Manifest.load(ivf_db).generations[0].corpus["path"]
     cli("build", db, "--corpus", corpus, "--quiet")
     rebuilt = Manifest.load(db).database_index

@@ -13,6 +13,7 @@ import pytest
 
 import attribdb.api as api
 from attribdb.errors import ModelMismatchError, QueryError, StoreError
+from attribdb.query.options import as_queries
 
 from conftest import write_corpus
 from dbtools import SMALL_SETTINGS, cli, rewrite_manifest
@@ -76,7 +77,7 @@ def _all_stored_rows(db):
     from attribdb import layout
 
     pairs, unit, squared = [], [], []
-    for shard_id, reader in db.engine.shards.items():
+    for shard_id, reader in db.engine.store.shards.items():
         pairs += [(shard_id, row) for row in range(reader.rows)]
         unit.append(reader.read(layout.ROWS).astype(np.float64))
         squared.append(reader.read(layout.SELF_INFLUENCE).astype(np.float64))
@@ -89,7 +90,7 @@ def test_index_answers_equal_a_brute_force_scan_of_the_stored_rows(db, rank_by):
     import numpy as np
 
     pairs, unit, squared = _all_stored_rows(db)
-    query_rows = db.engine.query_rows([api._as_query(q) for q in QUERIES]).double().numpy()
+    query_rows = db.engine.query_rows(as_queries(QUERIES)).double().numpy()
     cosines = query_rows @ unit.T / np.linalg.norm(query_rows, axis=1, keepdims=True)
     lengths = np.linalg.norm(query_rows, axis=1, keepdims=True) * np.sqrt(squared)
     keys = cosines if rank_by == "normalized" else cosines * lengths
@@ -106,7 +107,7 @@ def test_compression_error_is_bounded_by_what_the_rows_leave_out(db):
     stored ones from the rows."""
     truths = db.exhaustive(QUERIES, k=10_000)
     index = {(h.shard, h.row): h for h in db.query_batch(QUERIES[:1], k=150, candidates=10_000, rescore=0)[0].hits}
-    query_row = db.engine.query_rows([api._as_query(QUERIES[0])]).double()
+    query_row = db.engine.query_rows(as_queries(QUERIES[:1])).double()
     block_q = float(query_row.pow(2).sum())
     assert block_q <= truths[0].query_self_influence * (1 + 1e-3)
     checked = 0
@@ -144,25 +145,26 @@ def test_a_row_rescored_for_the_bottom_end_ranks_at_the_top_by_its_exact_score(d
     is a top hit, ahead of a top candidate whose exact score is lower (+1), and no opponent."""
     import numpy as np
 
-    from attribdb.query.engine import _Scored
+    from attribdb.query.scored import ScoredRows
 
-    shard_id = next(iter(db.engine.shards))
-    scored = _Scored(np.array([shard_id, shard_id]), np.array([0, 1]), np.array([5.0, -5.0]), np.zeros((2, 1)),
+    shard_id = next(iter(db.engine.store.shards))
+    scored = ScoredRows(np.array([shard_id, shard_id]), np.array([0, 1]), np.array([5.0, -5.0]), np.zeros((2, 1)),
                      np.ones(2), query_self=1.0, exact_query_self=1.0)
     scored.exact[:] = True
     scored.exact_scores[:] = [1.0, 10.0]
     scored.exact_self_influence[:] = 1.0
-    scored.first = {"top": np.array([True, False]), "bottom": np.array([False, True])}
-    hits, opponents = db.engine._ends(scored, k=2, rank_by="score", opponents=True)
+    scored.chosen = {"top": np.array([True, False]), "bottom": np.array([False, True])}
+    top, bottom = scored.ends(k=2, rank_by="score", opponents=True)
+    hits, opponents = db.engine.pipeline.hits(scored, top), db.engine.pipeline.hits(scored, bottom)
     assert [(h.row, h.exact_score) for h in hits] == [(1, 10.0), (0, 1.0)]
     assert opponents == []
 
 
 @pytest.mark.parametrize("budget, rescored", [(0.0, "none"), (1e30, "all")])
 def test_default_rescoring_spends_the_compute_budget(db, monkeypatch, budget, rescored):
-    import attribdb.query.engine as engine_module
+    import attribdb.query.recompute as recompute
 
-    monkeypatch.setattr(engine_module, "RESCORE_FLOPS", {"cpu": budget})
+    monkeypatch.setattr(recompute, "RESCORE_FLOPS", {"cpu": budget})
     result = db.query(**QUERIES[0], k=10, candidates=32)
     compressed = db.query(**QUERIES[0], k=10, candidates=32, rescore=0)
     if rescored == "none":
@@ -178,8 +180,8 @@ def test_faiss_holds_the_unit_rows(db):
 
     from attribdb import layout
 
-    for shard_id, reader in db.engine.shards.items():
-        held = db.engine.indexes.shard_indexes[shard_id].reconstruct_n(0, reader.rows)
+    for shard_id, reader in db.engine.store.shards.items():
+        held = db.engine.store.indexes.shard_indexes[shard_id].reconstruct_n(0, reader.rows)
         rows = reader.read(layout.ROWS).astype(np.float32)
         assert held.shape[1] % 16 == 0 and held.shape[1] - rows.shape[1] < 16
         np.testing.assert_array_equal(held[:, :rows.shape[1]], rows)

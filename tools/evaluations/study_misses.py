@@ -106,7 +106,7 @@ def main() -> None:
     with api.open(prepared.db_path) as db:
         rows = db.engine.rows
         tokenizer, model = db.engine.runtime.tokenizer, db.engine.runtime.model
-        by_row = {(shard, row): meta for shard, reader in db.engine.shards.items()
+        by_row = {(shard, row): meta for shard, reader in db.engine.store.shards.items()
                   for row, meta in enumerate(reader.metadata(range(reader.rows)))}
         frequency = Counter(t for m in by_row.values() for t in set(m.token_ids))
         common_ids = {t for t, n in frequency.items() if n >= COMMON * rows}
