@@ -72,5 +72,6 @@ def built_db(tmp_path_factory, corpus, model_dir) -> Path:
     from dbtools import SMALL_SETTINGS, cli
 
     db = tmp_path_factory.mktemp("built") / "db"
-    cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SMALL_SETTINGS)
+    built = cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SMALL_SETTINGS)
+    assert built.stderr == "", f"--quiet leaves stderr empty (third-party warnings included):\n{built.stderr}"
     return db

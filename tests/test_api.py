@@ -167,6 +167,7 @@ def _on_a_terminal(*args) -> tuple[subprocess.CompletedProcess, str]:
     return result, shown.decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_cli_batch_progress_on_a_terminal_and_quiet_silences_it(built_db, tmp_path):
     queries = tmp_path / "q.jsonl"
     queries.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in QUERIES))
