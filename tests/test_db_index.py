@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ from attribdb.manifest import Manifest
 from attribdb.shard import ShardReader
 
 from conftest import write_corpus
-from dbtools import cli, copy_db, rewrite_manifest
+from dbtools import cli, copy_db
 
 SETTINGS = ["--max-length", "16", "--shard-size", "512", "--commit-rows", "64", "--batch-size", "64",
             "--fit-sample-size", "48", "--row-bytes", "512"]
@@ -81,18 +82,23 @@ def _answers_and_rows(db_path: Path, queries):
         return results, engine.query_rows([Query(*q) for q in queries]).float().numpy()
 
 
+def _update_index(db: Path, manifest: Manifest) -> bool:
+    """db_index.update as the end of a build runs it, with a reader of every shard."""
+    readers = {s: ShardReader(layout.shard_dir(db, s), manifest.row_layout()) for s in manifest.shard_ids}
+    try:
+        return db_index.update(db, manifest, readers)
+    finally:
+        for reader in readers.values():
+            reader.close()
+
+
 def test_a_database_index_added_to_a_small_database_answers_like_brute_force(tmp_path, built_db):
     """The quick check of the database index (the tests below build 2,400 documents): pq4 over a copy
     of the shared test database serves every query, as brute force over the stored rows would."""
     db = copy_db(built_db, tmp_path / "db")
-    rewrite_manifest(db, lambda data: data["settings"].update(index_kind="pq4"))
     manifest = Manifest.load(db)
-    readers = {s: ShardReader(layout.shard_dir(db, s), manifest.row_layout()) for s in manifest.shard_ids}
-    try:
-        assert db_index.update(db, manifest, readers)
-    finally:
-        for reader in readers.values():
-            reader.close()
+    manifest.settings = dataclasses.replace(manifest.settings, index_kind="pq4")
+    assert _update_index(db, manifest)
     results, query_rows = _answers_and_rows(db, _queries(5))
     assert recall_at(results, _brute_force_scores(db, query_rows), 10) == 1.0
 
@@ -148,8 +154,6 @@ def test_pq4_keeps_the_stored_rows_bit_for_bit(ivf_db):
 def test_an_ivf_sq8_index_is_replaced_by_pq4_when_the_settings_want_it(tmp_path, model_dir):
     """A database built with ivf-sq8 (as auto built before pq4) answers through it; once its settings
     ask for pq4, the next update replaces it with one over every shard, and verify passes."""
-    import dataclasses
-
     corpus = write_corpus(tmp_path / "corpus.jsonl", 400, seed=7)
     db = tmp_path / "db"
     cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SETTINGS, "--index-kind", "ivf-sq8")
@@ -159,12 +163,7 @@ def test_an_ivf_sq8_index_is_replaced_by_pq4_when_the_settings_want_it(tmp_path,
     results, query_rows = _answers_and_rows(db, queries)
     assert recall_at(results, _brute_force_scores(db, query_rows), 10) >= 0.95
     manifest.settings = dataclasses.replace(manifest.settings, index_kind="pq4")
-    readers = {s: ShardReader(layout.shard_dir(db, s), manifest.row_layout()) for s in manifest.shard_ids}
-    try:
-        assert db_index.update(db, manifest, readers)
-    finally:
-        for reader in readers.values():
-            reader.close()
+    assert _update_index(db, manifest)
     recorded = Manifest.load(db).database_index
     assert recorded["kind"] == "pq4" and recorded["shards"] == manifest.shard_ids
     assert sorted(p.name for p in (db / layout.INDEX_DIR).iterdir()) == [recorded["file"]]
