@@ -47,6 +47,8 @@ import numpy as np
 from attribdb import layout
 from attribdb.errors import StoreError
 from attribdb.faiss_index import search
+from attribdb.index_kinds import AUTO, DATABASE_KINDS
+from attribdb.rows import ROW_DTYPE
 
 # Measured with tools/benchmarks/bench_query.py --rows (README), one thread, 243-coordinate rows, 200 queries.  At 10⁵
 # rows shard-by-shard flat search took 193 ms per query, IVF-SQ8 132 ms with every list probed and still 50 ms
@@ -57,8 +59,7 @@ from attribdb.faiss_index import search
 # load 4): re-ranking 8 × the candidates costs nothing measurable and leaves a wide margin.  The threshold
 # itself was not measured again with pq4: below it the shards' own indexes answer exactly.
 AUTO_MIN_ROWS = 100_000
-DEFAULT_KIND = "pq4"
-KINDS = ("pq4", "ivf-sq8")  # database index kinds; also the index_kind settings that ask for one at any size
+DEFAULT_KIND = DATABASE_KINDS[0]
 REFINE_FACTOR = 8  # pq4: rows re-ranked from float16 per candidate requested
 PQ_BITS = 4  # fast-scan kernels take 4-bit codes only
 PQ_TRAIN_ROWS = 65_536  # 4,096 rows per level of each coordinate's 16
@@ -70,12 +71,12 @@ SHARD_BITS = 32
 
 def database_kind(index_kind: str) -> str | None:
     """The kind of database index an ``index_kind`` setting asks for (None: per-shard indexes only)."""
-    return DEFAULT_KIND if index_kind == "auto" else index_kind if index_kind in KINDS else None
+    return DEFAULT_KIND if index_kind == AUTO else index_kind if index_kind in DATABASE_KINDS else None
 
 
 def wanted(index_kind: str, rows: int) -> bool:
     """Whether a database of ``rows`` rows with this index kind is served by a database index."""
-    return index_kind in KINDS or (index_kind == "auto" and rows >= AUTO_MIN_ROWS)
+    return index_kind in DATABASE_KINDS or (index_kind == AUTO and rows >= AUTO_MIN_ROWS)
 
 
 def list_count(rows: int) -> int:
@@ -92,9 +93,9 @@ def global_ids(shard_id: int, rows: int) -> np.ndarray:
 
 
 def _file_crc32c(path: Path) -> str:
-    from attribdb.shard import _file_crc32c as crc
+    from attribdb.shard import file_crc32c
 
-    return crc(path).decode()
+    return file_crc32c(path).decode()
 
 
 def update(root: Path, manifest, readers: dict) -> bool:
@@ -164,8 +165,8 @@ def _trained(kind: str, readers: dict, total: int):
     if kind == "pq4":
         vectors = _sample(readers, total, PQ_TRAIN_ROWS)
         dim = vectors.shape[1]
-        unit = next(iter(readers.values())).layout.normalized_index  # float16 rows: kept exactly in float16
-        refine = "SQfp16" if unit else "Flat"  # rows at their own length could overflow float16
+        in_row_dtype = next(iter(readers.values())).layout.index_in_row_dtype
+        refine = "SQfp16" if in_row_dtype else "Flat"  # re-ranking copies: the stored rows, or float32
         index = faiss.index_factory(dim, f"IDMap,PQ{dim}x{PQ_BITS}fs,Refine({refine})", faiss.METRIC_INNER_PRODUCT)
         codes = faiss.downcast_index(faiss.downcast_index(index.index).base_index)
         # 16 centroids per coordinate from fewer than 39 x 16 rows is fine here (the refinement re-ranks
@@ -206,7 +207,7 @@ class IndexSet:
         return cls(shard_indexes, database, recorded if database is not None else None)
 
     def stored_rows(self, shards: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray | None:
-        """The float16 unit rows (``dim`` wide, without the index's zero padding) of (shard, row)
+        """The stored rows (``dim`` wide, without the index's zero padding) of (shard, row)
         pairs from a pq4 index's re-ranking copies (the row store's values bit for bit, checked by
         the file's CRC32C on open), so candidates need no row-store reads; None when the database
         index holds no such copies or lacks a pair."""
@@ -226,7 +227,7 @@ class IndexSet:
         at = np.minimum(np.searchsorted(sorted_ids, wanted), len(sorted_ids) - 1)
         if len(wanted) == 0 or not np.array_equal(sorted_ids[at], wanted):
             return None
-        return refine.reconstruct_batch(order[at].astype(np.int64))[:, :dim].astype(np.float16)
+        return refine.reconstruct_batch(order[at].astype(np.int64))[:, :dim].astype(ROW_DTYPE)
 
     @property
     def kinds(self) -> str:

@@ -1,10 +1,10 @@
 """The FAISS side of a shard: build, save, load and search inner-product indexes.
 
-FAISS holds the rows themselves (attribdb/rows.py), unit rows by default, so
-its inner products are the compressed cosines the default ranking uses.  A
-flat index stores them in float16, exactly the values of the row store, at
-the row store's size; the rescoring that follows reads the same values and
-only adds per-module scores and the other ranking.
+FAISS holds the rows themselves (attribdb/rows.py says in what form), so its
+inner products are the compressed scores or cosines the ranking uses.  A flat
+index over rows in the row dtype stores them as they are, exactly the values
+of the row store, at the row store's size; the stored-row scoring that follows
+reads the same values and only adds per-module scores and the other ranking.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from attribdb.native import faiss
+from attribdb.rows import ROW_DTYPE
 
 HNSW_NEIGHBOURS = 32
-DATABASE_KINDS = ("auto", "pq4", "ivf-sq8")  # kinds served by one database-wide index (at scale, for "auto")
+ROW_QUANTIZER = {np.dtype(np.float16): faiss.ScalarQuantizer.QT_fp16}[np.dtype(ROW_DTYPE)]  # rows kept as stored
 IVF_MIN_POINTS_PER_LIST = 39  # below this faiss warns that training is unreliable
 
 
@@ -29,20 +30,14 @@ def divide_by_norm(values, squared_norms):
     return np.divide(values, norms, out=np.zeros(np.broadcast(values, norms).shape), where=norms > 0)
 
 
-def shard_index_kind(index_kind: str) -> str:
-    """The kind of a shard's own index: flat where a database-wide index takes over at scale
-    ("auto", "pq4", "ivf-sq8"), so a shard is searchable exactly from its seal until that index covers it."""
-    return "flat" if index_kind in DATABASE_KINDS else index_kind
-
-
-def build_index(vectors: np.ndarray, kind: str, unit: bool):
-    """An inner-product index over ``vectors`` (N, D) float32, ids 0..N-1.  ``unit`` vectors are
-    float16 rows already, and a flat index stores them so: exact, at half a float32 index; rows
-    scaled by their norms could overflow float16 and stay float32."""
+def build_index(vectors: np.ndarray, kind: str, in_row_dtype: bool):
+    """An inner-product index over ``vectors`` (N, D) float32, ids 0..N-1, of a per-shard ``kind``
+    (attribdb/index_kinds.py).  Vectors ``in_row_dtype`` (RowLayout.index_in_row_dtype) are kept in
+    a flat index so, exact at half a float32 index; others stay float32."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     dim = vectors.shape[1]
-    if (kind == "flat" or len(vectors) < IVF_MIN_POINTS_PER_LIST) and unit:
-        index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    if (kind == "flat" or len(vectors) < IVF_MIN_POINTS_PER_LIST) and in_row_dtype:
+        index = faiss.IndexScalarQuantizer(dim, ROW_QUANTIZER, faiss.METRIC_INNER_PRODUCT)
     elif kind == "flat" or len(vectors) < IVF_MIN_POINTS_PER_LIST:
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":

@@ -7,7 +7,7 @@
       lock                          the writer lock (holder's pid), see writelock.py
       factors/factors.safetensors   Q_A, Q_S, D, λ per module (exact and exhaustive queries)
       factors/rows.safetensors      the row projections: kept eigenvectors and 1/√(Λ+λ) per module
-      shards/NNNNN/grads.zarr       rows (float16 unit vectors) and their self-influence
+      shards/NNNNN/grads.zarr       the stored rows and their self-influence (attribdb/rows.py)
       shards/NNNNN/meta.lmdb        row metadata, document index, commit journal
       shards/NNNNN/rows.faiss       inner-product index over the shard's rows
       shards/NNNNN/text.sqlite      SQLite FTS5 index of the rows' text (BM25), see text_index.py
@@ -30,8 +30,8 @@ TEXT_FILE = "text.sqlite"
 INDEX_DIR = "index"  # the database-wide FAISS index, when there is one (attribdb/db_index.py)
 
 # arrays inside grads.zarr (attribdb/rows.py says what a row is)
-ROWS = "rows"  # (rows, dim) float16: each row divided by its norm
-SELF_INFLUENCE = "self_influence"  # (rows,) float32: the row's squared norm
+ROWS = "rows"  # (rows, dim)
+SELF_INFLUENCE = "self_influence"  # (rows,)
 ROW_ARRAYS = (ROWS, SELF_INFLUENCE)
 
 

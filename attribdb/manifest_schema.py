@@ -17,6 +17,7 @@ import re
 from dataclasses import fields
 
 from attribdb.errors import StoreError
+from attribdb.index_kinds import DATABASE_KINDS
 from attribdb.rows import ROW_KINDS
 
 CHECKSUM_KEY = "checksum"
@@ -144,7 +145,7 @@ def _check_database_index(c: _Checker, recorded, shards: int) -> None:
         return
     common = {"kind", "file", "crc32c", "shards", "rows"}
     c.keys(recorded, "database_index", common, {"refine", "nlist", "nprobe"})
-    c.string(recorded["kind"], "database_index.kind", choices=("pq4", "ivf-sq8"))  # attribdb/db_index.py KINDS
+    c.string(recorded["kind"], "database_index.kind", choices=DATABASE_KINDS)
     search = ("refine",) if recorded["kind"] == "pq4" else ("nlist", "nprobe")  # what a search of that kind reads
     c.keys(recorded, "database_index", common | set(search))
     if not (isinstance(recorded["file"], str) and re.fullmatch(r"[\w.-]+\.faiss", recorded["file"])):

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 from attribdb.errors import ConfigError
 from attribdb.factors import FactorConfig
+from attribdb.index_kinds import INDEX_KINDS
 from attribdb.rows import ROW_KINDS
 
-INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "pq4", "ivf-sq8")  # attribdb/faiss_index.py says what each is
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 

@@ -24,16 +24,17 @@ import numpy as np
 
 from attribdb import faults, layout, metadb, records, text_index
 from attribdb.errors import StoreError
-from attribdb.rows import RowLayout, index_vectors
+from attribdb.records import RowRecord
+from attribdb.rows import ROW_DTYPE, SELF_INFLUENCE_DTYPE, RowLayout, index_vectors
 
 
 @dataclass
 class RowBlock:
     """A commit unit's computed rows, ready to write (numpy arrays, N rows each)."""
 
-    rows: np.ndarray  # (N, dim) float16 unit rows (attribdb/rows.py)
-    self_influence: np.ndarray  # (N,) float32 squared norms
-    metadata: list[dict]  # per row: doc_id, source, token_span, char_span, text, token_ids
+    rows: np.ndarray  # (N, dim) stored rows (attribdb/rows.py: to_stored)
+    self_influence: np.ndarray  # (N,) squared norms
+    metadata: list[RowRecord]
 
     def __len__(self) -> int:
         return len(self.metadata)
@@ -48,7 +49,7 @@ def row_shapes(row_layout: RowLayout) -> dict[str, tuple[int, ...]]:
 
 def _codecs(compress: bool):
     """A CRC32C over each chunk's stored bytes, so a flipped byte fails the read; zstd before it
-    only where it pays: float16 rows are near-incompressible noise, and decoding would be the larger
+    only where it pays: stored rows are near-incompressible noise, and decoding would be the larger
     part of a query's read time."""
     import zarr
 
@@ -60,7 +61,7 @@ TEXT_CRC_KEY = b"text_crc32c"  # info key: CRC32C of text.sqlite, written when t
 lmdb_errors = metadb.lmdb_errors  # LMDB's own exceptions as a one-line StoreError naming the shard
 
 
-def _file_crc32c(path: Path) -> bytes:
+def file_crc32c(path: Path) -> bytes:
     import google_crc32c
 
     checksum = google_crc32c.Checksum()
@@ -78,7 +79,7 @@ def row_texts(env, rows_db, where: str, rows: int):
             row = int.from_bytes(key, "big")
             if row >= rows:
                 break
-            yield row, records.unpack(bytes(key), value, f"{where} row {row}")["text"]
+            yield row, RowRecord.from_bytes(bytes(key), value, f"{where} row {row}").text
 
 
 class ShardWriter:
@@ -108,8 +109,8 @@ class ShardWriter:
         group = zarr.open_group(str(zarr_path), mode="w")
         cap, unit, dim = self.capacity, self.commit_rows, self.layout.dim
         specs = {
-            layout.ROWS: ((cap, dim), (1, dim), "float16"),  # one row per chunk: queries read scattered rows
-            layout.SELF_INFLUENCE: ((cap,), (unit,), "float32"),
+            layout.ROWS: ((cap, dim), (1, dim), ROW_DTYPE),  # one row per chunk: queries read scattered rows
+            layout.SELF_INFLUENCE: ((cap,), (unit,), SELF_INFLUENCE_DTYPE),
         }
         for name, (shape, chunks, dtype) in specs.items():
             group.create_array(name, shape=shape, chunks=chunks, dtype=dtype,
@@ -145,7 +146,7 @@ class ShardWriter:
         metadb.write(self.env, lambda txn: self._record(txn, start, block.metadata))
         faults.point("unit-committed")
 
-    def _record(self, txn, start: int, metadata: list[dict]) -> None:
+    def _record(self, txn, start: int, metadata: list[RowRecord]) -> None:
         """One commit unit's rows, document lists, journal entry and committed count (one transaction,
         rerun whole by metadb.write if the map had to grow); every value a checksummed record."""
         self._require_next(start, int(txn.get(b"committed", db=self.dbs[layout.INFO_DB]) or 0))
@@ -153,8 +154,8 @@ class ShardWriter:
         for offset, meta in enumerate(metadata):
             row = start + offset
             key = layout.row_key(row)
-            txn.put(key, records.pack(key, meta), db=self.dbs[layout.ROWS_DB])
-            docs.setdefault(meta["doc_id"], []).append(row)
+            txn.put(key, meta.to_bytes(key), db=self.dbs[layout.ROWS_DB])
+            docs.setdefault(meta.doc_id, []).append(row)
         for doc_id, doc_rows in docs.items():
             key = doc_id.encode()
             previous = txn.get(key, db=self.dbs[layout.DOCS_DB])
@@ -174,7 +175,8 @@ class ShardWriter:
 
     def seal(self, index_kind: str) -> None:
         """Trim the arrays to the committed rows, write the FAISS and full-text indexes, mark sealed."""
-        from attribdb.faiss_index import build_index, shard_index_kind, write_index
+        from attribdb.faiss_index import build_index, write_index
+        from attribdb.index_kinds import shard_index_kind
 
         rows = self.committed
         for name in self.group.array_keys():
@@ -182,12 +184,12 @@ class ShardWriter:
             array.resize((rows,) + array.shape[1:])
         vectors = index_vectors(self.row_files.read(range(rows)), self.group[layout.SELF_INFLUENCE][:rows],
                                 self.layout.normalized_index)
-        write_index(build_index(vectors, shard_index_kind(index_kind), self.layout.normalized_index),
+        write_index(build_index(vectors, shard_index_kind(index_kind), self.layout.index_in_row_dtype),
                     self.path / layout.FAISS_FILE)
         text_index.write(row_texts(self.env, self.dbs[layout.ROWS_DB], f"shard {self.path}", rows),
                          self.path / layout.TEXT_FILE)
-        checksums = {FAISS_CRC_KEY: _file_crc32c(self.path / layout.FAISS_FILE),
-                     TEXT_CRC_KEY: _file_crc32c(self.path / layout.TEXT_FILE)}
+        checksums = {FAISS_CRC_KEY: file_crc32c(self.path / layout.FAISS_FILE),
+                     TEXT_CRC_KEY: file_crc32c(self.path / layout.TEXT_FILE)}
         faults.point("indexes-written")
 
         def mark_sealed(txn) -> None:
@@ -355,7 +357,7 @@ class ShardReader:
             self._whole[name] = self.read(name)
         return self._whole[name]
 
-    def metadata(self, rows) -> list[dict]:
+    def metadata(self, rows) -> list[RowRecord]:
         with lmdb_errors(f"shard {self.path}"), metadb.read(self.env, db=self.dbs[layout.ROWS_DB]) as txn:
             out = []
             for row in rows:
@@ -363,7 +365,7 @@ class ShardReader:
                 value = txn.get(key)
                 if value is None:
                     raise StoreError(f"shard {self.path}: row {row} has no metadata in {layout.META_LMDB}")
-                out.append(records.unpack(key, value, f"shard {self.path} row {row}"))
+                out.append(RowRecord.from_bytes(key, value, f"shard {self.path} row {row}"))
             return out
 
     def document_rows(self, doc_id: str) -> list[int]:
@@ -383,7 +385,7 @@ class ShardReader:
         path = self.path / name
         if not path.is_file():
             raise StoreError(f"{path} is missing: the shard is damaged")
-        if crc is not None and _file_crc32c(path) != bytes(crc):
+        if crc is not None and file_crc32c(path) != bytes(crc):
             raise StoreError(f"{path} fails its checksum: the index is damaged")
         return path
 
@@ -392,7 +394,7 @@ class ShardReader:
         from attribdb.faiss_index import build_index, read_index
 
         if not self.sealed:
-            return build_index(self.faiss_vectors(), "flat", self.layout.normalized_index)
+            return build_index(self.faiss_vectors(), "flat", self.layout.index_in_row_dtype)
         path = self._sealed_file(layout.FAISS_FILE, self._faiss_crc)
         try:
             index = read_index(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ from attribdb.manifest import Manifest
 from attribdb.shard import ShardReader
 
 from conftest import write_corpus
-from dbtools import cli
+from dbtools import cli, copy_db
 
 SETTINGS = ["--max-length", "16", "--shard-size", "512", "--commit-rows", "64", "--batch-size", "64",
             "--fit-sample-size", "48", "--row-bytes", "512"]
@@ -36,7 +37,8 @@ def ivf_db(tmp_path_factory, model_dir) -> Path:
     """A database whose every query goes through a database index (pq4) at 2,400 documents."""
     corpus = write_corpus(tmp_path_factory.mktemp("ivf") / "corpus.jsonl", 2400, seed=5)
     db = tmp_path_factory.mktemp("ivf") / "db"
-    cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SETTINGS, "--index-kind", "pq4")
+    built = cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SETTINGS, "--index-kind", "pq4")
+    assert built.stderr == "", f"--quiet leaves stderr empty (FAISS's training warnings included):\n{built.stderr}"
     return db
 
 
@@ -71,15 +73,37 @@ def _queries(n: int) -> list[tuple[str, str]]:
 def _answers_and_rows(db_path: Path, queries):
     """Index answers (``rescore=0``: the index's answer, not its exact rescoring) and query rows."""
     import attribdb
-    from attribdb.query.engine import Query
+    from attribdb.query.options import Query
 
     with attribdb.open(db_path) as db:
         engine = db.engine
-        assert engine.indexes.database is not None and not engine.indexes.shard_indexes
+        assert engine.store.indexes.database is not None and not engine.store.indexes.shard_indexes
         results = db.query_batch(queries, k=10, rescore=0)
         return results, engine.query_rows([Query(*q) for q in queries]).float().numpy()
 
 
+def _update_index(db: Path, manifest: Manifest) -> bool:
+    """db_index.update as the end of a build runs it, with a reader of every shard."""
+    readers = {s: ShardReader(layout.shard_dir(db, s), manifest.row_layout()) for s in manifest.shard_ids}
+    try:
+        return db_index.update(db, manifest, readers)
+    finally:
+        for reader in readers.values():
+            reader.close()
+
+
+def test_a_database_index_added_to_a_small_database_answers_like_brute_force(tmp_path, built_db):
+    """The quick check of the database index (the tests below build 2,400 documents): pq4 over a copy
+    of the shared test database serves every query, as brute force over the stored rows would."""
+    db = copy_db(built_db, tmp_path / "db")
+    manifest = Manifest.load(db)
+    manifest.settings = dataclasses.replace(manifest.settings, index_kind="pq4")
+    assert _update_index(db, manifest)
+    results, query_rows = _answers_and_rows(db, _queries(5))
+    assert recall_at(results, _brute_force_scores(db, query_rows), 10) == 1.0
+
+
+@pytest.mark.slow
 def test_a_pq4_database_answers_like_brute_force_over_its_rows(ivf_db):
     recorded = Manifest.load(ivf_db).database_index
     assert recorded["kind"] == "pq4" and recorded["rows"] > 3000
@@ -87,15 +111,16 @@ def test_a_pq4_database_answers_like_brute_force_over_its_rows(ivf_db):
     assert recall_at(results, _brute_force_scores(ivf_db, query_rows), 10) >= 0.95
 
 
+@pytest.mark.slow
 def test_pq4_re_ranking_every_row_is_brute_force(ivf_db):
     """Re-ranked from every row's float16 copy, the database index's candidates are brute force's:
     the same rows in the same order, with the same scores up to float32 summation order."""
     import attribdb
     from attribdb.native import faiss
-    from attribdb.query.engine import Query
+    from attribdb.query.options import Query
 
     with attribdb.open(ivf_db) as db:
-        indexes = db.engine.indexes
+        indexes = db.engine.store.indexes
         faiss.downcast_index(indexes.database.index).k_factor = indexes.database.ntotal  # every row re-ranked
         query_rows = db.engine.query_rows([Query(*q) for q in _queries(20)]).float().numpy()
         found = indexes.search(query_rows, 50)
@@ -109,25 +134,26 @@ def test_pq4_re_ranking_every_row_is_brute_force(ivf_db):
             assert np.isclose(truth[(shard, row)][i], score, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pq4_keeps_the_stored_rows_bit_for_bit(ivf_db):
     """The engine scores candidates from the database index's float16 copies instead of the row store."""
     import attribdb
 
     with attribdb.open(ivf_db) as db:
         engine = db.engine
-        shards = np.repeat(sorted(engine.shards), 3)
-        rows = np.tile([0, 5, 9], len(engine.shards))
-        held = engine.indexes.stored_rows(shards, rows, engine.runtime.row_layout.dim)
-        expected = np.concatenate([engine.shards[s].read(layout.ROWS, np.array([r])) for s, r in zip(shards, rows)])
+        shards = np.repeat(sorted(engine.store.shards), 3)
+        rows = np.tile([0, 5, 9], len(engine.store.shards))
+        held = engine.store.indexes.stored_rows(shards, rows, engine.runtime.row_layout.dim)
+        readers = engine.store.shards
+        expected = np.concatenate([readers[s].read(layout.ROWS, np.array([r])) for s, r in zip(shards, rows)])
         assert held.dtype == np.float16 and np.array_equal(held, expected)
-        assert engine.indexes.stored_rows(shards[:1], np.array([10 ** 6]), 1) is None  # not in the index
+        assert engine.store.indexes.stored_rows(shards[:1], np.array([10 ** 6]), 1) is None  # not in the index
 
 
+@pytest.mark.slow
 def test_an_ivf_sq8_index_is_replaced_by_pq4_when_the_settings_want_it(tmp_path, model_dir):
     """A database built with ivf-sq8 (as auto built before pq4) answers through it; once its settings
     ask for pq4, the next update replaces it with one over every shard, and verify passes."""
-    import dataclasses
-
     corpus = write_corpus(tmp_path / "corpus.jsonl", 400, seed=7)
     db = tmp_path / "db"
     cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SETTINGS, "--index-kind", "ivf-sq8")
@@ -137,12 +163,7 @@ def test_an_ivf_sq8_index_is_replaced_by_pq4_when_the_settings_want_it(tmp_path,
     results, query_rows = _answers_and_rows(db, queries)
     assert recall_at(results, _brute_force_scores(db, query_rows), 10) >= 0.95
     manifest.settings = dataclasses.replace(manifest.settings, index_kind="pq4")
-    readers = {s: ShardReader(layout.shard_dir(db, s), manifest.row_layout()) for s in manifest.shard_ids}
-    try:
-        assert db_index.update(db, manifest, readers)
-    finally:
-        for reader in readers.values():
-            reader.close()
+    assert _update_index(db, manifest)
     recorded = Manifest.load(db).database_index
     assert recorded["kind"] == "pq4" and recorded["shards"] == manifest.shard_ids
     assert sorted(p.name for p in (db / layout.INDEX_DIR).iterdir()) == [recorded["file"]]
@@ -151,6 +172,7 @@ def test_an_ivf_sq8_index_is_replaced_by_pq4_when_the_settings_want_it(tmp_path,
     assert recall_at(results, _brute_force_scores(db, query_rows), 10) >= 0.95
 
 
+@pytest.mark.slow
 def test_verify_checks_the_database_index(tmp_path, ivf_db):
     assert "ok:" in cli("verify", ivf_db).stdout
     db = shutil.copytree(ivf_db, tmp_path / "db")
@@ -163,6 +185,7 @@ def test_verify_checks_the_database_index(tmp_path, ivf_db):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_verify_finds_database_index_copies_that_differ_from_the_rows(tmp_path, ivf_db):
     """An index whose checksum holds but whose float16 copy of a row is another row (what a bug in
     building it would leave) fails verify: queries would score candidates from those copies."""
@@ -191,6 +214,7 @@ def test_verify_finds_database_index_copies_that_differ_from_the_rows(tmp_path, 
     assert f"shard {recorded['shards'][-1]:05d}" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_an_index_lost_before_the_manifest_recorded_it_is_rebuilt_the_same(tmp_path, ivf_db, model_dir):
     """A build killed after its shards sealed but before the manifest named the database index
     leaves the shards searchable on their own; running it again writes the same index."""
@@ -204,13 +228,14 @@ def test_an_index_lost_before_the_manifest_recorded_it_is_rebuilt_the_same(tmp_p
     import attribdb
 
     with attribdb.open(db) as opened:  # meanwhile: every shard through its own index
-        assert opened.engine.indexes.database is None and len(opened.engine.indexes.shard_indexes) > 1
+        assert opened.engine.store.indexes.database is None and len(opened.engine.store.indexes.shard_indexes) > 1
     corpus = Manifest.load(ivf_db).generations[0].corpus["path"]
     cli("build", db, "--corpus", corpus, "--quiet")
     rebuilt = Manifest.load(db).database_index
     assert rebuilt == recorded and sorted(p.name for p in (db / layout.INDEX_DIR).iterdir()) == [recorded["file"]]
 
 
+@pytest.mark.slow
 def test_append_adds_its_shards_to_the_database_index(tmp_path, ivf_db):
     from attribdb.faiss_index import read_index
     from attribdb.native import faiss

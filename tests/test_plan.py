@@ -7,9 +7,10 @@ import json
 import pytest
 
 from conftest import make_model_folder, write_corpus
-from dbtools import SMALL_SETTINGS, cli
+from dbtools import SMALL_SETTINGS, cli, cli_here
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("width", "layers", "budget"), [(32, 2, 4096), (48, 1, 6000)])
 def test_plan_of_a_model_folder_matches_info_of_its_database(tmp_path, width, layers, budget):
     from attribdb import api
@@ -30,7 +31,7 @@ def test_plan_of_a_model_folder_matches_info_of_its_database(tmp_path, width, la
 
 
 def test_plan_command_prices_named_shapes_and_refuses_bad_settings(tmp_path):
-    out = cli("plan", "--shape", "gpt2-small", "--rows", "1000", "--row-bytes", "8192").stdout
+    out = cli_here("plan", "--shape", "gpt2-small", "--rows", "1000", "--row-bytes", "8192").stdout
     line = next(line for line in out.splitlines() if line.startswith("gpt2-small"))
     assert line.split()[1] == "48", "12 blocks × 4 linear layers are tracked"
     row_store_kib = float(line.split()[3].removesuffix("Ki"))
@@ -38,6 +39,6 @@ def test_plan_command_prices_named_shapes_and_refuses_bad_settings(tmp_path):
     total_kib, database = float(line.split()[4].removesuffix("Ki")), line.split()[5]
     assert database.endswith("Mi")
     assert float(database.removesuffix("Mi")) == pytest.approx(total_kib * 1000 / 1024, rel=0.01)
-    bad = cli("plan", "--row-kind", "dense", check=False)
+    bad = cli_here("plan", "--row-kind", "dense")
     assert bad.returncode == 1 and bad.stderr.strip().startswith("Error: unknown row kind")
     assert "Traceback" not in bad.stderr
