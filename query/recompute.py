@@ -1,7 +1,7 @@
 """Recomputation: rows' exact EK-FAC scores from their stored tokens, within a compute budget.
 
 A few KiB per row cannot hold a gradient's cosines to the precision a top 10
-needs (tools/evaluations/eval_compression.py): stored-row scores find the
+needs (docs/evidence.md): stored-row scores find the
 right neighbourhood, and recomputing the best of it in full (a forward and
 backward pass per row, rotated into the factors' eigenbases) orders it.  How
 many rows are recomputed is ``QueryOptions.rescore``; by default as many as fit

@@ -20,8 +20,8 @@ def normalized(scores, self_q: float, self_m):
     """score / sqrt(self-influence of query × of row): the cosine of the two preconditioned
     gradients.  Raw scores favour rows with large gradients; this ranks by direction alone.
     It is the default because it did better on both demo evaluations: it found the documents
-    stating a fact more often (tools/evaluations/eval_facts.py), and removing its top documents cost the
-    retrained model more of the fact (tools/evaluations/eval_counterfactual.py), which is influence itself."""
+    stating a fact more often, and removing its top documents cost the
+    retrained model more of the fact, which is influence itself (docs/evidence.md)."""
     return divide_by_norm(scores, self_q * np.asarray(self_m, dtype=np.float64))
 
 
