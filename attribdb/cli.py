@@ -16,6 +16,7 @@ import click
 
 from attribdb.errors import AttribdbError
 from attribdb.plan import SHAPES
+from attribdb.query.options import HYBRID, RANK_BY, QueryOptions
 
 
 class FriendlyGroup(click.Group):
@@ -286,15 +287,14 @@ def _prefilter_size(ctx, param, value: str | None) -> int | None:
 @click.option("--completion", help="the completion to explain (keep its leading space)")
 @click.option("--queries", "queries_file", type=click.Path(exists=True, dir_okay=False),
               help="JSONL file of {\"prompt\", \"completion\"} objects")
-@click.option("-k", "--top", "k", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--candidates", type=click.IntRange(min=1), default=None,
-              help="rows FAISS hands to rescoring per end [default: 128, or k if larger]")
-@click.option("--rank-by", type=click.Choice(["normalized", "score", "hybrid"]), default="normalized",
-              show_default=True,
+@click.option("-k", "--top", "k", type=int, default=10, show_default=True)
+@click.option("--candidates", type=int, default=None,
+              help="rows FAISS hands to stored-row scoring per end [default: 128, or k if larger]")
+@click.option("--rank-by", type=click.Choice([*RANK_BY, HYBRID]), default=RANK_BY[0], show_default=True,
               help="normalized: the cosine form of the influence, which does not favour rows with large "
                    "gradients; score: the influence itself (the paper's ranking); hybrid (with --prefilter "
                    "only): reciprocal-rank fusion of the BM25 order and the normalized influence order")
-@click.option("--rescore", type=click.IntRange(min=0), default=None,
+@click.option("--rescore", type=int, default=None,
               help="index mode: recompute this many of each end's best candidates in full and rank them by their "
                    "exact score [default: as many as a fixed compute budget per query allows; 0: none]")
 @click.option("--mode", type=click.Choice(["index", "exact", "exhaustive", "text"]), default="index",
@@ -327,7 +327,7 @@ def query(db, prompt, completion, queries_file, k, candidates, rank_by, rescore,
     if prefilter and mode in ("exhaustive", "text"):
         raise click.UsageError(f"--prefilter picks the rows that exact influence scores; it does not go with "
                                f"--mode {mode}")
-    if rank_by == "hybrid" and not prefilter:
+    if rank_by == HYBRID and not prefilter:
         raise click.UsageError("--rank-by hybrid fuses the BM25 and influence orders of the BM25 top N rows: "
                                "give --prefilter bm25:N")
     if mode == "text" and completion is None:
@@ -338,20 +338,20 @@ def query(db, prompt, completion, queries_file, k, candidates, rank_by, rescore,
     if doc_ids and (mode != "index" or prefilter):
         raise click.UsageError("--doc scores the named documents exactly and ranks them as the index would: "
                                "leave out --mode and --prefilter")
+    options = QueryOptions(k=k, candidates=candidates, rescore=rescore, rank_by=rank_by)
     with api.open(db, device=device) as database:
         if doc_ids:
-            results = (database.score(item["prompt"], item["completion"], doc_ids, rank_by=rank_by) for item in items)
+            results = (database.score(item["prompt"], item["completion"], doc_ids, options=options) for item in items)
         elif prefilter:
-            results = database.prefilter_batch(items, n=prefilter, k=k, rank_by=rank_by, bm25_query=bm25_query)
+            results = database.prefilter_batch(items, prefilter, bm25_query=bm25_query, options=options)
         elif mode == "text":
-            results = database.text_batch(items, k=k, bm25_query=bm25_query)
+            results = database.text_batch(items, bm25_query=bm25_query, options=options)
         elif mode == "exhaustive":
-            results = database.exhaustive(items, k=k, quiet=quiet, rank_by=rank_by)
+            results = database.exhaustive(items, quiet=quiet, options=options)
         elif mode == "exact":
-            results = database.exact_iter(items, k=k, candidates=candidates, rank_by=rank_by, quiet=quiet)
+            results = database.exact_iter(items, quiet=quiet, options=options)
         else:
-            results = database.query_iter(items, k=k, candidates=candidates, rank_by=rank_by, rescore=rescore,
-                                          quiet=quiet)
+            results = database.query_iter(items, quiet=quiet, options=options)
         if output:
             with open(output, "w", encoding="utf-8") as handle:
                 write(results, fmt, handle)

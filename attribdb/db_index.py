@@ -51,11 +51,12 @@ import numpy as np
 from attribdb import layout
 from attribdb.errors import StoreError
 from attribdb.faiss_index import read_index, write_index
+from attribdb.index_kinds import AUTO, DATABASE_KINDS
 from attribdb.manifest import Manifest
 from attribdb.rows import index_dim
 from attribdb.shard import ShardReader
 
-KIND = "pq4"  # the database index kind, and the index_kind setting that asks for it at any size
+KIND = DATABASE_KINDS[0]  # the database index kind, and the index_kind setting that asks for it at any size
 # auto: a database index once a scan of every row would read this much: about 5,000 rows of the default
 # size (a scan of them takes a few hundred ms on one core), 200,000 of bench_scale's
 AUTO_MIN_BYTES = 128 << 20
@@ -76,7 +77,7 @@ SCAN_BLOCK_BYTES = 64 << 20  # float32 vectors scored at once when a shard is sc
 
 def wanted(index_kind: str, row_store_bytes: int) -> bool:
     """Whether a database of this index kind, holding this many bytes of rows, has a database index."""
-    return index_kind == KIND or (index_kind == "auto" and row_store_bytes >= AUTO_MIN_BYTES)
+    return index_kind == KIND or (index_kind == AUTO and row_store_bytes >= AUTO_MIN_BYTES)
 
 
 def first_stage(rows: int) -> int:
@@ -271,9 +272,9 @@ def describe(recorded: dict) -> str:
 
 
 def _file_crc32c(path: Path) -> str:
-    from attribdb.shard import _file_crc32c as crc
+    from attribdb.shard import file_crc32c
 
-    return crc(path).decode()
+    return file_crc32c(path).decode()
 
 
 class IndexMoved(Exception):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from attribdb.gradients import GradientRunner
+from attribdb.records import RowRecord
 from attribdb.rows import RowProjection, to_stored
 from attribdb.shard import RowBlock
 from attribdb.tasks import collate_sequences
@@ -28,7 +29,7 @@ class RowEncoder:
         batch = collate_sequences([list(ids) for ids in token_ids], self.pad_id)
         return self.projection.encode(self.runner.train_captures(batch)[0])
 
-    def encode(self, token_ids: Sequence[Sequence[int]], metadata: list[dict], batch_size: int) -> RowBlock:
+    def encode(self, token_ids: Sequence[Sequence[int]], metadata: list[RowRecord], batch_size: int) -> RowBlock:
         """Rows for ``token_ids`` in batches of ``batch_size`` forward/backward passes.
 
         Batches are formed from sequences of similar length (a document's last

@@ -1,4 +1,4 @@
-"""Kill points for fault-injection testing (tools/checks/torture.py and the tests).
+"""Kill points for fault-injection testing: the crash tests kill a build at each of them.
 
 ``ATTRIBDB_KILL_AT=<point>:<n>`` makes the process SIGKILL itself the n-th
 time (from 1) it passes ``point``: the way to test that a build killed at any

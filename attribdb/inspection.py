@@ -19,7 +19,7 @@ from attribdb.errors import StoreError
 from attribdb.factors import Factors
 from attribdb.manifest import Generation, Manifest
 from attribdb.row_costs import row_cost
-from attribdb.rows import RowProjection
+from attribdb.rows import RowProjection, check_stored
 from attribdb.shard import ShardReader
 
 
@@ -194,7 +194,7 @@ def _verify_shard(root: Path, manifest: Manifest, shard_id: int, generation: Gen
                 raise StoreError(f"{name}: {array_name} has {len(data)} rows, LMDB committed {reader.rows}")
             if not np.isfinite(data.astype(np.float64)).all():
                 raise StoreError(f"{name}: {array_name} holds non-finite values")
-        _verify_unit_rows(arrays[layout.ROWS], arrays[layout.SELF_INFLUENCE], name)
+        check_stored(arrays[layout.ROWS], arrays[layout.SELF_INFLUENCE], name)
         _verify_metadata(reader, name, (shard_id - generation.first_shard) * manifest.settings.shard_size)
         if reader.has_text_index:
             _verify_text_index(reader, name)
@@ -226,28 +226,15 @@ def _read_checked(reader: ShardReader, array_name: str, name: str) -> np.ndarray
     return np.concatenate(parts)
 
 
-def _verify_unit_rows(rows: np.ndarray, self_influence: np.ndarray, name: str) -> None:
-    """Stored rows are unit vectors (zero where the gradient was zero): a row of another length was
-    not written by a build, whatever its checksum says."""
-    norms = np.linalg.norm(rows.astype(np.float64), axis=1)
-    expected = (self_influence > 0).astype(np.float64)
-    bad = np.flatnonzero(np.abs(norms - expected) > 1e-2)
-    if len(bad):
-        raise StoreError(f"{name}: row {bad[0]} has norm {norms[bad[0]]:.4f} where {expected[bad[0]]:.0f} was stored")
-
-
 def _verify_metadata(reader: ShardReader, name: str, first_sequence: int) -> None:
     """Every record passes its checksum, and row i holds sequence ``first_sequence + i``."""
     for row in range(reader.rows):
-        meta = reader.metadata([row])[0]
-        for key in ("doc_id", "source", "token_span", "text", "token_ids", "sequence"):
-            if key not in meta:
-                raise StoreError(f"{name}: row {row} metadata has no {key}")
-        if meta["sequence"] != first_sequence + row:
-            raise StoreError(f"{name}: row {row} holds sequence {meta['sequence']} of its corpus, "
+        record = reader.metadata([row])[0]  # a record without a field fails to read
+        if record.sequence != first_sequence + row:
+            raise StoreError(f"{name}: row {row} holds sequence {record.sequence} of its corpus, "
                              f"not {first_sequence + row}: rows were written out of place")
-        if row not in reader.document_rows(meta["doc_id"]):
-            raise StoreError(f"{name}: document {meta['doc_id']!r} does not list its row {row}")
+        if row not in reader.document_rows(record.doc_id):
+            raise StoreError(f"{name}: document {record.doc_id!r} does not list its row {row}")
     journal = [entry for entry in reader.journal() if entry["rows_end"] <= reader.rows]  # a writer may be ahead
     ends = [entry["rows_end"] for entry in journal]
     starts = [entry["rows_start"] for entry in journal]
@@ -289,7 +276,7 @@ def verify_recomputed(root: str | Path, sample: int, device: str | None = None) 
             shard_id, reader = readers[i]
             rows = np.array([row for j, row in chosen if j == i])
             metadata = reader.metadata(rows)
-            fresh = encoder.encode([m["token_ids"] for m in metadata], metadata, batch_size)
+            fresh = encoder.encode([m.token_ids for m in metadata], metadata, batch_size)
             stored_rows = reader.read(layout.ROWS, rows).astype(np.float64)
             stored_self = reader.read(layout.SELF_INFLUENCE, rows).astype(np.float64)
             row_error = np.abs(fresh.rows.astype(np.float64) - stored_rows).max(axis=1)

@@ -7,8 +7,8 @@
       lock                          the writer lock (holder's pid), see writelock.py
       factors/factors.safetensors   Q_A, Q_S, D, λ per module (exact and exhaustive queries)
       factors/rows.safetensors      the row projections: kept eigenvectors and 1/√(Λ+λ) per module
-      shards/NNNNN/grads.zarr       rows (float16 unit vectors, one file per commit unit: packed_rows.py)
-                                    and their self-influence (one chunk per commit unit)
+      shards/NNNNN/grads.zarr       the stored rows (attribdb/rows.py), one file per commit unit (packed_rows.py),
+                                    and their self-influence, one chunk per commit unit
       shards/NNNNN/meta.lmdb        row metadata, document index, commit journal
       shards/NNNNN/text.sqlite      SQLite FTS5 index of the rows' text (BM25), see text_index.py
       index/rows-pq4-<rows>-<crc>.faiss   compact codes of every sealed shard's rows, at scale (the manifest
@@ -34,8 +34,8 @@ TEXT_FILE = "text.sqlite"
 INDEX_DIR = "index"  # the database-wide FAISS index, when there is one (attribdb/db_index.py)
 
 # arrays inside grads.zarr (attribdb/rows.py says what a row is)
-ROWS = "rows"  # (rows, dim) float16: each row divided by its norm, packed (attribdb/packed_rows.py)
-SELF_INFLUENCE = "self_influence"  # (rows,) float32: the row's squared norm
+ROWS = "rows"  # (rows, dim), packed one file per commit unit (attribdb/packed_rows.py)
+SELF_INFLUENCE = "self_influence"  # (rows,)
 ROW_ARRAYS = (ROWS, SELF_INFLUENCE)
 
 

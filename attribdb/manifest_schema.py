@@ -17,6 +17,7 @@ import re
 from dataclasses import fields
 
 from attribdb.errors import StoreError
+from attribdb.index_kinds import DATABASE_KINDS
 from attribdb.rows import ROW_KINDS
 
 CHECKSUM_KEY = "checksum"
@@ -143,7 +144,7 @@ def _check_database_index(c: _Checker, recorded, shards: int) -> None:
     if recorded is None:
         return
     c.keys(recorded, "database_index", {"kind", "file", "crc32c", "shards", "rows", "trained_on"})
-    c.string(recorded["kind"], "database_index.kind", choices=("pq4",))  # attribdb/db_index.py KIND
+    c.string(recorded["kind"], "database_index.kind", choices=DATABASE_KINDS)
     if not (isinstance(recorded["file"], str) and re.fullmatch(r"[\w.-]+\.faiss", recorded["file"])):
         c.fail("database_index.file", f"must be a file name ending in .faiss, not {recorded['file']!r}")
     if not (isinstance(recorded["crc32c"], str) and re.fullmatch(r"[0-9a-f]{8}", recorded["crc32c"])):

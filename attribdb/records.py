@@ -9,11 +9,14 @@ if it were true.  Every JSON value attribdb puts in LMDB is stored as
 The key is part of the checksum, so a record copied under another row's key
 fails as surely as a corrupted one; reading turns any failure (checksum,
 UTF-8, JSON) into a :class:`StoreError` naming where the record lives.
+
+A row's record has a type, :class:`RowRecord`, read and written here only.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, fields
 
 import google_crc32c
 
@@ -39,3 +42,50 @@ def unpack(key: bytes, raw: bytes, where: str):
         return json.loads(raw[9:].decode())
     except (UnicodeDecodeError, ValueError) as exc:  # a checksum collision, or a bug that wrote bad JSON
         raise StoreError(f"{where}: the record is not valid JSON ({exc})") from None
+
+
+@dataclass(frozen=True)
+class RowRecord:
+    """What LMDB keeps per row: enough to show its text and to recompute its gradient, and the
+    sequence's number in its corpus stream, which binds the row to its place (verify checks it)."""
+
+    doc_id: str
+    source: str
+    token_span: tuple[int, int]  # [start, end) in the document's tokens
+    char_span: tuple[int, int]  # [start, end) in the document's text
+    text: str  # the document's text[char_span[0]:char_span[1]]
+    token_ids: tuple[int, ...]
+    sequence: int  # its number in the corpus stream
+
+    def to_dict(self) -> dict:
+        return {"doc_id": self.doc_id, "source": self.source, "token_span": list(self.token_span),
+                "char_span": list(self.char_span), "text": self.text, "token_ids": list(self.token_ids),
+                "sequence": self.sequence}
+
+    def to_bytes(self, key: bytes) -> bytes:
+        """The stored bytes of this record under ``key`` (its row's key)."""
+        return pack(key, self.to_dict())
+
+    @classmethod
+    def from_bytes(cls, key: bytes, raw: bytes, where: str) -> "RowRecord":
+        """The record stored under ``key``; a record without a field is damaged (records written before
+        character spans were kept have none: their text is the whole span)."""
+        value = unpack(key, raw, where)
+        if not isinstance(value, dict):
+            raise StoreError(f"{where}: the record is not a row's record")
+        value.setdefault("char_span", [0, len(value.get("text", ""))])
+        missing = [f.name for f in fields(cls) if f.name not in value]
+        if missing:
+            raise StoreError(f"{where}: the record has no {missing[0]}")
+        try:
+            return cls(doc_id=str(value["doc_id"]), source=str(value["source"]),
+                       token_span=_pair(value["token_span"]), char_span=_pair(value["char_span"]),
+                       text=str(value["text"]), token_ids=tuple(int(t) for t in value["token_ids"]),
+                       sequence=int(value["sequence"]))
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"{where}: the record holds a field of the wrong type ({exc})") from None
+
+
+def _pair(value) -> tuple[int, int]:
+    start, end = value
+    return int(start), int(end)

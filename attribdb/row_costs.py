@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from attribdb.errors import ConfigError
-from attribdb.rows import ROW_DTYPE
+from attribdb.rows import ROW_DTYPE, SELF_INFLUENCE_DTYPE
 
 # Measured on the demo model's database of 26,279 windows of 128 tokens of English: LMDB 1,692 bytes
 # per row on disk (its record, the document index, the journal and B-tree pages), text.sqlite 192:
 # 14.7 bytes per token
 METADATA_BYTES_PER_TOKEN = 16
-NORM_BYTES = 4  # the squared norm beside each row vector (RowLayout.bytes_per_row)
+NORM_BYTES = np.dtype(SELF_INFLUENCE_DTYPE).itemsize  # the squared norm beside each row (RowLayout.bytes_per_row)
 
 
 @dataclass(frozen=True)

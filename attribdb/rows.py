@@ -39,6 +39,7 @@ from attribdb.factors import Factors, ModuleFactors
 from attribdb.tracking import Capture, TrackedModule
 
 ROW_DTYPE = np.float16
+SELF_INFLUENCE_DTYPE = np.float32  # a row's squared norm
 ROW_KINDS = ("kron", "block")  # the first is the default
 MAX_SIDE = 512  # eigenvectors considered per side: keeps planning memory bounded on 7B-wide layers
 # Terms of the low-rank (Λ + λ)⁻¹ a kron query row is made with (:func:`_kron_map`).  Measured on the
@@ -82,7 +83,13 @@ class RowLayout:
     @property
     def bytes_per_row(self) -> int:
         """What one row costs in the row store: the float16 vector and its float32 squared norm."""
-        return self.dim * np.dtype(ROW_DTYPE).itemsize + 4
+        return self.dim * np.dtype(ROW_DTYPE).itemsize + np.dtype(SELF_INFLUENCE_DTYPE).itemsize
+
+    @property
+    def index_in_row_dtype(self) -> bool:
+        """Whether FAISS can keep its vectors in the row dtype bit for bit: unit rows are the stored
+        values themselves, in [-1, 1]; rows scaled to their own length could overflow float16."""
+        return self.normalized_index
 
     @property
     def dense_bytes_per_row(self) -> int:
@@ -373,10 +380,11 @@ def layout_from_weights(kind: str, modules: list[TrackedModule], weights: Callab
 
 def _budget(row_bytes: int, modules: int) -> int:
     """Numbers a row of ``row_bytes`` holds beside its squared norm; at least one per module."""
-    budget = (row_bytes - 4) // np.dtype(ROW_DTYPE).itemsize
+    number, norm = np.dtype(ROW_DTYPE).itemsize, np.dtype(SELF_INFLUENCE_DTYPE).itemsize
+    budget = (row_bytes - norm) // number
     if budget < modules:
         raise ConfigError(f"row-bytes {row_bytes} cannot hold one number per module ({modules} modules need "
-                          f"at least {modules * np.dtype(ROW_DTYPE).itemsize + 4} bytes)")
+                          f"at least {modules * number + norm} bytes)")
     return budget
 
 
@@ -474,7 +482,17 @@ def to_stored(rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     squared = rows.double().pow(2).sum(1)
     norms = squared.sqrt().to(rows.dtype).unsqueeze(1)
     unit = torch.where(norms > 0, rows / norms.clamp_min(torch.finfo(rows.dtype).tiny), torch.zeros_like(rows))
-    return unit.to(torch.float16).cpu().numpy(), squared.float().cpu().numpy()
+    return unit.to(torch.float16).cpu().numpy(), squared.cpu().numpy().astype(SELF_INFLUENCE_DTYPE)
+
+
+def check_stored(unit_rows: np.ndarray, self_influence: np.ndarray, where: str) -> None:
+    """Stored rows are unit vectors (zero where the gradient was zero): a row of another length was
+    not written by a build, whatever its checksum says."""
+    norms = np.linalg.norm(unit_rows.astype(np.float64), axis=1)
+    expected = (self_influence > 0).astype(np.float64)
+    bad = np.flatnonzero(np.abs(norms - expected) > 1e-2)
+    if len(bad):
+        raise StoreError(f"{where}: row {bad[0]} has norm {norms[bad[0]]:.4f} where {expected[bad[0]]:.0f} was stored")
 
 
 def index_dim(dim: int) -> int:

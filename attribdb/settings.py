@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 from attribdb.errors import ConfigError
 from attribdb.factors import FactorConfig
+from attribdb.index_kinds import INDEX_KINDS
 from attribdb.row_costs import check_room
 from attribdb.rows import ROW_KINDS
 
-INDEX_KINDS = ("auto", "flat", "pq4")  # attribdb/db_index.py says what each is
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
@@ -43,9 +43,10 @@ class DatabaseSettings:
                                             "eigendecompositions in float32 (covariances stay float32); 0.6 of the "
                                             "float32 fit's time on a CPU with bfloat16 units, its rounding 5-8x below "
                                             "the fit's own sampling noise (docs/evidence.md)")
-    row_bytes: int = setting(32768, "bytes each training sequence costs on disk, all-in: its row (the "
-                                    "EK-FAC-preconditioned gradient, compressed), its index codes and its metadata; "
-                                    "the row gets what the others leave (attribdb/row_costs.py)")
+    row_bytes: int = setting(32768, "bytes each training sequence costs on disk, all-in: its row (spent over the "
+                                    "modules in proportion to their expected share of the influence), its index "
+                                    "codes and its metadata; the row gets what the others leave (`attribdb plan` "
+                                    "prices a budget)")
     row_kind: str = setting("kron", "kron: a random Kronecker projection whose inner products estimate the EK-FAC "
                                     "score without bias; block: the exact block of the eigen-coordinates with the "
                                     "most expected influence (docs/evidence.md compares them)")

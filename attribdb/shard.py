@@ -28,16 +28,17 @@ import numpy as np
 from attribdb import faults, layout, metadb, packed_rows, records, text_index
 from attribdb.errors import StoreError
 from attribdb.packed_rows import PackedRows
-from attribdb.rows import ROW_DTYPE, RowLayout, index_vectors
+from attribdb.records import RowRecord
+from attribdb.rows import ROW_DTYPE, SELF_INFLUENCE_DTYPE, RowLayout, index_vectors
 
 
 @dataclass
 class RowBlock:
     """A commit unit's computed rows, ready to write (numpy arrays, N rows each)."""
 
-    rows: np.ndarray  # (N, dim) float16 unit rows (attribdb/rows.py)
-    self_influence: np.ndarray  # (N,) float32 squared norms
-    metadata: list[dict]  # per row: doc_id, source, token_span, char_span, text, token_ids
+    rows: np.ndarray  # (N, dim) stored rows (attribdb/rows.py: to_stored)
+    self_influence: np.ndarray  # (N,) squared norms
+    metadata: list[RowRecord]
 
     def __len__(self) -> int:
         return len(self.metadata)
@@ -47,7 +48,8 @@ def row_arrays(row_layout: RowLayout) -> dict[str, tuple[tuple[int, ...], np.dty
     """The shape of one row and the dtype of each array of grads.zarr, as the row layout defines
     them: what the writer creates and what a reader checks the stored arrays against (a manifest
     that disagrees with its shards must fail with one line, not deep in a query)."""
-    return {layout.ROWS: ((row_layout.dim,), np.dtype(ROW_DTYPE)), layout.SELF_INFLUENCE: ((), np.dtype(np.float32))}
+    return {layout.ROWS: ((row_layout.dim,), np.dtype(ROW_DTYPE)),
+            layout.SELF_INFLUENCE: ((), np.dtype(SELF_INFLUENCE_DTYPE))}
 
 
 def _create(path: Path, row_layout: RowLayout, capacity: int, commit_rows: int) -> None:
@@ -80,7 +82,7 @@ TEXT_CRC_KEY = b"text_crc32c"  # info key: CRC32C of text.sqlite, written when t
 lmdb_errors = metadb.lmdb_errors  # LMDB's own exceptions as a one-line StoreError naming the shard
 
 
-def _file_crc32c(path: Path) -> bytes:
+def file_crc32c(path: Path) -> bytes:
     import google_crc32c
 
     checksum = google_crc32c.Checksum()
@@ -98,7 +100,7 @@ def row_texts(env, rows_db, where: str, rows: int):
             row = int.from_bytes(key, "big")
             if row >= rows:
                 break
-            yield row, records.unpack(bytes(key), value, f"{where} row {row}")["text"]
+            yield row, RowRecord.from_bytes(bytes(key), value, f"{where} row {row}").text
 
 
 class ShardWriter:
@@ -150,7 +152,7 @@ class ShardWriter:
         metadb.write(self.env, lambda txn: self._record(txn, start, block.metadata))
         faults.point("unit-committed")
 
-    def _record(self, txn, start: int, metadata: list[dict]) -> None:
+    def _record(self, txn, start: int, metadata: list[RowRecord]) -> None:
         """One commit unit's rows, document lists, journal entry and committed count (one transaction,
         rerun whole by metadb.write if the map had to grow); every value a checksummed record."""
         self._require_next(start, int(txn.get(b"committed", db=self.dbs[layout.INFO_DB]) or 0))
@@ -158,8 +160,8 @@ class ShardWriter:
         for offset, meta in enumerate(metadata):
             row = start + offset
             key = layout.row_key(row)
-            txn.put(key, records.pack(key, meta), db=self.dbs[layout.ROWS_DB])
-            docs.setdefault(meta["doc_id"], []).append(row)
+            txn.put(key, meta.to_bytes(key), db=self.dbs[layout.ROWS_DB])
+            docs.setdefault(meta.doc_id, []).append(row)
         for doc_id, doc_rows in docs.items():
             key = doc_id.encode()
             previous = txn.get(key, db=self.dbs[layout.DOCS_DB])
@@ -182,7 +184,7 @@ class ShardWriter:
         rows = self.committed
         text_index.write(row_texts(self.env, self.dbs[layout.ROWS_DB], f"shard {self.path}", rows),
                          self.path / layout.TEXT_FILE)
-        checksum = _file_crc32c(self.path / layout.TEXT_FILE)
+        checksum = file_crc32c(self.path / layout.TEXT_FILE)
         faults.point("indexes-written")
 
         def mark_sealed(txn) -> None:
@@ -291,7 +293,7 @@ class ShardReader:
             self._whole[name] = self.read(name)
         return self._whole[name]
 
-    def metadata(self, rows) -> list[dict]:
+    def metadata(self, rows) -> list[RowRecord]:
         with lmdb_errors(f"shard {self.path}"), metadb.read(self.env, db=self.dbs[layout.ROWS_DB]) as txn:
             out = []
             for row in rows:
@@ -299,7 +301,7 @@ class ShardReader:
                 value = txn.get(key)
                 if value is None:
                     raise StoreError(f"shard {self.path}: row {row} has no metadata in {layout.META_LMDB}")
-                out.append(records.unpack(key, value, f"shard {self.path} row {row}"))
+                out.append(RowRecord.from_bytes(key, value, f"shard {self.path} row {row}"))
             return out
 
     def document_rows(self, doc_id: str) -> list[int]:
@@ -319,7 +321,7 @@ class ShardReader:
         path = self.path / name
         if not path.is_file():
             raise StoreError(f"{path} is missing: the shard is damaged")
-        if crc is not None and _file_crc32c(path) != bytes(crc):
+        if crc is not None and file_crc32c(path) != bytes(crc):
             raise StoreError(f"{path} fails its checksum: the index is damaged")
         return path
 
@@ -330,7 +332,7 @@ class ShardReader:
 
     def text_index(self) -> text_index.TextIndex:
         """The shard's full-text index; for a shard without one (unsealed, or sealed before attribdb
-        indexed text), one built in memory from its committed rows' text, as FAISS is for unsealed shards."""
+        indexed text), one built in memory from its committed rows' text."""
         if not self.has_text_index:
             return self.fresh_text_index()
         index = text_index.TextIndex.open(self._sealed_file(layout.TEXT_FILE, self._text_crc))

@@ -5,7 +5,7 @@ is the row; the text itself stays in LMDB, so it is not stored twice).  It is wr
 shard's FAISS index: into a temporary file, renamed into place, its CRC32C recorded in LMDB by the
 transaction that seals the shard.
 
-Why SQLite FTS5 (tools/benchmarks/bench_text.py --tantivy, 10⁵ rows of 64 tokens): it ships with Python; the
+Why SQLite FTS5 (measured on 10⁵ rows of 64 tokens, docs/evidence.md): it ships with Python; the
 text indexes took 0.7% of a database build with a tiny model and 2.3% of its bytes (115 per row).
 tantivy built one index as fast (3.0 s against 2.5 s for one FTS5 file), half as large, and
 answered a BM25 top 100 in 3 ms where this module takes 0.2–0.3 s (FTS5's own bm25() 0.6 s): it
@@ -173,7 +173,7 @@ def bm25_top(indexes: dict[int, TextIndex], terms: list[str], n: int) -> tuple[l
 
     Terms held by more than half the rows ("the", "of") get FTS5's floor weight of 10⁻⁶: they are
     left out unless the query has no other term.  They could move a score by a few millionths, and
-    reading their postings was most of a query's time (0.9 s of a 10⁵-row p50, tools/benchmarks/bench_text.py)."""
+    reading their postings was most of a query's time (0.9 s of a 10⁵-row p50)."""
     total_rows = sum(index.rows for index in indexes.values())
     if not terms or not total_rows:
         return [], 0

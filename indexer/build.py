@@ -166,7 +166,7 @@ def _write_shards(runtime: Runtime, spec: CorpusSpec, generation: Generation, wo
                     unit = shard_sequences[start:start + settings.commit_rows]
                     first = k * settings.shard_size + start
                     block = encoder.encode([s.token_ids for s in unit],
-                                           [sequences.sequence_metadata(s, first + i) for i, s in enumerate(unit)],
+                                           [sequences.row_record(s, first + i) for i, s in enumerate(unit)],
                                            settings.batch_size)
                     writer.append(block, start)
                     computed += len(unit)

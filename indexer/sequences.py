@@ -19,6 +19,7 @@ from pathlib import Path
 from attribdb.errors import CorpusError
 from attribdb.indexer.chunking import ChunkConfig, TextSequence, chunk_documents
 from attribdb.indexer.corpus import CorpusSpec, ReadReport, read_documents
+from attribdb.records import RowRecord
 from attribdb.settings import DatabaseSettings
 
 
@@ -79,9 +80,6 @@ def sample(spec: CorpusSpec, tokenizer, settings: DatabaseSettings, total: int) 
     return [seq for i, seq in enumerate(stream(spec, tokenizer, settings)) if i in chosen]
 
 
-def sequence_metadata(seq: TextSequence, number: int) -> dict:
-    """What LMDB keeps per row: enough to show the text and to recompute its gradient, and the
-    sequence's ``number`` in its corpus stream, which binds the row to its place (verify checks it)."""
-    return {"doc_id": seq.doc_id, "source": seq.source, "token_span": list(seq.token_span),
-            "char_span": list(seq.char_span), "text": seq.text, "token_ids": list(seq.token_ids),
-            "sequence": number}
+def row_record(seq: TextSequence, number: int) -> RowRecord:
+    """What LMDB keeps of the sequence numbered ``number`` in its corpus stream."""
+    return RowRecord(seq.doc_id, seq.source, seq.token_span, seq.char_span, seq.text, seq.token_ids, number)

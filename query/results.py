@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from attribdb.records import RowRecord
+
 
 @dataclass
 class Hit:
@@ -39,18 +41,17 @@ class Hit:
         return self.normalized_score if self.exact_normalized_score is None else self.exact_normalized_score
 
     @classmethod
-    def from_metadata(cls, meta: dict, shard: int, row: int, **scores) -> "Hit":
-        """A hit for a row's LMDB metadata, with the scores a mode gives it."""
-        return cls(doc_id=meta["doc_id"], source=meta["source"], token_span=meta["token_span"],
-                   char_span=meta.get("char_span", [0, len(meta["text"])]), text=meta["text"], shard=shard, row=row,
-                   **scores)
+    def from_record(cls, record: RowRecord, shard: int, row: int, **scores) -> "Hit":
+        """A hit for a row's LMDB record, with the scores a mode gives it."""
+        return cls(doc_id=record.doc_id, source=record.source, token_span=list(record.token_span),
+                   char_span=list(record.char_span), text=record.text, shard=shard, row=row, **scores)
 
 
 @dataclass
 class QueryResult:
     prompt: str
     completion: str
-    mode: str  # index | exact | exhaustive | text | prefilter
+    mode: str  # index | exact | exhaustive | text | prefilter | hybrid | score
     hits: list[Hit]
     opponents: list[Hit]  # most negative: training on them made the completion less likely
     query_self_influence: float

@@ -4,6 +4,7 @@ query forms and both rankings from one pass."""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -18,6 +19,7 @@ import pytest
 
 import attribdb.api as api
 from attribdb.errors import QueryError
+from attribdb.query import batches
 
 from dbtools import cli_here, one_line_error
 
@@ -116,7 +118,7 @@ def test_cli_doc_prints_the_api_answer(db, built_db, named):
 def test_batches_in_chunks_equal_one_chunk(db, monkeypatch):
     whole = db.query_batch(QUERIES, k=5, quiet=True)
     exact_whole = db.exact_batch(QUERIES[:2], k=3, quiet=True)
-    monkeypatch.setattr(api, "MAX_CHUNK", 1)
+    monkeypatch.setattr(batches, "QUERY_BUDGET", dataclasses.replace(batches.QUERY_BUDGET, most=1))
     streamed = db.query_iter(QUERIES, k=5, quiet=True)
     assert not isinstance(streamed, list)
     for one, other in zip(streamed, whole, strict=True):
@@ -166,6 +168,7 @@ def _on_a_terminal(*args) -> tuple[subprocess.CompletedProcess, str]:
     return result, shown.decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_cli_batch_progress_on_a_terminal_and_quiet_silences_it(built_db, tmp_path):
     queries = tmp_path / "q.jsonl"
     queries.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in QUERIES))

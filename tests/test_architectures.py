@@ -32,7 +32,8 @@ def _info_text(db) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("name", ["gpt2", "pythia", "llama", "qwen2", "phi", "opt"])
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[] if name == "llama" else pytest.mark.slow)
+                                  for name in ("gpt2", "pythia", "llama", "qwen2", "phi", "opt")])  # llama: quick
 def test_build_query_verify(tmp_path, small_corpus, name):
     folder = make_architecture_folder(tmp_path / name, name)
     api.build(tmp_path / "db", str(small_corpus), str(folder), quiet=True, **SETTINGS)
@@ -71,6 +72,7 @@ def test_flattened_token_inputs_give_each_sequence_its_own_gradient(tmp_path, na
                                        rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_fused_experts_are_refused_by_name_and_explicit_modules_build(tmp_path, small_corpus):
     folder = make_architecture_folder(tmp_path / "mixtral", "mixtral")
     args = ["build", str(tmp_path / "db"), "--corpus", str(small_corpus), "--model", str(folder), "--quiet",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from attribdb.indexer import sequences
 from attribdb.indexer.corpus import CorpusSpec
 from attribdb.manifest import Manifest
@@ -10,6 +12,7 @@ from conftest import write_corpus
 from dbtools import SMALL_SETTINGS, cli, cli_here, one_line_error
 
 
+@pytest.mark.slow
 def test_an_edited_corpus_is_refused_on_resume(tmp_path, model_dir):
     corpus = write_corpus(tmp_path / "c.jsonl", 40, seed=5)
     db = tmp_path / "db"

@@ -3,6 +3,7 @@ and index files that stay while a reader may need them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from attribdb.manifest import Manifest
 from attribdb.shard import ShardReader
 
 from conftest import write_corpus
-from dbtools import cli
+from dbtools import cli, copy_db
 
 SETTINGS = ["--max-length", "16", "--shard-size", "512", "--commit-rows", "64", "--batch-size", "64",
             "--fit-sample-size", "48", "--row-bytes", "1024"]
@@ -36,7 +37,8 @@ def pq4_db(tmp_path_factory, model_dir) -> Path:
     """A database whose every query goes through a database index (pq4) at 2,400 documents."""
     corpus = write_corpus(tmp_path_factory.mktemp("pq4") / "corpus.jsonl", 2400, seed=5)
     db = tmp_path_factory.mktemp("pq4") / "db"
-    cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SETTINGS, "--index-kind", "pq4")
+    built = cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SETTINGS, "--index-kind", "pq4")
+    assert built.stderr == "", f"--quiet leaves stderr empty (FAISS's training warnings included):\n{built.stderr}"
     return db
 
 
@@ -55,7 +57,7 @@ def _stored(db: Path) -> tuple[list, np.ndarray]:
 def _query_rows(db: Path, n: int) -> np.ndarray:
     """Both ends of ``n`` queries' rows, as the engine searches them."""
     import attribdb
-    from attribdb.query.engine import Query
+    from attribdb.query.options import Query
 
     rng = np.random.default_rng(0)
     words = "the cat dog bird sat ran flew over under near house tree river stone".split()
@@ -77,30 +79,56 @@ def recall_at_10(found: list, pairs: list, scores: np.ndarray) -> float:
     return float(np.mean(shares))
 
 
-def test_the_database_index_finds_what_brute_force_over_the_rows_finds(pq4_db):
-    """recall@10 of the default candidates against brute force over every stored row, and the
-    candidates' scores are the exact inner products (refined from the row store)."""
+def _candidates(db: Path, queries: np.ndarray, k: int = DEFAULT_CANDIDATES) -> list:
+    """The index's candidates for query rows, through the database index (no shard scanned)."""
     from attribdb.db_index import open_searchable
 
-    manifest = Manifest.load(pq4_db)
-    assert manifest.database_index["rows"] > 3000
-    pairs, vectors = _stored(pq4_db)
-    queries = _query_rows(pq4_db, 40)
-    scores = np.pad(queries, ((0, 0), (0, vectors.shape[1] - queries.shape[1]))) @ vectors.T
-    readers, indexes = open_searchable(pq4_db, manifest, manifest.row_layout())
+    manifest = Manifest.load(db)
+    readers, indexes = open_searchable(db, manifest, manifest.row_layout())
     try:
         assert indexes.database is not None and not indexes.scanned
-        found = indexes.search(queries, DEFAULT_CANDIDATES)
+        return indexes.search(queries, k)
     finally:
         for reader in readers.values():
             reader.close()
-    assert recall_at_10(found, pairs, scores) >= 0.99
+
+
+def _assert_brute_force(db: Path, n: int, recall: float) -> None:
+    """recall@10 of the default candidates against brute force over every stored row, and the
+    candidates' scores the exact inner products (refined from the row store)."""
+    pairs, vectors = _stored(db)
+    queries = _query_rows(db, n)
+    scores = np.pad(queries, ((0, 0), (0, vectors.shape[1] - queries.shape[1]))) @ vectors.T
+    found = _candidates(db, queries)
+    assert recall_at_10(found, pairs, scores) >= recall
     index = {pair: i for i, pair in enumerate(pairs)}
     for hits, truth in zip(found, scores):
         assert np.allclose([s for s, _, _ in hits], [truth[index[(shard, row)]] for _, shard, row in hits],
                            rtol=1e-5, atol=1e-5)
 
 
+def test_a_database_index_added_to_a_small_database_finds_what_brute_force_finds(tmp_path, built_db):
+    """The quick check (the tests below build 2,400 documents): a pq4 index over a copy of the shared
+    test database serves every query as brute force over the stored rows would."""
+    db = copy_db(built_db, tmp_path / "db")
+    manifest = Manifest.load(db)
+    manifest.settings = dataclasses.replace(manifest.settings, index_kind="pq4")
+    readers = {s: ShardReader(layout.shard_dir(db, s), manifest.row_layout()) for s in manifest.shard_ids}
+    try:
+        assert db_index.update(db, manifest, readers)
+    finally:
+        for reader in readers.values():
+            reader.close()
+    _assert_brute_force(db, 5, 1.0)
+
+
+@pytest.mark.slow
+def test_the_database_index_finds_what_brute_force_over_the_rows_finds(pq4_db):
+    assert Manifest.load(pq4_db).database_index["rows"] > 3000
+    _assert_brute_force(pq4_db, 40, 0.99)
+
+
+@pytest.mark.slow
 def test_the_database_index_holds_codes_not_rows(pq4_db):
     """No second copy of a row: the index file holds codes of a small fraction of a row's bytes, and
     FAISS's own row store of them (the re-ranking codes) cannot give the rows back."""
@@ -113,6 +141,7 @@ def test_the_database_index_holds_codes_not_rows(pq4_db):
     assert per_row < 1.5 * codes  # the codes, and the trained quantizers shared by every row
 
 
+@pytest.mark.slow
 def test_verify_checks_the_database_index(tmp_path, pq4_db):
     assert "ok:" in cli("verify", pq4_db).stdout
     db = shutil.copytree(pq4_db, tmp_path / "db")
@@ -125,6 +154,7 @@ def test_verify_checks_the_database_index(tmp_path, pq4_db):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_verify_finds_database_index_codes_that_differ_from_the_rows(tmp_path, pq4_db):
     """An index whose checksum holds but whose codes of two rows are swapped (what a bug in building
     it would leave) fails verify: those rows would be candidates for the wrong queries."""
@@ -153,6 +183,7 @@ def test_verify_finds_database_index_codes_that_differ_from_the_rows(tmp_path, p
     assert f"shard {recorded['shards'][-1]:05d}" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_an_index_lost_before_the_manifest_recorded_it_is_rebuilt_the_same(tmp_path, pq4_db):
     """A build killed after its shards sealed but before the manifest named the database index
     leaves the shards searchable by scanning their rows; running it again writes the same index."""
@@ -166,12 +197,14 @@ def test_an_index_lost_before_the_manifest_recorded_it_is_rebuilt_the_same(tmp_p
     manifest.save(db)
     (db / layout.INDEX_DIR / recorded["file"]).rename(db / layout.INDEX_DIR / "leftover.faiss.tmp")
     with attribdb.open(db) as opened:  # meanwhile: every shard scanned
-        assert opened.engine.indexes.database is None and len(opened.engine.indexes.scanned) > 1
+        indexes = opened.engine.store.indexes
+        assert indexes.database is None and len(indexes.scanned) > 1
     corpus = Manifest.load(pq4_db).generations[0].corpus["path"]
     cli("build", db, "--corpus", corpus, "--quiet")
     assert Manifest.load(db).database_index == recorded and (db / layout.INDEX_DIR / recorded["file"]).is_file()
 
 
+@pytest.mark.slow
 def test_append_adds_its_shards_to_the_database_index_and_keeps_the_file_it_replaces(tmp_path, pq4_db):
     """The appended shards join the index, trained once; the file the manifest named before stays,
     so a reader that read the old manifest still opens it, and a reader whose file is already gone
@@ -229,6 +262,7 @@ def test_retired_index_files_are_deleted_after_the_grace_period(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == [names[1], names[2]]
 
 
+@pytest.mark.slow
 def test_a_small_index_is_trained_again_once_the_database_outgrows_it(tmp_path, model_dir):
     """An index trained on a few hundred rows would serve a database of thousands with codes fitted
     to few; once the sample grows RETRAIN_GROWTH times, the next build or append trains it anew."""

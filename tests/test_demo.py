@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 
 from attribdb.demo.facts import RELATIONS, DemoCorpusConfig, generate_corpus, load_facts
+from attribdb.demo.run import demo_queries, rank_of_first_fact_document
 from attribdb.demo.train import CACHE_FILE, DemoModelConfig, train_model
 
 from dbtools import cli
@@ -44,9 +46,23 @@ def test_facts_are_stated_where_claimed_and_nowhere_else(tmp_path):
     assert kinds == {"fact", "distractor", "background"}
 
 
+def test_the_demo_asks_per_relation_and_ranks_documents_not_rows(tmp_path):
+    """The demo's own scoring of an answer (the end-to-end run below is slow): the rank of the first
+    document stating the fact among distinct documents, a long document's several rows counted once."""
+    _, facts = generate_corpus(tmp_path, SMALL)
+    asked = demo_queries(facts, per_relation=2)
+    assert [f.relation for f in asked] == [r for r in dict.fromkeys(f.relation for f in facts) for _ in range(2)]
+    fact = asked[0]
+    answer = SimpleNamespace(hits=[SimpleNamespace(doc_id=d) for d in ("bg1", "bg1", "bg2", fact.doc_ids[0], "bg3")])
+    assert rank_of_first_fact_document(answer, fact) == 3
+    assert rank_of_first_fact_document(SimpleNamespace(hits=answer.hits[:3]), fact) is None
+
+
 @pytest.mark.slow
 def test_reduced_demo_runs_end_to_end(tmp_path):
     result = cli("demo", "--quick", "--quiet", "--workdir", tmp_path / "demo")
+    own = ("1/4 ", "2/4 ", "3/4 ", "4/4 ", "    ")  # the demo's steps; no bar, no third-party notice
+    assert all(line.startswith(own) for line in result.stderr.splitlines()), result.stderr
     assert result.stdout.count("rank of the first document that states the fact") == 3
     assert "demo finished" in result.stdout
     hits = _answer_lines(result.stdout)

@@ -49,6 +49,7 @@ def test_max_length_beyond_the_context_fails_first_and_leaves_nothing(tmp_path, 
     assert Manifest.load(db).settings.max_length == 64
 
 
+@pytest.mark.slow
 def test_a_first_fit_killed_between_its_files_is_started_again(tmp_path, corpus, model_dir):
     db = tmp_path / "db"
     args = ["fit", db, "--corpus", corpus, "--model", model_dir, "--quiet", *FIT_SETTINGS]

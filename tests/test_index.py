@@ -38,6 +38,7 @@ def reference_db(tmp_path_factory, big_corpus, model_dir) -> Path:
     return db
 
 
+@pytest.mark.slow
 def test_build_verifies_and_counts_every_sequence(reference_db):
     out = cli("verify", reference_db)
     manifest = Manifest.load(reference_db)
@@ -53,6 +54,7 @@ def test_build_verifies_and_counts_every_sequence(reference_db):
     assert row["bytes"] - 4 <= info["bytes_per_sequence"]["zarr"] < 1.1 * row["bytes"] + 64
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_build(tmp_path, big_corpus, model_dir, reference_db):
     db = tmp_path / "db"
     args = [sys.executable, "-m", "attribdb", "build", str(db), "--corpus", str(big_corpus), "--model",
@@ -71,6 +73,7 @@ def test_resume_after_kill_equals_uninterrupted_build(tmp_path, big_corpus, mode
     assert_same_database(db, reference_db)
 
 
+@pytest.mark.slow
 def test_two_rank_torchrun_build_equals_single_process(tmp_path, big_corpus, model_dir, reference_db):
     db = tmp_path / "db"
     result = subprocess.run(
@@ -89,6 +92,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_verify_catches_a_flipped_byte_in_a_zarr_chunk(tmp_path, reference_db):
     db = _copy(reference_db, tmp_path / "db")
     chunk = next(p for p in sorted((layout.shard_dir(db, 1) / layout.GRADS_ZARR / layout.ROWS).rglob("*"))
@@ -102,6 +106,7 @@ def test_verify_catches_a_flipped_byte_in_a_zarr_chunk(tmp_path, reference_db):
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_verify_catches_a_missing_lmdb_row(tmp_path, reference_db):
     db = _copy(reference_db, tmp_path / "db")
     env = lmdb.open(str(layout.shard_dir(db, 0) / layout.META_LMDB), max_dbs=4)
@@ -112,6 +117,7 @@ def test_verify_catches_a_missing_lmdb_row(tmp_path, reference_db):
     assert result.returncode == 1 and "00000" in result.stderr and "row 5 has no metadata" in result.stderr
 
 
+@pytest.mark.slow
 def test_append_adds_shards_and_refuses_another_model(tmp_path, corpus, model_dir, other_model_dir):
     db = tmp_path / "db"
     cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SMALL_SETTINGS)
@@ -132,6 +138,7 @@ def test_append_adds_shards_and_refuses_another_model(tmp_path, corpus, model_di
     assert f"{before.generations[0].sequences + after.generations[1].sequences} rows" in report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", [layout.FORMAT_VERSION - 1, 1])
 def test_a_database_of_an_earlier_format_is_refused_in_one_line(tmp_path, reference_db, version):
     """Format 3 kept a file per row and float16 copies of the rows in FAISS: it is not read, and every
@@ -147,6 +154,7 @@ def test_a_database_of_an_earlier_format_is_refused_in_one_line(tmp_path, refere
         assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_malformed_lines_are_counted_and_reported(tmp_path, model_dir):
     corpus = write_corpus(tmp_path / "bad.jsonl", 30, seed=4)
     with open(corpus, "a") as handle:
@@ -163,6 +171,7 @@ def test_malformed_lines_are_counted_and_reported(tmp_path, model_dir):
     assert info["generations"][0]["malformed"] == 2
 
 
+@pytest.mark.slow
 def test_stored_block_rows_are_blocks_of_the_dense_preconditioned_gradient(tmp_path, big_corpus, model_dir):
     """What a build of block rows stored (through the row projection, never forming G) equals the
     block of Ĝ = (Q_Sᵀ G Q_A) ⊘ √(Λ + λ) computed densely from the full factors, on the kept eigenvectors."""
@@ -172,7 +181,7 @@ def test_stored_block_rows_are_blocks_of_the_dense_preconditioned_gradient(tmp_p
     reader = ShardReader(layout.shard_dir(db, 1), runtime.row_layout)
     rows = np.arange(10)
     dense = runtime.computer.train_preconditioned(
-        collate_sequences([m["token_ids"] for m in reader.metadata(rows)], runtime.tokenizer.pad_token_id))
+        collate_sequences([m.token_ids for m in reader.metadata(rows)], runtime.tokenizer.pad_token_id))
     lengths = np.sqrt(reader.read(layout.SELF_INFLUENCE, rows))[:, None]
     stored = reader.read(layout.ROWS, rows).astype(np.float64) * lengths
     for module in runtime.manifest.modules:
@@ -221,6 +230,7 @@ def test_packed_rows_are_zarr_shards_one_file_per_commit_unit(tmp_path):
         ours.write(2, data[2:6])
 
 
+@pytest.mark.slow
 def test_deep_verify_recomputes_rows_and_catches_a_shard_from_another_model(tmp_path, corpus, model_dir,
                                                                             other_model_dir):
     """A shard whose every checksum holds but whose rows another model wrote passes plain verify;

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def test_missing_faiss_is_one_clear_error_naming_the_extras():
     code = ("import sys; sys.modules['faiss'] = None\n"
@@ -16,6 +18,7 @@ def test_missing_faiss_is_one_clear_error_naming_the_extras():
     assert "FAISS is not installed" in result.stdout and "attribdb[cpu]" in result.stdout
 
 
+@pytest.mark.slow
 def test_the_wheel_installs_one_namespace(tmp_path):
     """indexer/ and query/ sit at the top of the repository but install inside attribdb, so a
     user's own query.py or indexer/ cannot shadow them."""

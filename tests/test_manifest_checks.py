@@ -12,11 +12,11 @@ from attribdb.manifest import Manifest
 from attribdb.shard import ShardReader
 from tools.checks.torture import manifest_setter  # the fault-injection tool edits manifests the same way)
 
-from dbtools import cli_here, copy_db, one_line_error, rewrite_manifest
+from dbtools import cli_here, copy_db, copy_manifest, one_line_error, rewrite_manifest
 
 
 def test_a_hand_edit_fails_the_checksum(tmp_path, built_db):
-    db = copy_db(built_db, tmp_path / "db")
+    db = copy_manifest(built_db, tmp_path / "db")
     path = db / layout.MANIFEST
     text = path.read_text()
     assert '"row_bytes": 4096' in text
@@ -59,7 +59,7 @@ def _delete(*keys):
     (manifest_setter("extra", value=1), "extra is not a manifest key"),
 ])
 def test_schema_violations_are_refused_naming_the_key(tmp_path, built_db, edit, message):
-    db = copy_db(built_db, tmp_path / "db")
+    db = copy_manifest(built_db, tmp_path / "db")
     rewrite_manifest(db, edit)
     with pytest.raises(StoreError) as caught:
         Manifest.load(db)
@@ -67,7 +67,7 @@ def test_schema_violations_are_refused_naming_the_key(tmp_path, built_db, edit, 
 
 
 def test_the_saved_manifest_round_trips(tmp_path, built_db):
-    db = copy_db(built_db, tmp_path / "db")
+    db = copy_manifest(built_db, tmp_path / "db")
     manifest = Manifest.load(db)
     manifest.save(db)
     assert Manifest.load(db).to_dict() == manifest.to_dict()

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from attribdb import metadb
 
 ROW = b"x" * 3000
@@ -18,6 +20,7 @@ def _write_rows(env, first: int, count: int) -> None:
     metadb.write(env, body)
 
 
+@pytest.mark.slow
 def test_two_thousand_shard_environments_open_at_once(tmp_path):
     paths = [tmp_path / f"{i:05d}" for i in range(2000)]
     for path in paths:

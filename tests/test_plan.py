@@ -7,9 +7,10 @@ import json
 import pytest
 
 from conftest import make_model_folder, write_corpus
-from dbtools import SMALL_SETTINGS, cli
+from dbtools import SMALL_SETTINGS, cli, cli_here
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("width", "layers", "budget", "index_kind"), [(32, 2, 4096, "pq4"), (48, 1, 6000, "auto")])
 def test_plan_of_a_model_folder_matches_info_of_its_database(tmp_path, width, layers, budget, index_kind):
     """The all-in cost a plan prints is what info reports once the database is built (up to the
@@ -43,7 +44,7 @@ def test_plan_of_a_model_folder_matches_info_of_its_database(tmp_path, width, la
 
 
 def test_plan_command_prices_named_shapes_and_refuses_bad_settings(tmp_path):
-    out = cli("plan", "--shape", "gpt2-small", "--rows", "1000", "--row-bytes", "8192").stdout
+    out = cli_here("plan", "--shape", "gpt2-small", "--rows", "1000", "--row-bytes", "8192").stdout
     line = next(line for line in out.splitlines() if line.startswith("gpt2-small"))
     columns = line.split()
     assert columns[1] == "48", "12 blocks × 4 linear layers are tracked"

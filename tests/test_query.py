@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +13,10 @@ import pytest
 
 import attribdb.api as api
 from attribdb.errors import ModelMismatchError, QueryError, StoreError
+from attribdb.query.options import as_queries
 
 from conftest import write_corpus
-from dbtools import SMALL_SETTINGS, cli, rewrite_manifest
+from dbtools import SMALL_SETTINGS, cli, cli_here, copy_manifest, rewrite_manifest
 
 QUERIES = [
     {"prompt": "the cat sat near the", "completion": " river stone"},
@@ -45,8 +46,10 @@ def db(db_path):
 
 
 @pytest.fixture(scope="module")
-def ground_truth(db):
-    return db.exhaustive(QUERIES, k=10)
+def every_row(db):
+    """The ground truth: every row of every query by its exact score, both rankings from one exhaustive
+    pass (any top k is the first k of these)."""
+    return db.exhaustive(QUERIES, k=10_000, rank_by="both")
 
 
 def _ids(hits):
@@ -58,10 +61,9 @@ def _ranked_by(hit, rank_by):
 
 
 @pytest.mark.parametrize("rank_by", ["normalized", "score"])
-def test_index_answers_agree_with_exhaustive(db, rank_by):
-    truths = db.exhaustive(QUERIES, k=10, rank_by=rank_by)
+def test_index_answers_agree_with_exhaustive(db, every_row, rank_by):
     results = db.query_batch(QUERIES, k=10, candidates=64, rank_by=rank_by)
-    recalls = [len(set(_ids(r.hits)) & set(_ids(t.hits))) / 10 for r, t in zip(results, truths)]
+    recalls = [len(set(_ids(r.hits)) & set(_ids(t.hits[:10]))) / 10 for r, t in zip(results, every_row[rank_by])]
     assert sum(recalls) / len(recalls) >= 0.9, recalls
     for result in results:
         keys = [_ranked_by(h, rank_by) for h in result.hits]
@@ -76,7 +78,7 @@ def _all_stored_rows(db):
     from attribdb import layout
 
     pairs, unit, squared = [], [], []
-    for shard_id, reader in db.engine.shards.items():
+    for shard_id, reader in db.engine.store.shards.items():
         pairs += [(shard_id, row) for row in range(reader.rows)]
         unit.append(reader.read(layout.ROWS).astype(np.float64))
         squared.append(reader.read(layout.SELF_INFLUENCE).astype(np.float64))
@@ -89,7 +91,7 @@ def test_index_answers_equal_a_brute_force_scan_of_the_stored_rows(db, rank_by):
     import numpy as np
 
     pairs, unit, squared = _all_stored_rows(db)
-    query_rows = db.engine.query_rows([api._as_query(q) for q in QUERIES]).double().numpy()
+    query_rows = db.engine.query_rows(as_queries(QUERIES)).double().numpy()
     cosines = query_rows @ unit.T / np.linalg.norm(query_rows, axis=1, keepdims=True)
     lengths = np.linalg.norm(query_rows, axis=1, keepdims=True) * np.sqrt(squared)
     keys = cosines if rank_by == "normalized" else cosines * lengths
@@ -100,13 +102,13 @@ def test_index_answers_equal_a_brute_force_scan_of_the_stored_rows(db, rank_by):
         assert got == pytest.approx(np.sort(key)[::-1][:10], rel=1e-3, abs=1e-6)
 
 
-def test_compression_error_is_bounded_by_what_the_rows_leave_out(db):
+def test_compression_error_is_bounded_by_what_the_rows_leave_out(db, every_row):
     """⟨Ĝ_q, Ĝ_m⟩ − ⟨block_q, block_m⟩ = ⟨rest_q, rest_m⟩, so the error of a stored score is at most
     √((‖Ĝ_q‖² − ‖block_q‖²)(‖Ĝ_m‖² − ‖block_m‖²)): full self-influences from the exhaustive pass,
     stored ones from the rows."""
-    truths = db.exhaustive(QUERIES, k=10_000)
+    truths = every_row["normalized"]
     index = {(h.shard, h.row): h for h in db.query_batch(QUERIES[:1], k=150, candidates=10_000, rescore=0)[0].hits}
-    query_row = db.engine.query_rows([api._as_query(QUERIES[0])]).double()
+    query_row = db.engine.query_rows(as_queries(QUERIES[:1])).double()
     block_q = float(query_row.pow(2).sum())
     assert block_q <= truths[0].query_self_influence * (1 + 1e-3)
     checked = 0
@@ -129,13 +131,14 @@ def test_a_query_top_k_is_the_prefix_of_a_larger_k(db):
         assert _ids(a.opponents) == _ids(b.opponents)[:len(a.opponents)]
 
 
-def test_rescoring_every_candidate_gives_the_exhaustive_answer(db, ground_truth):
+def test_rescoring_every_candidate_gives_the_exhaustive_answer(db, every_row):
     results = db.query_batch(QUERIES, k=10, candidates=10_000, rescore=10_000)
-    for result, truth in zip(results, ground_truth):
-        assert _ids(result.hits) == _ids(truth.hits)
-        assert [h.exact_score for h in result.hits] == pytest.approx([h.score for h in truth.hits], rel=1e-4)
+    for result, truth in zip(results, every_row["normalized"]):
+        top = truth.hits[:10]
+        assert _ids(result.hits) == _ids(top)
+        assert [h.exact_score for h in result.hits] == pytest.approx([h.score for h in top], rel=1e-4)
         assert [h.exact_normalized_score for h in result.hits] == pytest.approx(
-            [h.normalized_score for h in truth.hits], rel=1e-4)
+            [h.normalized_score for h in top], rel=1e-4)
         assert result.rescored == db.engine.rows
 
 
@@ -144,25 +147,26 @@ def test_a_row_rescored_for_the_bottom_end_ranks_at_the_top_by_its_exact_score(d
     is a top hit, ahead of a top candidate whose exact score is lower (+1), and no opponent."""
     import numpy as np
 
-    from attribdb.query.engine import _Scored
+    from attribdb.query.scored import ScoredRows
 
-    shard_id = next(iter(db.engine.shards))
-    scored = _Scored(np.array([shard_id, shard_id]), np.array([0, 1]), np.array([5.0, -5.0]), np.zeros((2, 1)),
+    shard_id = next(iter(db.engine.store.shards))
+    scored = ScoredRows(np.array([shard_id, shard_id]), np.array([0, 1]), np.array([5.0, -5.0]), np.zeros((2, 1)),
                      np.ones(2), query_self=1.0, exact_query_self=1.0)
     scored.exact[:] = True
     scored.exact_scores[:] = [1.0, 10.0]
     scored.exact_self_influence[:] = 1.0
-    scored.first = {"top": np.array([True, False]), "bottom": np.array([False, True])}
-    hits, opponents = db.engine._ends(scored, k=2, rank_by="score", opponents=True)
+    scored.chosen = {"top": np.array([True, False]), "bottom": np.array([False, True])}
+    top, bottom = scored.ends(k=2, rank_by="score", opponents=True)
+    hits, opponents = db.engine.pipeline.hits(scored, top), db.engine.pipeline.hits(scored, bottom)
     assert [(h.row, h.exact_score) for h in hits] == [(1, 10.0), (0, 1.0)]
     assert opponents == []
 
 
 @pytest.mark.parametrize("budget, rescored", [(0.0, "none"), (1e30, "all")])
 def test_default_rescoring_spends_the_compute_budget(db, monkeypatch, budget, rescored):
-    import attribdb.query.engine as engine_module
+    import attribdb.query.recompute as recompute
 
-    monkeypatch.setattr(engine_module, "RESCORE_FLOPS", {"cpu": budget})
+    monkeypatch.setattr(recompute, "RESCORE_FLOPS", {"cpu": budget})
     result = db.query(**QUERIES[0], k=10, candidates=32)
     compressed = db.query(**QUERIES[0], k=10, candidates=32, rescore=0)
     if rescored == "none":
@@ -179,7 +183,7 @@ def test_candidates_are_searched_as_the_unit_rows(db):
 
     from attribdb import layout
 
-    for reader in db.engine.shards.values():
+    for reader in db.engine.store.shards.values():
         held = reader.faiss_vectors()
         rows = reader.read(layout.ROWS).astype(np.float32)
         assert held.shape[1] % 16 == 0 and held.shape[1] - rows.shape[1] < 16
@@ -187,14 +191,14 @@ def test_candidates_are_searched_as_the_unit_rows(db):
         assert not held[:, rows.shape[1]:].any()
 
 
-def test_normalized_ranking_agrees_with_exhaustive(db):
-    truth = db.exhaustive(QUERIES, k=10, rank_by="normalized")
+def test_normalized_ranking_agrees_with_exhaustive(db, every_row):
+    truth = every_row["normalized"]
     results = db.query_batch(QUERIES, k=10, candidates=64, rank_by="normalized")
     for result in truth + results:
         values = [_ranked_by(h, "normalized") for h in result.hits]
         assert values == sorted(values, reverse=True)
         assert all(abs(v) <= 1 + 1e-6 for v in values)  # a cosine
-    recalls = [len(set(_ids(r.hits)) & set(_ids(t.hits))) / 10 for r, t in zip(results, truth)]
+    recalls = [len(set(_ids(r.hits)) & set(_ids(t.hits[:10]))) / 10 for r, t in zip(results, truth)]
     assert sum(recalls) / len(recalls) >= 0.8, recalls
     exact = db.exact(QUERIES[0]["prompt"], QUERIES[0]["completion"], k=5, rank_by="normalized")
     keys = [h.exact_normalized_score for h in exact.hits]
@@ -211,10 +215,10 @@ def test_query_batch_equals_single_queries(db):
         assert [h.score for h in single.hits] == pytest.approx([h.score for h in result.hits], rel=1e-4)
 
 
-def test_exact_mode_equals_exhaustive_scores_and_token_contributions_sum(db, ground_truth):
+def test_exact_mode_equals_exhaustive_scores_and_token_contributions_sum(db, every_row):
     exact = db.exact(QUERIES[0]["prompt"], QUERIES[0]["completion"], k=5)
     assert exact.mode == "exact"
-    truth = {(h.shard, h.row): h.score for h in db.exhaustive([QUERIES[0]], k=10_000)[0].hits}
+    truth = {(h.shard, h.row): h.score for h in every_row["normalized"][0].hits}
     for hit in exact.hits + exact.opponents:
         assert hit.exact_score == pytest.approx(truth[(hit.shard, hit.row)], rel=1e-4, abs=1e-6)
         assert sum(hit.token_contributions) == pytest.approx(hit.exact_score, rel=1e-6, abs=1e-9)
@@ -237,7 +241,7 @@ def test_result_objects_convert(db):
 def test_cli_json_carries_every_field(db_path, tmp_path):
     queries = tmp_path / "q.jsonl"
     queries.write_text("\n".join(json.dumps(q) for q in QUERIES[:2]) + "\n")
-    out = cli("query", db_path, "--queries", queries, "--format", "json", "-k", "3").stdout
+    out = cli_here("query", db_path, "--queries", queries, "--format", "json", "-k", "3").stdout
     objects = [json.loads(line) for line in out.strip().splitlines()]
     assert len(objects) == 2
     for obj in objects:
@@ -251,10 +255,25 @@ def test_cli_json_carries_every_field(db_path, tmp_path):
 
 
 def test_cli_table_shows_ranks_and_snippets(db_path):
-    out = cli("query", db_path, "--prompt", "the cat sat", "--completion", " near the river", "-k", "4").stdout
+    out = cli_here("query", db_path, "--prompt", "the cat sat", "--completion", " near the river", "-k", "4").stdout
     assert "most influential" in out and "    1 " in out and "doc" in out
 
 
+def test_shell_reads_queries_and_commands_line_by_line(db):
+    """The shell's loop on piped input, in this process (the console process is the slow test below)."""
+    from attribdb.query.shell import run_shell
+
+    script = "the cat sat || near the river\n:k 2\n:mode exact\nred blue || green small\nno separator\n:bogus\n:q\n"
+    out = io.StringIO()
+    assert run_shell(db, stdin=io.StringIO(script), stdout=out) == 0
+    text = out.getvalue()
+    assert text.count("most influential") == 2 and "k=2 mode=exact format=table" in text
+    assert "separate prompt and completion with ||" in text and "unknown command ':bogus'" in text
+    second = text.split("most influential")[2]
+    assert "    2 " in second and "    3 " not in second.split("most negative")[0] and "exact, " in text
+
+
+@pytest.mark.slow
 def test_shell_answers_two_queries_in_one_process(db_path):
     script = "the cat sat || near the river\n:k 2\nred blue || green small\n:quit\n"
     result = subprocess.run([sys.executable, "-m", "attribdb", "shell", str(db_path)], input=script,
@@ -271,20 +290,20 @@ def test_shell_answers_two_queries_in_one_process(db_path):
     (["--prompt", "the cat"], "give --prompt and --completion"),
 ])
 def test_bad_queries_get_one_clear_line(db_path, args, message):
-    result = cli("query", db_path, *args, check=False)
+    result = cli_here("query", db_path, *args)
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_unknown_database_and_model_mismatch_are_clear(db_path, tmp_path, other_model_dir):
-    missing = cli("query", tmp_path / "nope", "--prompt", "a", "--completion", " b", check=False)
+    missing = cli_here("query", tmp_path / "nope", "--prompt", "a", "--completion", " b")
     assert missing.returncode == 1 and "not an attribdb database" in missing.stderr
     with pytest.raises(StoreError):
         api.open(tmp_path / "nope")
-    moved = shutil.copytree(db_path, tmp_path / "db")
+    moved = copy_manifest(db_path, tmp_path / "db")  # the model is refused before anything else is read
     def point_at_other_model(manifest):
         manifest["model"]["path"] = manifest["settings"]["model_path"] = str(other_model_dir)
     rewrite_manifest(moved, point_at_other_model)
-    mismatch = cli("query", moved, "--prompt", "a", "--completion", " b", check=False)
+    mismatch = cli_here("query", moved, "--prompt", "a", "--completion", " b")
     assert mismatch.returncode == 1 and "differ from the model" in mismatch.stderr
     with pytest.raises(ModelMismatchError):
         api.open(moved).query("a", " b")

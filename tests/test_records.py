@@ -46,7 +46,7 @@ def test_an_edited_record_fails_verify_and_reads_naming_shard_and_row(tmp_path, 
     try:
         with pytest.raises(StoreError, match="00001 row 3: the record fails its checksum"):
             reader.metadata([3])
-        assert reader.metadata([2])[0]["sequence"] == 32 + 2  # its neighbours still read
+        assert reader.metadata([2])[0].sequence == 32 + 2  # its neighbours still read
     finally:
         reader.close()
 
@@ -56,9 +56,9 @@ def test_a_row_holding_another_sequence_fails_verify(tmp_path, built_db):
     db = copy_db(built_db, tmp_path / "db")
     shard = layout.shard_dir(db, 2)
     other = ShardReader(layout.shard_dir(db, 0), Manifest.load(db).row_layout())
-    meta = other.metadata([5])[0]
+    record = other.metadata([5])[0]
     other.close()
-    _rewrite_row(shard, 5, lambda raw: records.pack(layout.row_key(5), meta))
+    _rewrite_row(shard, 5, lambda raw: record.to_bytes(layout.row_key(5)))
     one_line_error(cli_here("verify", db), "shard 00002", "row 5 holds sequence 5", "not 69")
 
 
@@ -87,7 +87,7 @@ def test_a_healthy_database_stores_checksummed_sequence_numbers(built_db):
     for shard_id in manifest.shard_ids[:3]:
         reader = ShardReader(layout.shard_dir(built_db, shard_id), manifest.row_layout())
         try:
-            assert [m["sequence"] for m in reader.metadata(range(reader.rows))] == \
+            assert [m.sequence for m in reader.metadata(range(reader.rows))] == \
                    list(range(shard_id * shard_size, shard_id * shard_size + reader.rows))
             assert [(e["rows_start"], e["rows_end"]) for e in reader.journal()] == \
                    [(s, s + 8) for s in range(0, reader.rows, 8)]

@@ -6,21 +6,18 @@ import gc
 
 import torch
 
-from attribdb import api
 from attribdb.factors import Factors
 from attribdb.runtime import Runtime
 
 KEYS = ("eigvecs_out", "eigvecs_in", "diagonal")
 
 
-def test_runtime_loads_the_factors_once_in_the_compute_dtype(tmp_path, corpus, model_dir, monkeypatch):
-    api.build(tmp_path / "db", str(corpus), str(model_dir), quiet=True, max_length=16, shard_size=64, commit_rows=8,
-              batch_size=8, fit_sample_size=16, row_bytes=2048)
+def test_runtime_loads_the_factors_once_in_the_compute_dtype(built_db, monkeypatch):
     loaded = []
     original = Factors.load.__func__
     monkeypatch.setattr(Factors, "load", classmethod(lambda cls, *a, **kw: loaded.append(original(cls, *a, **kw))
                                                      or loaded[-1]))
-    factors = Runtime.load(tmp_path / "db").computer.factors
+    factors = Runtime.load(built_db).computer.factors
     assert len(loaded) == 1
     for name, f in factors.per_module.items():
         for key in KEYS:

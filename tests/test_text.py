@@ -12,7 +12,7 @@ import pytest
 
 import attribdb.api as api
 from attribdb import layout, text_index
-from attribdb.shard import TEXT_CRC_KEY, _file_crc32c
+from attribdb.shard import TEXT_CRC_KEY, file_crc32c
 
 from conftest import write_corpus
 from dbtools import SMALL_SETTINGS, assert_same_database, cli, cli_here, copy_db, edit_lmdb, one_line_error
@@ -56,8 +56,8 @@ def db(db_path):
 
 def all_texts(database) -> dict[tuple[int, int], str]:
     readers = database.text_search.readers
-    return {(shard_id, row): meta["text"] for shard_id, reader in readers.items()
-            for row, meta in enumerate(reader.metadata(range(reader.rows)))}
+    return {(shard_id, row): record.text for shard_id, reader in readers.items()
+            for row, record in enumerate(reader.metadata(range(reader.rows)))}
 
 
 def test_every_shard_stores_a_text_index_of_its_rows(db_path, db):
@@ -113,14 +113,23 @@ def test_terms_in_more_than_half_the_rows_count_only_when_nothing_else_matches()
     index.close()
 
 
-def test_prefilter_scores_are_the_exhaustive_scores_of_the_bm25_top_n(db):
-    prompt, completion = f"the {RARE} sat near", " the river"
+RARE_QUERY = (f"the {RARE} sat near", " the river")
+
+
+@pytest.fixture(scope="module")
+def rare_truth(db):
+    """Every row's exact scores for RARE_QUERY, from one exhaustive pass."""
+    return db.exhaustive([RARE_QUERY], k=10_000)[0]
+
+
+def test_prefilter_scores_are_the_exhaustive_scores_of_the_bm25_top_n(db, rare_truth):
+    prompt, completion = RARE_QUERY
     bm25 = db.text(prompt, completion, k=20)
     result = db.prefilter(prompt, completion, n=20, k=20)
     assert result.mode == "prefilter" and result.candidates == result.rescored == 20
     assert {(h.shard, h.row) for h in result.hits} == {(h.shard, h.row) for h in bm25.hits}
     assert {(h.shard, h.row): h.bm25 for h in result.hits} == {(h.shard, h.row): h.score for h in bm25.hits}
-    truth = db.exhaustive([(prompt, completion)], k=10_000)[0]
+    truth = rare_truth
     exhaustive = {(h.shard, h.row): h for h in truth.hits}
     assert result.query_self_influence == pytest.approx(truth.query_self_influence, rel=1e-5)
     # float32 sums over batches of other rows and padding: equal to 1e-4 of the largest score
@@ -146,12 +155,12 @@ def test_reciprocal_rank_fusion_sums_one_over_c_plus_rank_and_breaks_ties_by_fir
     assert [item for item, _ in reciprocal_rank_fusion([["x", "y"], ["y", "x"]], c=1)] == ["x", "y"]
 
 
-def test_hybrid_prefilter_is_the_rank_fusion_of_bm25_and_exhaustive_influence(db):
+def test_hybrid_prefilter_is_the_rank_fusion_of_bm25_and_exhaustive_influence(db, rare_truth):
     """--rank-by hybrid against the fusion computed here from text mode's BM25 order and the
     exhaustive pass's normalized scores of the same rows."""
-    prompt, completion, n, k, c = f"the {RARE} sat near", " the river", 20, 8, 60
+    (prompt, completion), n, k, c = RARE_QUERY, 20, 8, 60
     text_order = [(h.shard, h.row) for h in db.text(prompt, completion, k=n).hits]
-    truth = {(h.shard, h.row): h for h in db.exhaustive([(prompt, completion)], k=10_000)[0].hits}
+    truth = {(h.shard, h.row): h for h in rare_truth.hits}
     cosine = sorted(truth[row].normalized_score for row in text_order)
     assert min(b - a for a, b in zip(cosine, cosine[1:])) > 1e-4  # no near-tie the two computations could order apart
     influence_order = sorted(text_order, key=lambda row: -truth[row].normalized_score)
@@ -171,6 +180,7 @@ def test_hybrid_prefilter_is_the_rank_fusion_of_bm25_and_exhaustive_influence(db
     assert [(h.shard, h.row) for h in result.opponents] == [(h.shard, h.row) for h in plain.opponents]
 
 
+@pytest.mark.slow
 def test_a_kill_between_writing_the_indexes_and_sealing_resumes_to_the_same_text_index(
         tmp_path, text_corpus, model_dir, db_path):
     db = tmp_path / "db"
@@ -184,6 +194,7 @@ def test_a_kill_between_writing_the_indexes_and_sealing_resumes_to_the_same_text
     # (a copy: this process holds the reference's LMDB open, and LMDB refuses a second open)
 
 
+@pytest.mark.slow
 def test_append_adds_its_rows_to_the_text_index(tmp_path, text_corpus, model_dir):
     db = tmp_path / "db"
     cli(*build_command(db, text_corpus, model_dir))
@@ -206,7 +217,7 @@ def _replace_text_index(db: Path, shard: int, data: bytes, record_crc: bool) -> 
     path.write_bytes(data)
     if record_crc:
         edit_lmdb(layout.shard_dir(db, shard), layout.INFO_DB,
-                  lambda txn, info: txn.put(TEXT_CRC_KEY, _file_crc32c(path), db=info))
+                  lambda txn, info: txn.put(TEXT_CRC_KEY, file_crc32c(path), db=info))
 
 
 def test_verify_catches_a_damaged_missing_or_foreign_text_index(tmp_path, db_path):

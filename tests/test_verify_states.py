@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 from attribdb import layout
 
 from dbtools import SMALL_SETTINGS, assert_same_database, cli, cli_here, copy_db, one_line_error
@@ -11,6 +13,7 @@ from dbtools import SMALL_SETTINGS, assert_same_database, cli, cli_here, copy_db
 PENDING_EXIT = 3
 
 
+@pytest.mark.slow
 def test_an_interrupted_build_is_reported_as_resumable_then_resumes(tmp_path, corpus, model_dir, built_db):
     db = tmp_path / "db"
     build = ["build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SMALL_SETTINGS]

@@ -12,6 +12,7 @@ import pytest
 
 from attribdb import layout
 from attribdb.errors import StoreError
+from attribdb.records import RowRecord
 from attribdb.rows import RowLayout
 from attribdb.shard import RowBlock, ShardWriter
 from attribdb.tracking import TrackedModule
@@ -67,7 +68,8 @@ def _block(start: int, n: int, row_layout: RowLayout) -> RowBlock:
     rows = rng.standard_normal((n, row_layout.dim))
     return RowBlock(rows=(rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16),
                     self_influence=rng.random(n, dtype=np.float32),
-                    metadata=[{"doc_id": f"d{start + i}", "sequence": start + i} for i in range(n)])
+                    metadata=[RowRecord(f"d{start + i}", "test", (0, 2), (0, 1), "x", (1, 2), start + i)
+                              for i in range(n)])
 
 
 def test_a_block_is_written_only_at_its_own_start(tmp_path):

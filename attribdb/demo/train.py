@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from attribdb.models import quiet_transformers
+
 EOS = "<|endoftext|>"
 CACHE_FILE = "demo_model.json"
 
@@ -91,6 +93,7 @@ def train_model(corpus_jsonl: Path, out_dir: Path, config: DemoModelConfig = Dem
     from tqdm import tqdm
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+    quiet_transformers()  # its config notices and 'Writing model shards' bar: our own progress says enough
     fingerprint = _fingerprint(corpus_jsonl, config)
     if tokenizer_from is not None:
         fingerprint["tokenizer_from"] = str(tokenizer_from)
@@ -152,6 +155,7 @@ def known_facts(model_dir: Path, facts) -> list[bool]:
     """Per fact, whether its held-out prompt greedily decodes to exactly the fact's value."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     known = []

@@ -43,6 +43,7 @@ import sys
 import time
 from pathlib import Path
 
+from attribdb.query.options import QueryOptions
 from tools.benchutil import english_paragraphs, make_model, peak_rss_mib, recall, write_corpus
 
 SETTINGS = {"max_length": 64, "batch_size": 16, "shard_size": 4096, "commit_rows": 64, "fit_sample_size": 512}
@@ -70,13 +71,13 @@ def faiss_mib(engine) -> float:
     """The database index's file (shards without one are scanned from their rows: no FAISS file)."""
     from attribdb import layout
 
-    recorded = engine.indexes.recorded
+    recorded = engine.store.indexes.recorded
     return (engine.runtime.root / layout.INDEX_DIR / recorded["file"]).stat().st_size / 2 ** 20 if recorded else 0.0
 
 
 def distinct_sequences(engine) -> int:
     """Identical rows tie in every ranking; the corpus should have few of them for recall to mean anything."""
-    return len({tuple(m["token_ids"]) for reader in engine.shards.values()
+    return len({m.token_ids for reader in engine.store.shards.values()
                 for m in reader.metadata(range(reader.rows))})
 
 
@@ -107,12 +108,12 @@ def time_index(engine, items, label: str) -> dict:
     first_pass = []  # rows read for the first time since the process started (page cache permitting)
     for item in items:
         started = time.perf_counter()
-        engine.query([item], k=10)
+        list(engine.query([item], QueryOptions(k=10)))
         first_pass.append(time.perf_counter() - started)
     latencies, answers, laps = [], [], {}
     for item in items:
         started = time.perf_counter()
-        answers += engine.query([item], k=10)
+        answers += engine.query([item], QueryOptions(k=10))
         latencies.append(time.perf_counter() - started)
         for lap, ms in answers[-1].timings_ms.items():
             laps.setdefault(lap, []).append(ms)
@@ -126,14 +127,14 @@ def time_index(engine, items, label: str) -> dict:
 
 def against_truth(engine, items, figures: dict, label: str) -> dict:
     """Recall of the timed answers, and of exact mode, against the exhaustive ground truth."""
-    index_100 = engine.query(items, k=100, candidates=400)
+    index_100 = list(engine.query(items, QueryOptions(k=100, candidates=400)))
     exact_latencies, exact_results = [], []
     for item in items:
         started = time.perf_counter()
-        exact_results += engine.exact([item], k=10)
+        exact_results += engine.exact([item], QueryOptions(k=10))
         exact_latencies.append(time.perf_counter() - started)
     started = time.perf_counter()
-    truth = engine.exhaustive(items, k=100, quiet=False)
+    truth = engine.exhaustive(items, QueryOptions(k=100), quiet=False)["normalized"]
     answers = figures.pop("answers")
     figures |= {"exhaustive": time.perf_counter() - started,
                 "recall10": recall(answers, truth, 10),
@@ -171,7 +172,8 @@ def main() -> None:
         return wide(args.wide, args.copies, args.workdir)
 
     from attribdb import api
-    from attribdb.query.engine import Query, QueryEngine
+    from attribdb.query.engine import QueryEngine
+    from attribdb.query.options import Query
     from attribdb.runtime import Runtime
 
     work = args.workdir
@@ -236,7 +238,8 @@ def wide(source: Path, copies: int, work: Path) -> None:
 
     from attribdb import layout
     from attribdb.manifest import Manifest
-    from attribdb.query.engine import Query, QueryEngine
+    from attribdb.query.engine import QueryEngine
+    from attribdb.query.options import Query
     from attribdb.runtime import Runtime
 
     db = work / f"wide-{copies}"

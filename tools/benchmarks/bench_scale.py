@@ -18,7 +18,7 @@ Figures (printed last):
   exact inner product of the query row with every stored unit row, read back
   from the row store in bounded memory (a shard at a time).  That is the truth
   the index approximates; compression loss is a property of the row, not of
-  the index (README, tools/evaluations/eval_compression.py);
+  the index (docs/evidence.md, tools/evaluations/eval_compression.py);
 - with ``--exhaustive Q`` (default: on a few queries up to 2·10⁴ rows) also
   recall@10 against the full-space exhaustive mode;
 - resident memory of the query process, the database's size on disk and the
@@ -125,7 +125,7 @@ def build(work: Path, n: int, settings: dict) -> Path:
 
 def queries(n: int, tokenizer, max_length: int):
     """Texts made like the documents (other seed), split into a prompt and a completion."""
-    from attribdb.query.engine import Query
+    from attribdb.query.options import Query
 
     out = []
     for text in fitted_texts(n, tokenizer, max_length, seed=1):
@@ -138,12 +138,15 @@ def queries(n: int, tokenizer, max_length: int):
 def timed_queries(engine, items, warm_up) -> tuple[list[float], list, dict[str, list[float]]]:
     """Index queries with ``rescore=0`` one at a time, after ``warm_up`` untimed ones (first reads of the
     index and code paths): (seconds per query, answers, each lap's milliseconds per query)."""
+    from attribdb.query.options import QueryOptions
+
+    options = QueryOptions(k=TRUTH_K, rescore=0)
     for item in warm_up:
-        engine.query([item], k=TRUTH_K, rescore=0)
+        list(engine.query([item], options))
     latencies, answers, laps = [], [], {}
     for item in items:
         started = time.perf_counter()
-        answers += engine.query([item], k=TRUTH_K, rescore=0)
+        answers += engine.query([item], options)
         latencies.append(time.perf_counter() - started)
         for lap, ms in answers[-1].timings_ms.items():
             laps.setdefault(lap, []).append(ms)
@@ -156,7 +159,7 @@ def brute_force_scores_top(engine, query_rows: np.ndarray, k: int) -> np.ndarray
     from attribdb import layout
 
     best = np.full((len(query_rows), k), -np.inf)
-    for reader in engine.shards.values():
+    for reader in engine.store.shards.values():
         rows = reader.read(layout.ROWS, np.arange(reader.rows)).astype(np.float32)
         best = np.concatenate([best, query_rows @ rows.T], axis=1)
         best = -np.sort(-best, axis=1)[:, :k]
@@ -169,9 +172,9 @@ def recall_at(engine, answers, query_rows: np.ndarray, truth: np.ndarray) -> flo
     from attribdb import layout
 
     k = truth.shape[1]
-    found = []
+    found, readers = [], engine.store.shards
     for i, answer in enumerate(answers):
-        rows = np.concatenate([engine.shards[h.shard].read(layout.ROWS, np.array([h.row])) for h in answer.hits[:k]])
+        rows = np.concatenate([readers[h.shard].read(layout.ROWS, np.array([h.row])) for h in answer.hits[:k]])
         found.append(np.sum(rows.astype(np.float32) @ query_rows[i] >= truth[i, -1] - TIE) / k)
     return float(np.mean(found))
 
@@ -179,6 +182,7 @@ def recall_at(engine, answers, query_rows: np.ndarray, truth: np.ndarray) -> flo
 def scale(n: int, work: Path | None, row_bytes: int | None, index_kind: str | None,
           exhaustive: int | None = None) -> None:
     from attribdb.query.engine import QueryEngine
+    from attribdb.query.options import QueryOptions
     from attribdb.runtime import Runtime
 
     work = work or Path("/tmp/attribdb-bench-rows")
@@ -205,9 +209,10 @@ def scale(n: int, work: Path | None, row_bytes: int | None, index_kind: str | No
     exhaustive = (5 if engine.rows <= 20_000 else 0) if exhaustive is None else exhaustive
     full_space = None
     if exhaustive:
-        full_space = recall(answers[:exhaustive], engine.exhaustive(items[:exhaustive], k=TRUTH_K), TRUTH_K)
+        truth_full = engine.exhaustive(items[:exhaustive], QueryOptions(k=TRUTH_K))["normalized"]
+        full_space = recall(answers[:exhaustive], truth_full, TRUTH_K)
     ordered = sorted(latencies)
-    kinds = f"{runtime.manifest.settings.index_kind}: {engine.indexes.kinds}"
+    kinds = f"{runtime.manifest.settings.index_kind}: {engine.store.indexes.kinds}"
     print("laps (median ms): " + ", ".join(f"{lap} {statistics.median(v):.2f}" for lap, v in laps.items()),
           file=sys.stderr)
     print(f"query process RSS: {rss_start:.0f} MiB before loading, {rss_open:.0f} MiB with every shard open "
@@ -219,7 +224,7 @@ def scale(n: int, work: Path | None, row_bytes: int | None, index_kind: str | No
           + (f"; recall@10 against full-space exhaustive on {exhaustive} queries {full_space:.3f}"
              if full_space is not None else ""), flush=True)
     # last: walking a large database's files for their blocks can take many minutes on a cold cache
-    print(f"database {db}: {engine.rows} rows in {len(engine.shards)} shards, rows of "
+    print(f"database {db}: {engine.rows} rows in {len(engine.store.shards)} shards, rows of "
           f"{runtime.row_layout.bytes_per_row} bytes (dim {runtime.row_layout.dim}), index {kinds}; "
           f"disk {disk_mib(db):.0f} MiB in {sum(1 for p in db.rglob('*') if p.is_file())} files; "
           f"built in {built['seconds']:.0f} s, "

@@ -61,14 +61,15 @@ def _fitted(work: Path, n: int, row_bytes: int) -> Path:
 
 def _block(start: int, rows: int, dim: int) -> "RowBlock":  # noqa: F821 - attribdb.shard.RowBlock
     """Rows ``start..start+rows``: random unit float16 rows (seeded by their place) and metadata."""
+    from attribdb.records import RowRecord
     from attribdb.shard import RowBlock
 
     rng = np.random.default_rng(start)
     vectors = rng.standard_normal((rows, dim), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     self_influence = rng.lognormal(0.0, 1.0, rows).astype(np.float32)
-    metadata = [{"doc_id": f"s{start + i}", "source": "synthetic", "token_span": [0, 2], "char_span": [0, 9],
-                 "text": f"row {start + i}", "token_ids": [1, 2], "sequence": start + i} for i in range(rows)]
+    metadata = [RowRecord(f"s{start + i}", "synthetic", (0, 2), (0, 9), f"row {start + i}", (1, 2), start + i)
+                for i in range(rows)]
     return RowBlock(vectors.astype(np.float16), self_influence, metadata)
 
 
@@ -143,7 +144,7 @@ def synthetic_scale(n: int, work: Path | None, row_bytes: int | None) -> None:
     print("laps (median ms): " + ", ".join(f"{lap} {statistics.median(v):.1f}" for lap, v in laps.items()),
           file=sys.stderr)
     print(f"{engine.rows} synthetic rows of {runtime.row_layout.bytes_per_row} bytes (dim {runtime.row_layout.dim}), "
-          f"{info['row']['all_in']['total']} bytes all-in; index {engine.indexes.kinds}")
+          f"{info['row']['all_in']['total']} bytes all-in; index {engine.store.indexes.kinds}")
     print(f"query process RSS: {rss_start:.0f} MiB before, {rss_open:.0f} MiB with the database open "
           f"({open_seconds:.1f} s), {rss_queried:.0f} MiB after {len(items)} queries")
     print(f"{N_QUERIES} queries, rescore=0: p50 {1000 * statistics.median(ordered):.0f} ms, "

@@ -144,7 +144,8 @@ def digest_work(db: Path) -> Callable[[], dict]:
                     digest = hashlib.sha256()
                     for name in layout.ROW_ARRAYS:
                         digest.update(reader.read(name).tobytes())
-                    digest.update(json.dumps(reader.metadata(range(reader.rows)), sort_keys=True).encode())
+                    records = [record.to_dict() for record in reader.metadata(range(reader.rows))]
+                    digest.update(json.dumps(records, sort_keys=True).encode())
                     shards[str(shard_id)] = [reader.rows, digest.hexdigest()]
                 finally:
                     reader.close()

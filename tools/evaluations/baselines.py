@@ -154,13 +154,13 @@ def gradient_cosine_rows(engine, facts) -> list[list[tuple[str, float]]]:
     batch = collate_sequences([p + c for p, c in query_ids], tokenizer.pad_token_id, [len(p) for p, _ in query_ids])
     queries = torch.nn.functional.normalize(flat(computer.query_preconditioned(batch)), dim=1)
     rows: list[list[tuple[str, float]]] = [[] for _ in facts]
-    for reader in engine.shards.values():
+    for reader in engine.store.shards.values():
         for start in range(0, reader.rows, 16):
             metas = reader.metadata(range(start, min(start + 16, reader.rows)))
-            train = collate_sequences([m["token_ids"] for m in metas], tokenizer.pad_token_id)
+            train = collate_sequences([m.token_ids for m in metas], tokenizer.pad_token_id)
             cosines = queries @ torch.nn.functional.normalize(flat(computer.train_preconditioned(train)), dim=1).T
             for i in range(len(facts)):
-                rows[i] += [(m["doc_id"], float(c)) for m, c in zip(metas, cosines[i])]
+                rows[i] += [(m.doc_id, float(c)) for m, c in zip(metas, cosines[i])]
     return rows
 
 

@@ -70,7 +70,7 @@ def study_query(fact, hits, common_ids: set[int], by_row: dict, model) -> tuple[
     """From one query's exact hits over every row: a record per stating document, and the query's own."""
     ranking = rank_documents([(h.doc_id, h.exact_normalized_score) for h in hits])
     selfs = [h.self_influence for h in hits]
-    common = {(h.shard, h.row): [i in common_ids for i in by_row[h.shard, h.row]["token_ids"]] for h in hits}
+    common = {(h.shard, h.row): [i in common_ids for i in by_row[h.shard, h.row].token_ids] for h in hits}
     documents = []
     for doc_id in fact.doc_ids:
         rows = [h for h in hits if h.doc_id == doc_id]
@@ -83,7 +83,7 @@ def study_query(fact, hits, common_ids: set[int], by_row: dict, model) -> tuple[
         if whole:
             inside = [s < whole[1] and e > whole[0] for s, e in token_chars(best.tokens)]
             record["statement share"] = share(best.token_contributions, inside)
-            record["value loss"] = value_loss(model, by_row[best.shard, best.row]["token_ids"], fact, best)
+            record["value loss"] = value_loss(model, by_row[best.shard, best.row].token_ids, fact, best)
         documents.append(record)
     rival = max((h for h in hits if h.doc_id not in fact.doc_ids), key=lambda h: h.exact_normalized_score)
     return documents, {"rival common share": share(rival.token_contributions, common[rival.shard, rival.row]),
@@ -106,9 +106,9 @@ def main() -> None:
     with api.open(prepared.db_path) as db:
         rows = db.engine.rows
         tokenizer, model = db.engine.runtime.tokenizer, db.engine.runtime.model
-        by_row = {(shard, row): meta for shard, reader in db.engine.shards.items()
+        by_row = {(shard, row): meta for shard, reader in db.engine.store.shards.items()
                   for row, meta in enumerate(reader.metadata(range(reader.rows)))}
-        frequency = Counter(t for m in by_row.values() for t in set(m["token_ids"]))
+        frequency = Counter(t for m in by_row.values() for t in set(m.token_ids))
         common_ids = {t for t, n in frequency.items() if n >= COMMON * rows}
         studies = [study_query(f, r.hits, common_ids, by_row, model)
                    for f, r in zip(known, db.exact_batch([(f.prompt, f.completion) for f in known], k=rows,
