@@ -40,8 +40,6 @@ a reader that still finds its file gone opens the database again from the manife
 
 from __future__ import annotations
 
-import functools
-import math
 import os
 import time
 from pathlib import Path
@@ -61,12 +59,10 @@ KIND = DATABASE_KINDS[0]  # the database index kind, and the index_kind setting 
 # size (a scan of them takes a few hundred ms on one core), 200,000 of bench_scale's
 AUTO_MIN_BYTES = 128 << 20
 MAX_SUB_QUANTIZERS = 2048  # fast-scan's look-up tables stay precise up to about this many
-ROTATION_BLOCK = 256  # coordinates each Hadamard block of the rotation mixes (at most)
-ROTATION_SEED = 0
 FINE_BITS = 2  # RaBitQ bits per coordinate of the re-ranking codes, where fast-scan has a bit or less
 FIRST_STAGE_MIN = 8192  # fast-scan candidates re-ranked per query end...
 FIRST_STAGE_SHARE = 32  # ...or this share of the rows, if more
-REFINE_ROWS = 2  # rows read and scored exactly per candidate asked for
+REFINE_ROWS = 4  # rows read and scored exactly per candidate asked for
 TRAIN_ROWS = 4096  # 256 rows per level of each 16-level sub-quantizer
 RETRAIN_GROWTH = 4  # retrain once the sample a retraining would use is this many times the one it used
 GRACE_SECONDS = 900  # a retired index file outlives the manifest that named it by at least this
@@ -96,46 +92,11 @@ def scan_dims(width: int) -> int:
     return dims
 
 
-def code_width(dim: int) -> int:
-    """The width FAISS codes rows of ``dim`` coordinates at: :func:`index_dim`, and for rows wider than
-    fast-scan codes a coordinate at a time, a multiple of :data:`ROTATION_BLOCK`."""
-    width = index_dim(dim)
-    return width if width <= MAX_SUB_QUANTIZERS else -(-width // ROTATION_BLOCK) * ROTATION_BLOCK
-
-
-@functools.lru_cache(maxsize=4)
-def _rotation(width: int) -> tuple[np.ndarray, np.ndarray]:
-    """(signs (width / block, block), orthonormal Hadamard matrix (block, block)) of the seeded
-    rotation of ``width`` coordinates."""
-    from scipy.linalg import hadamard
-
-    block = math.gcd(width, ROTATION_BLOCK)
-    signs = np.random.default_rng(ROTATION_SEED).choice(np.array([-1.0, 1.0], dtype=np.float32), width)
-    return signs.reshape(width // block, block), (hadamard(block) / math.sqrt(block)).astype(np.float32)
-
-
-def rotate(vectors: np.ndarray, width: int) -> np.ndarray:
-    """Index vectors or query rows (N, at most ``width``), zero-padded to ``width`` (a row's
-    :func:`code_width`) and turned by a fixed rotation: the coordinates dealt into blocks like
-    cards (block b takes coordinates b, b + blocks, b + 2 blocks, ..., so every module's
-    coordinates reach every block), random signs, then an orthonormal Hadamard transform of each
-    block: what FAISS codes and searches.  Inner products are unchanged.  Why: fast-scan quantizes
-    its look-up tables with one scale for all sub-quantizers, so a query whose energy sits in few
-    coordinates (query rows do: a quarter of them carry it) leaves most sub-quantizers a level or
-    two; spread evenly, they keep their precision (measured on 20,000 rows of 13,600 coordinates:
-    the fast-scan's best 8,192 held 0.870 of the true top 10 unrotated, 0.9975 rotated)."""
-    signs, hadamard = _rotation(width)
-    blocks, block = signs.shape
-    padded = np.pad(np.asarray(vectors, dtype=np.float32), ((0, 0), (0, width - vectors.shape[1])))
-    dealt = padded.reshape(len(padded), block, blocks).transpose(0, 2, 1) * signs  # (N, blocks, block), a copy
-    return (dealt.reshape(-1, block) @ hadamard).reshape(len(padded), width)  # one BLAS product
-
-
 def _empty(dim: int):
-    """An untrained database index for rows of ``dim`` coordinates (coded at :func:`code_width`)."""
+    """An untrained database index for rows of ``dim`` coordinates (padded to :func:`index_dim`)."""
     from attribdb.native import faiss
 
-    width = code_width(dim)
+    width = index_dim(dim)
     scan = faiss.IndexPQFastScan(width, width // scan_dims(width), 4, faiss.METRIC_INNER_PRODUCT)
     scan.pq.cp.min_points_per_centroid = 1  # small databases train on few rows; faiss would warn per sub-quantizer
     scan.pq.cp.niter = 10
@@ -181,9 +142,8 @@ def _trained(sealed: dict, total: int):
     share = min(1.0, TRAIN_ROWS / total)
     rng = np.random.default_rng(0)
     sample = [reader.faiss_vectors(np.flatnonzero(rng.random(reader.rows) < share)) for reader in sealed.values()]
-    dim = next(iter(sealed.values())).layout.dim
-    index = _empty(dim)
-    index.train(rotate(np.concatenate(sample), code_width(dim)))
+    index = _empty(next(iter(sealed.values())).layout.dim)
+    index.train(np.concatenate(sample))
     return index
 
 
@@ -209,7 +169,7 @@ def update(root: Path, manifest, readers: dict) -> bool:
     index = _trained(sealed, total) if retrain else read_index(folder / recorded["file"], mmap=False)
     for shard_id in todo:
         for rows, vectors in _blocks(sealed[shard_id]):
-            index.add_with_ids(rotate(vectors, index.d), global_ids(shard_id, rows))
+            index.add_with_ids(vectors, global_ids(shard_id, rows))
     folder.mkdir(exist_ok=True)
     made = folder / f"rows-{KIND}.new"  # named by its content once written
     write_index(index, made)
@@ -253,7 +213,6 @@ def check_codes(index, readers: dict, covered: list[int]) -> None:
     fine_codes = faiss.vector_to_array(fine.codes).reshape(index.ntotal, fine.code_size) if fine is not None else None
     for shard_id in covered:
         for rows, vectors in _blocks(readers[shard_id]):
-            vectors = rotate(vectors, index.d)
             wanted = global_ids(shard_id, rows)
             at = order[np.minimum(np.searchsorted(ids[order], wanted), len(ids) - 1)]
             same = ids[at] == wanted
@@ -330,7 +289,7 @@ class IndexSet:
         pool = min(REFINE_ROWS * k, self.database.ntotal)
         if _stages(self.database)[1] is not None:
             faiss.downcast_index(self.database.index).k_factor = first_stage(self.database.ntotal) / pool
-        _, ids = self.database.search(rotate(queries, self.database.d), pool)
+        _, ids = self.database.search(queries, pool)
         for i, row_ids in enumerate(ids):
             row_ids = np.sort(row_ids[row_ids >= 0])
             shards = row_ids >> SHARD_BITS

@@ -170,7 +170,7 @@ def test_verify_finds_database_index_codes_that_differ_from_the_rows(tmp_path, p
             vectors = reader.faiss_vectors()
             if shard_id == recorded["shards"][-1]:
                 vectors[[0, 1]] = vectors[[1, 0]]  # two rows' codes swapped
-            index.add_with_ids(db_index.rotate(vectors, index.d), db_index.global_ids(shard_id, np.arange(reader.rows)))
+            index.add_with_ids(vectors, db_index.global_ids(shard_id, np.arange(reader.rows)))
     finally:
         for reader in readers.values():
             reader.close()

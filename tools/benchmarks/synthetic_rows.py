@@ -5,14 +5,16 @@ Run through ``python -m tools.benchmarks.bench_query --rows N --synthetic [--row
 Computing 10⁶ rows of the default size from a model would take days on one core; the store, the
 database index and the query path do not care where a row came from.  So the database is real up
 to its rows: a 2×64 GPT-2 (random init, wide enough for a row of the default size) is fitted on a
-few hundred documents of English, which fixes the manifest, the row layout and the projections;
-then N rows are written by the build's own ShardWriter in commit units (each with an LMDB record
-like a real one), shards are sealed, and the database index is brought up to date as the end of a
-build does.  The rows are isotropic: random unit vectors with log-normal squared norms, the worst
-case for compact codes (no structure to learn), queried with the model's own query rows.  Writing
-can be interrupted and resumed.  Figures (printed last): p50/p95 of one index query with
-``rescore=0``, recall@10 against brute force over the stored rows (a sample of the queries), RSS
-after opening and after querying, disk and file count.
+few hundred documents of English and builds them (a real database, whose rows give the spread of
+each row coordinate); the synthetic database gets its factors, manifest and row layout.  Then N rows
+are written by the build's own ShardWriter in commit units (each with an LMDB record like a real
+one), shards are sealed, and the database index is brought up to date as the end of a build does.
+A synthetic row's coordinates are independent normals with the spread the real rows have, divided
+by their norm: the per-coordinate structure compact codes learn (isotropic rows were no model of
+real ones: their codes and the model's query rows, whose energy sits in few coordinates, disagreed),
+none of the rows' correlations.  Writing can be interrupted and resumed.  Figures (printed last):
+p50/p95 of one index query with ``rescore=0``, recall@10 against brute force over the stored rows
+(a sample of the queries), RSS after opening and after querying, disk and file count.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -45,27 +48,42 @@ N_QUERIES = 100
 TRUTH_QUERIES = 40  # brute force reads every row once for these
 
 
-def _fitted(work: Path, n: int, row_bytes: int) -> Path:
-    """The database folder for ``n`` rows, fitted (a real fit on a small English corpus)."""
-    from attribdb import api
-    from attribdb.manifest import exists
+def _fitted(work: Path, n: int, row_bytes: int) -> tuple[Path, np.ndarray]:
+    """The database folder for ``n`` rows, fitted, and the spread of each row coordinate: a real
+    database of a small English corpus is built (its fit and its rows), and the new one gets its
+    factors and manifest without its rows."""
+    from attribdb import api, layout
+    from attribdb.manifest import Manifest, exists
+    from attribdb.shard import ShardReader
 
     model = make_model(work / "model-{layers}x{width}-v{vocab}".format(**MODEL), english_paragraphs(), **MODEL)
-    key = hashlib.sha256(json.dumps([n, row_bytes, MODEL, SETTINGS], sort_keys=True).encode()).hexdigest()[:10]
+    key = hashlib.sha256(json.dumps([row_bytes, MODEL, SETTINGS], sort_keys=True).encode()).hexdigest()[:10]
+    profile = work / f"profile-{key}"
+    api.build(profile, str(write_corpus(work / "fit-corpus.jsonl", FIT_DOCS, seed=3)), str(model), quiet=True,
+              row_bytes=row_bytes, **SETTINGS)  # returns at once once built
+    manifest = Manifest.load(profile)
+    rows = []
+    for shard_id in manifest.shard_ids:
+        reader = ShardReader(layout.shard_dir(profile, shard_id), manifest.row_layout())
+        rows.append(reader.read(layout.ROWS).astype(np.float32))
+        reader.close()
+    spread = np.sqrt(np.mean(np.concatenate(rows) ** 2, axis=0))
     db = work / f"synthetic-{n}-{key}"
     if not exists(db):
-        corpus = write_corpus(work / "fit-corpus.jsonl", FIT_DOCS, seed=3)
-        api.fit(db, str(corpus), str(model), quiet=True, row_bytes=row_bytes, **SETTINGS)
-    return db
+        shutil.copytree(profile / layout.FACTORS_DIR, db / layout.FACTORS_DIR)
+        manifest.generations, manifest.database_index = [], None
+        manifest.save(db)
+    return db, spread
 
 
-def _block(start: int, rows: int, dim: int) -> "RowBlock":  # noqa: F821 - attribdb.shard.RowBlock
-    """Rows ``start..start+rows``: random unit float16 rows (seeded by their place) and metadata."""
+def _block(start: int, rows: int, spread: np.ndarray) -> "RowBlock":  # noqa: F821 - attribdb.shard.RowBlock
+    """Rows ``start..start+rows`` (seeded by their place): independent normal coordinates of the given
+    spread, divided by their norm; and their metadata."""
     from attribdb.records import RowRecord
     from attribdb.shard import RowBlock
 
     rng = np.random.default_rng(start)
-    vectors = rng.standard_normal((rows, dim), dtype=np.float32)
+    vectors = rng.standard_normal((rows, len(spread)), dtype=np.float32) * spread
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     self_influence = rng.lognormal(0.0, 1.0, rows).astype(np.float32)
     metadata = [RowRecord(f"s{start + i}", "synthetic", (0, 2), (0, 9), f"row {start + i}", (1, 2), start + i)
@@ -81,7 +99,7 @@ def synthetic_database(work: Path, n: int, row_bytes: int) -> Path:
     from attribdb.manifest import Generation, Manifest
     from attribdb.shard import ShardReader, ShardWriter
 
-    db = _fitted(work, n, row_bytes)
+    db, spread = _fitted(work, n, row_bytes)
     with writing(db):
         manifest = Manifest.load(db)
         settings, row_layout = manifest.settings, manifest.row_layout()
@@ -97,8 +115,7 @@ def synthetic_database(work: Path, n: int, row_bytes: int) -> Path:
             writer = ShardWriter(layout.shard_dir(db, shard_id), row_layout, capacity, settings.commit_rows)
             try:
                 for start in range(writer.committed, capacity if not writer.sealed else 0, settings.commit_rows):
-                    writer.append(_block(first + start, min(settings.commit_rows, capacity - start), row_layout.dim),
-                                  start)
+                    writer.append(_block(first + start, min(settings.commit_rows, capacity - start), spread), start)
                 if not writer.sealed:
                     writer.seal()
             finally:
