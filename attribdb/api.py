@@ -46,7 +46,7 @@ class Database:
         paper's influence itself, which favours rows with large gradients);
         ``rescore``: how many of each end's best candidates are recomputed in full and ranked by
         their exact score (default: as many as a fixed compute budget per query allows; 0: none,
-        the compressed answer in milliseconds); ``quiet``: no progress bar on stderr."""
+        the stored rows' ranking, no training row recomputed); ``quiet``: no progress bar on stderr."""
         return list(self.query_iter(queries, quiet=quiet, options=options, **fields))
 
     def query_iter(self, queries: Iterable, *, quiet: bool = False, options: QueryOptions | None = None,
@@ -201,12 +201,12 @@ def _new_settings(model: str | Path, given: dict, quiet: bool):
 
 
 def plan(model: str | Path | None = None, *, shape: str | None = None, row_bytes: int | None = None,
-         row_kind: str | None = None, max_length: int | None = None):
+         max_length: int | None = None):
     """What a row will cost all-in for a local model folder or a named shape (every named shape
     given neither), before anything is built: a list of :class:`attribdb.plan.Plan`."""
     from attribdb.plan import plan as plan_rows
 
-    return plan_rows(model, shape, row_bytes, row_kind, max_length)
+    return plan_rows(model, shape, row_bytes, max_length)
 
 
 def fit(path: str | Path, corpus: str, model: str, *, device: str | None = None, quiet: bool = False,

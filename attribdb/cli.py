@@ -164,16 +164,12 @@ def info(db, as_json):
                f"factors {b['factors'] / mib:.1f})")
     row = data["row"]
     if row:
-        kept = list(row["expected_kept"].values())
-        click.echo(f"row        {row['bytes'] / 1024:.1f} KiB: {row['dim']} float16 numbers, "
-                   f"{row['bytes'] / row['dense_float32_bytes']:.4f} of dense float32 Ĝ "
-                   f"({row['dense_float32_bytes'] / 1024:.0f} KiB)")
-        if row["kind"] == "kron":
-            click.echo("           a random Kronecker projection: its inner products estimate the full score "
-                       "without bias")
-        else:
-            click.echo(f"           keeps {min(kept):.3f}–{max(kept):.3f} of each module's expected influence "
-                       f"(mean {sum(kept) / len(kept):.3f})")
+        click.echo(f"row        {row['bytes'] / 1024:.1f} KiB: the largest singular components of each "
+                   f"sequence's preconditioned gradient in 4 bits, {row['bytes'] / row['dense_float32_bytes']:.4f} "
+                   f"of dense float32 Ĝ ({row['dense_float32_bytes'] / 1024:.0f} KiB)")
+        click.echo(f"           keeps {row['kept']:.3f} of a fit-sample sequence's self-influence on average; "
+                   f"subspaces {'whole' if row['whole_space'] else 'of the leading eigenvectors'}, "
+                   f"sketch of {row['sketch_dim']} coordinates for the index")
         cost = row["all_in"]
         click.echo(f"all-in     {cost['total'] / 1024:.1f} KiB per row, as `attribdb plan` prices it (row store "
                    f"{cost['row_store'] / 1024:.1f}, index codes {cost['codes'] / 1024:.1f}, metadata estimate "
@@ -196,16 +192,15 @@ def info(db, as_json):
 @click.option("--rows", type=click.IntRange(min=1), default=1_000_000, show_default=True,
               help="database size to price")
 @click.option("--row-bytes", type=int, default=None, help="row budget, as for build  [default: a new database's]")
-@click.option("--row-kind", default=None, help="row kind, as for build  [default: a new database's]")
 @click.option("--max-length", type=int, default=None,
               help="tokens per sequence, as for build: the metadata estimate  [default: a new database's]")
-def plan(model, shape, rows, row_bytes, row_kind, max_length):
+def plan(model, shape, rows, row_bytes, max_length):
     """What a row and a database of --rows rows will cost all-in for a model, before building."""
     from attribdb import api
 
-    plans = api.plan(model, shape=shape, row_bytes=row_bytes, row_kind=row_kind, max_length=max_length)
-    click.echo(f"{plans[0].row_kind} rows costing at most {plans[0].row_bytes} bytes all-in (--row-bytes): the row, "
-               f"its index codes and its metadata (estimated at max-length {plans[0].max_length})")
+    plans = api.plan(model, shape=shape, row_bytes=row_bytes, max_length=max_length)
+    click.echo(f"rows costing {plans[0].row_bytes} bytes all-in (--row-bytes): the row, its index codes and its "
+               f"metadata (estimated at max-length {plans[0].max_length})")
     click.echo(f"{'model':<24} {'modules':>7} {'dense Ĝ':>10} {'row store':>10} {'codes':>8} {'metadata':>9} "
                f"{'all-in':>8} {f'{rows:,} rows':>14}")
     for p in plans:

@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from attribdb.gradients import GradientRunner
 from attribdb.records import RowRecord
-from attribdb.rows import RowProjection, to_stored
+from attribdb.rows import EncodedRows, RowProjection
 from attribdb.shard import RowBlock
 from attribdb.tasks import collate_sequences
 
@@ -24,8 +23,8 @@ class RowEncoder:
         """``projection`` on the runner's device and in its dtype."""
         self.runner, self.projection, self.pad_id = runner, projection, pad_id
 
-    def rows(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        """(B, dim) rows of the sequences' training loss, on the runner's device."""
+    def rows(self, token_ids: Sequence[Sequence[int]]) -> EncodedRows:
+        """Rows of the sequences' training loss."""
         batch = collate_sequences([list(ids) for ids in token_ids], self.pad_id)
         return self.projection.encode(self.runner.train_captures(batch)[0])
 
@@ -38,9 +37,9 @@ class RowEncoder:
         way, so a resumed build computes exactly what an uninterrupted one did.
         """
         order = np.argsort([len(ids) for ids in token_ids], kind="stable")
-        parts = [to_stored(self.rows([token_ids[i] for i in order[start:start + batch_size]]))
+        parts = [self.rows([token_ids[i] for i in order[start:start + batch_size]])
                  for start in range(0, len(order), batch_size)]
         restore = np.argsort(order)
-        rows = np.concatenate([unit for unit, _ in parts])[restore]
-        self_influence = np.concatenate([squared for _, squared in parts])[restore]
+        rows = np.concatenate([part.payloads for part in parts])[restore]
+        self_influence = np.concatenate([part.self_influence for part in parts])[restore]
         return RowBlock(rows=rows, self_influence=self_influence, metadata=metadata)

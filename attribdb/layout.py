@@ -20,8 +20,9 @@ Each row is stored once: FAISS holds codes, never a copy of the rows.
 from pathlib import Path
 
 # 1: low-rank factors and CountSketches; 2: kron query maps on the eigenbasis; 3: one row per Zarr chunk file and
-# float16 copies of the rows in FAISS (read no more: `attribdb build` a new database)
-FORMAT_VERSION = 4
+# float16 copies of the rows in FAISS; 4: float16 kron or block rows packed per commit unit (read no more:
+# `attribdb build` a new database)
+FORMAT_VERSION = 5
 MANIFEST = "manifest.json"
 LOCK_FILE = "lock"
 FACTORS_DIR = "factors"

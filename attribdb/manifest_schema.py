@@ -18,7 +18,6 @@ from dataclasses import fields
 
 from attribdb.errors import StoreError
 from attribdb.index_kinds import DATABASE_KINDS
-from attribdb.rows import ROW_KINDS
 
 CHECKSUM_KEY = "checksum"
 STATES = ("building", "complete")
@@ -125,7 +124,6 @@ def check(data, where: str) -> dict:
     if coverage is not None and (isinstance(coverage, bool) or not isinstance(coverage, (int, float))
                                  or not 0 <= coverage <= 1):
         c.fail("block_coverage", f"must be a share between 0 and 1 or null, not {coverage!r}")
-    c.string(settings.get("row_kind"), "settings.row_kind", choices=ROW_KINDS)
     if not isinstance(data["factor_digests"], dict):
         c.fail("factor_digests", "must be an object")
     for name, value in data["factor_digests"].items():
@@ -160,25 +158,24 @@ def _check_database_index(c: _Checker, recorded, shards: int) -> None:
 
 def _check_rows(c: _Checker, rows, module_names: list[str]) -> None:
     """The row layout (rows.RowLayout.to_dict): null until the fit has written it, then one
-    (k_out, k_in) block of positive sizes per tracked module, and nothing else."""
+    (k_out, k_in) subspace and one sketch width, all positive, per tracked module, and nothing else."""
     if rows is None:
         return
-    c.keys(rows, "rows", {"kind", "blocks", "expected_kept", "normalized_index"})
-    c.string(rows["kind"], "rows.kind", choices=ROW_KINDS)
+    c.keys(rows, "rows", {"format", "subspaces", "payload_bytes", "sketch_widths", "kept", "normalized_index"})
+    c.string(rows["format"], "rows.format", choices=("lowrank-int4",))
     if not isinstance(rows["normalized_index"], bool):
         c.fail("rows.normalized_index", "must be true or false")
-    blocks = c.keys(rows["blocks"], "rows.blocks", set(module_names))
-    for name, block in blocks.items():
-        if not (isinstance(block, list) and len(block) == 2):
-            c.fail(f"rows.blocks.{name}", f"must be a pair [k_out, k_in], not {block!r}")
-        for k in block:
-            c.integer(k, f"rows.blocks.{name}", minimum=1)
-    kept = rows["expected_kept"]
-    if not isinstance(kept, list) or len(kept) not in (0, len(module_names)):
-        c.fail("rows.expected_kept", f"must be a list of one share per module, not {kept!r}")
-    for value in kept:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            c.fail("rows.expected_kept", f"must hold finite numbers, not {value!r}")
+    c.integer(rows["payload_bytes"], "rows.payload_bytes", minimum=1)
+    for name, subspace in c.keys(rows["subspaces"], "rows.subspaces", set(module_names)).items():
+        if not (isinstance(subspace, list) and len(subspace) == 2):
+            c.fail(f"rows.subspaces.{name}", f"must be a pair [k_out, k_in], not {subspace!r}")
+        for k in subspace:
+            c.integer(k, f"rows.subspaces.{name}", minimum=1)
+    for name, width in c.keys(rows["sketch_widths"], "rows.sketch_widths", set(module_names)).items():
+        c.integer(width, f"rows.sketch_widths.{name}", minimum=1)
+    kept = rows["kept"]
+    if isinstance(kept, bool) or not isinstance(kept, (int, float)) or not math.isfinite(kept):
+        c.fail("rows.kept", f"must be a finite number, not {kept!r}")
 
 
 def _check_generations(c: _Checker, generations, shard_size) -> None:

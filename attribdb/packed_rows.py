@@ -30,6 +30,7 @@ CRC_BYTES = 4
 ENTRY = np.dtype("<u8")  # the shard index: (offset, length) per inner chunk, little-endian
 CRC32C = {"name": "crc32c"}
 LITTLE = {"name": "bytes", "configuration": {"endian": "little"}}
+BYTES = {"name": "bytes"}  # what zarr writes for one-byte values, which have no byte order
 WHOLE_FILE_SHARE = 4  # reading more than 1/4 of a unit's rows reads its file in one call
 
 
@@ -75,7 +76,8 @@ class PackedRows:
             usable = (sharding["name"] == "sharding_indexed" and len(metadata["codecs"]) == 1
                       and config["chunk_shape"] == [1, *metadata["shape"][1:]]
                       and metadata["chunk_grid"]["configuration"]["chunk_shape"][1:] == metadata["shape"][1:]
-                      and config["codecs"] == [LITTLE, CRC32C] and config["index_codecs"] == [LITTLE, CRC32C]
+                      and config["codecs"] in ([LITTLE, CRC32C], [BYTES, CRC32C])  # BYTES: one-byte values
+                      and config["index_codecs"] == [LITTLE, CRC32C]
                       and config.get("index_location", "end") == "end"
                       and metadata["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}})
         except FileNotFoundError:

@@ -1,14 +1,11 @@
 """What a database will cost before it is built: bytes per row all-in and per N rows, for a model.
 
 The tracked modules come from the model's architecture built on the meta
-device (its ``config.json`` only: no weights are read, nothing is downloaded),
-and the row is laid out by :func:`attribdb.rows.layout_from_weights` under
-the row-store budget :func:`attribdb.row_costs.row_store_budget` leaves, as
-a fit does.  A layout needs each coordinate's expected share Λ/(Λ+λ), which
-only a fit knows; the plan assumes a power-law spectrum (Λ_ij ∝ (i·j)^-1.5,
-λ = 0.1 · mean Λ, as the default damping).  The bytes hardly depend on it: a
-layout fills the budget up to rounding, whatever the spectrum.  The tests
-check the plan against ``attribdb info`` of real databases.
+device (its ``config.json`` only: no weights are read, nothing is downloaded).
+Every part of a row's cost is fixed by ``--row-bytes`` and ``--max-length``
+(attribdb/row_costs.py): the payload of a row is the same size whatever the
+model, its factors or its data, so the plan is what ``attribdb info`` of the
+built database prints, to the byte (the tests check it on real databases).
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attribdb.errors import ConfigError
-from attribdb.row_costs import RowCost, row_cost, row_store_budget
+from attribdb.row_costs import RowCost, planned_cost
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,7 +35,6 @@ SHAPES = {
 @dataclass(frozen=True)
 class Plan:
     label: str  # the model folder or shape name
-    row_kind: str
     row_bytes: int  # the --row-bytes budget, all-in
     max_length: int  # tokens per sequence: what the metadata estimate is made for
     modules: int
@@ -85,35 +81,21 @@ def modules_of_shape(name: str):
     return _modules_from_config(AutoConfig.for_model(model_type, vocab_size=1024, **config))
 
 
-def _power_law_weights(module):
-    import torch
-
-    out = torch.arange(1, module.d_out + 1, dtype=torch.float32) ** -1.5
-    inp = torch.arange(1, module.d_in + 1, dtype=torch.float32) ** -1.5
-    spectrum = torch.outer(out, inp)
-    return spectrum / (spectrum + 0.1 * spectrum.mean())
-
-
 def _plan(label: str, modules, settings) -> Plan:
-    from attribdb.rows import layout_from_weights
-
-    budget = row_store_budget(settings.row_bytes, settings.max_length)
-    row = layout_from_weights(settings.row_kind, modules, _power_law_weights, budget)
-    return Plan(label, settings.row_kind, settings.row_bytes, settings.max_length, len(modules),
-                row.dense_bytes_per_row, row_cost(row, settings.max_length))
+    return Plan(label, settings.row_bytes, settings.max_length, len(modules),
+                4 * sum(m.d_out * m.d_in for m in modules), planned_cost(settings.row_bytes, settings.max_length))
 
 
 def plan(model: str | Path | None = None, shape: str | None = None, row_bytes: int | None = None,
-         row_kind: str | None = None, max_length: int | None = None) -> list[Plan]:
+         max_length: int | None = None) -> list[Plan]:
     """The cost of a row for a model folder, a named shape, or (given neither) every named shape,
     at the settings a new database would get (a model folder's default max-length is clamped to
     its context, as a build does)."""
     from attribdb.models import context_of_folder
     from attribdb.settings import DatabaseSettings
 
-    given = {key: value for key, value in (("row_bytes", row_bytes), ("row_kind", row_kind),
-                                           ("max_length", max_length)) if value is not None}
-    settings = DatabaseSettings(model_path="-", **given)  # refuses a bad budget or kind as a build would
+    given = {key: value for key, value in (("row_bytes", row_bytes), ("max_length", max_length)) if value is not None}
+    settings = DatabaseSettings(model_path="-", **given)  # refuses a bad budget as a build would
     if model is not None and shape is not None:
         raise ConfigError("give a model folder or a shape, not both")
     if model is not None:

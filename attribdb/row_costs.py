@@ -1,12 +1,14 @@
-"""What a row costs on disk all-in, and so what its vector may take of ``--row-bytes``.
+"""What a row costs on disk all-in, and so what its payload may take of ``--row-bytes``.
 
 ``--row-bytes`` is the whole cost of one training sequence: its row in the row store (the
-float16 vector and its float32 squared norm, attribdb/rows.py), its codes and id in the database
-index (attribdb/db_index.py), and its metadata (its LMDB record of text, token ids and spans, and
-its share of the full-text index), estimated from ``max_length``.  The vector gets what the
-others leave.  A database without a database index reserves the codes all the same: a row's
-layout is fixed when the factors are fitted, before anyone knows how large the database will grow.
-``attribdb plan`` prints :func:`row_cost` before a build and ``attribdb info`` of the database after.
+payload of 4-bit factors and its float32 self-influence, attribdb/rows.py), its codes and id in
+the database index (attribdb/db_index.py: codes of the row's sketch, whose width is fixed), and
+its metadata (its LMDB record of text, token ids and spans, and its share of the full-text
+index), estimated from ``max_length``.  The payload gets what the others leave.  A database
+without a database index reserves the codes all the same: a row's layout is fixed when the
+factors are fitted, before anyone knows how large the database will grow.  ``attribdb plan``
+prints :func:`planned_cost` before a build and ``attribdb info`` prints :func:`row_cost` of the
+database after; the two agree because every part's size is fixed by the budget.
 """
 
 from __future__ import annotations
@@ -16,20 +18,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from attribdb.errors import ConfigError
-from attribdb.rows import ROW_DTYPE, SELF_INFLUENCE_DTYPE
+from attribdb.rows import INDEX_DIM_MULTIPLE, SCALE_BYTES, SELF_INFLUENCE_DTYPE, SKETCH_DIM
 
 # Measured on the demo model's database of 26,279 windows of 128 tokens of English: LMDB 1,692 bytes
 # per row on disk (its record, the document index, the journal and B-tree pages), text.sqlite 192:
 # 14.7 bytes per token
 METADATA_BYTES_PER_TOKEN = 16
-NORM_BYTES = np.dtype(SELF_INFLUENCE_DTYPE).itemsize  # the squared norm beside each row (RowLayout.bytes_per_row)
+NORM_BYTES = np.dtype(SELF_INFLUENCE_DTYPE).itemsize  # the self-influence beside each payload
+SMALLEST_PAYLOAD = 64  # a header and a component or two of a small model: less is no row
 
 
 @dataclass(frozen=True)
 class RowCost:
     """Bytes one row costs, by where they lie."""
 
-    row_store: int  # the row vector and its squared norm
+    row_store: int  # the payload and its self-influence
     codes: int  # the database index's codes and id
     metadata: int  # the estimate of its LMDB record and full-text entry
 
@@ -45,16 +48,24 @@ def metadata_bytes(max_length: int) -> int:
     return METADATA_BYTES_PER_TOKEN * max_length
 
 
-def row_cost(row_layout, max_length: int) -> RowCost:
+def index_code_bytes() -> int:
+    """Bytes the database index holds per row: codes of a sketch of :data:`SKETCH_DIM` coordinates."""
     from attribdb.db_index import code_bytes
 
-    return RowCost(row_layout.bytes_per_row, code_bytes(row_layout.dim), metadata_bytes(max_length))
+    return code_bytes(-(-SKETCH_DIM // INDEX_DIM_MULTIPLE) * INDEX_DIM_MULTIPLE)
+
+
+def row_cost(row_layout, max_length: int) -> RowCost:
+    """What a row of this layout costs, as built."""
+    from attribdb.db_index import code_bytes
+
+    return RowCost(row_layout.bytes_per_row, code_bytes(row_layout.index_dim), metadata_bytes(max_length))
 
 
 def check_room(row_bytes: int, max_length: int) -> None:
-    """Refuse a budget that the metadata alone would fill (the codes are checked by the fit, which
-    needs FAISS to price them: :func:`row_store_budget`)."""
-    if row_bytes - NORM_BYTES - metadata_bytes(max_length) < np.dtype(ROW_DTYPE).itemsize:
+    """Refuse a budget that the metadata alone would fill (the codes are checked by
+    :func:`payload_budget`, which needs FAISS to price them)."""
+    if row_bytes - NORM_BYTES - metadata_bytes(max_length) < SMALLEST_PAYLOAD:
         raise _no_room(row_bytes, max_length)
 
 
@@ -63,21 +74,14 @@ def _no_room(row_bytes: int, max_length: int) -> ConfigError:
                        f"({metadata_bytes(max_length)} bytes) and index codes need more; raise --row-bytes")
 
 
-def row_store_budget(row_bytes: int, max_length: int) -> int:
-    """The most bytes a row may take in the row store (what attribdb.rows lays a row out under) for
-    it to cost at most ``row_bytes`` all-in."""
-    from attribdb.db_index import code_bytes
-
-    itemsize = np.dtype(ROW_DTYPE).itemsize
-    left = row_bytes - NORM_BYTES - metadata_bytes(max_length)
-
-    def fits(dim: int) -> bool:
-        return itemsize * dim + code_bytes(dim) <= left
-
-    low, high = 0, max(0, left // itemsize)  # the largest dim that fits lies in [low, high]
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle - 1)
-    if low == 0:
+def payload_budget(row_bytes: int, max_length: int) -> int:
+    """The payload bytes of a row that costs ``row_bytes`` all-in (what attribdb.rows lays a row out under)."""
+    payload = row_bytes - NORM_BYTES - index_code_bytes() - metadata_bytes(max_length)
+    if payload < max(SMALLEST_PAYLOAD, SCALE_BYTES):
         raise _no_room(row_bytes, max_length)
-    return itemsize * low + NORM_BYTES
+    return payload
+
+
+def planned_cost(row_bytes: int, max_length: int) -> RowCost:
+    """What a row of a database built with these settings will cost, before it is fitted."""
+    return RowCost(payload_budget(row_bytes, max_length) + NORM_BYTES, index_code_bytes(), metadata_bytes(max_length))

@@ -13,7 +13,6 @@ from attribdb.errors import ConfigError
 from attribdb.factors import FactorConfig
 from attribdb.index_kinds import INDEX_KINDS
 from attribdb.row_costs import check_room
-from attribdb.rows import ROW_KINDS
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -43,18 +42,15 @@ class DatabaseSettings:
                                             "eigendecompositions in float32 (covariances stay float32); 0.6 of the "
                                             "float32 fit's time on a CPU with bfloat16 units, its rounding 5-8x below "
                                             "the fit's own sampling noise (docs/evidence.md)")
-    row_bytes: int = setting(32768, "bytes each training sequence costs on disk, all-in: its row (spent over the "
-                                    "modules in proportion to their expected share of the influence), its index "
+    row_bytes: int = setting(32768, "bytes each training sequence costs on disk, all-in: its row (the largest "
+                                    "singular components of its preconditioned gradient, in 4 bits), its index "
                                     "codes and its metadata; the row gets what the others leave (`attribdb plan` "
                                     "prices a budget)")
-    row_kind: str = setting("kron", "kron: a random Kronecker projection whose inner products estimate the EK-FAC "
-                                    "score without bias; block: the exact block of the eigen-coordinates with the "
-                                    "most expected influence (docs/evidence.md compares them)")
     index_kind: str = setting("auto", "auto: the rows scanned exactly while the database is small, one "
                                       "database-wide pq4 index of compact codes beyond a size; flat (always scanned) | "
                                       "pq4 (the database index whatever the size)")
-    normalized_index: bool = setting(True, "FAISS indexes unit rows, so candidates come by the cosine the default "
-                                           "ranking uses (false: by the raw score)")
+    normalized_index: bool = setting(True, "FAISS indexes the rows' sketches over their norms, so candidates come "
+                                           "by the cosine the default ranking uses (false: by the raw score)")
     shard_size: int = setting(4096, "rows per shard: the unit of writing and of parallel build")
     commit_rows: int = setting(64, "rows written and committed together (a kill loses at most these)")
     batch_size: int = setting(8, "sequences per forward/backward pass")
@@ -68,8 +64,6 @@ class DatabaseSettings:
         check_room(self.row_bytes, self.max_length)
         if self.stride is not None and not 0 < self.stride <= self.max_length:
             raise ConfigError(f"stride must be between 1 and max-length ({self.max_length}), not {self.stride}")
-        if self.row_kind not in ROW_KINDS:
-            raise ConfigError(f"unknown row kind {self.row_kind!r}; choose one of {', '.join(ROW_KINDS)}")
         if self.index_kind not in INDEX_KINDS:
             raise ConfigError(f"unknown index kind {self.index_kind!r}; choose one of {', '.join(INDEX_KINDS)}")
         if self.dtype not in DTYPES:

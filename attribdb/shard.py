@@ -29,15 +29,15 @@ from attribdb import faults, layout, metadb, packed_rows, records, text_index
 from attribdb.errors import StoreError
 from attribdb.packed_rows import PackedRows
 from attribdb.records import RowRecord
-from attribdb.rows import ROW_DTYPE, SELF_INFLUENCE_DTYPE, RowLayout, index_vectors
+from attribdb.rows import ROW_DTYPE, SELF_INFLUENCE_DTYPE, RowLayout
 
 
 @dataclass
 class RowBlock:
     """A commit unit's computed rows, ready to write (numpy arrays, N rows each)."""
 
-    rows: np.ndarray  # (N, dim) stored rows (attribdb/rows.py: to_stored)
-    self_influence: np.ndarray  # (N,) squared norms
+    rows: np.ndarray  # (N, payload_bytes) stored rows (attribdb/rows.py: RowProjection.encode)
+    self_influence: np.ndarray  # (N,) their self-influence
     metadata: list[RowRecord]
 
     def __len__(self) -> int:
@@ -48,7 +48,7 @@ def row_arrays(row_layout: RowLayout) -> dict[str, tuple[tuple[int, ...], np.dty
     """The shape of one row and the dtype of each array of grads.zarr, as the row layout defines
     them: what the writer creates and what a reader checks the stored arrays against (a manifest
     that disagrees with its shards must fail with one line, not deep in a query)."""
-    return {layout.ROWS: ((row_layout.dim,), np.dtype(ROW_DTYPE)),
+    return {layout.ROWS: ((row_layout.payload_bytes,), np.dtype(ROW_DTYPE)),
             layout.SELF_INFLUENCE: ((), np.dtype(SELF_INFLUENCE_DTYPE))}
 
 
@@ -71,7 +71,7 @@ def _create(path: Path, row_layout: RowLayout, capacity: int, commit_rows: int) 
     group = zarr.open_group(str(made / layout.GRADS_ZARR), mode="w")
     (row_shape, dtype), (_, scalar) = row_arrays(row_layout).values()
     packed_rows.create(group, layout.ROWS, capacity, row_shape, commit_rows, dtype)
-    # one chunk per commit unit; zstd before the CRC32C pays here (float16 rows are near-incompressible noise)
+    # one chunk per commit unit; zstd before the CRC32C pays here (the payloads are near-incompressible codes)
     group.create_array(layout.SELF_INFLUENCE, shape=(capacity,), chunks=(commit_rows,), dtype=scalar, fill_value=0,
                        compressors=[zarr.codecs.ZstdCodec(level=1), zarr.codecs.Crc32cCodec()])
     os.rename(made, path)
@@ -347,12 +347,11 @@ class ShardReader:
         where = f"shard {self.path}"
         return text_index.TextIndex.in_memory(row_texts(self.env, self.dbs[layout.ROWS_DB], where, self.rows), where)
 
-    def faiss_vectors(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """What FAISS searches for these rows (default all): their unit rows, scaled by their norms
-        unless the index is normalized, zero-padded to the index's width (attribdb.rows.index_vectors)."""
+    def faiss_vectors(self, projection, rows: np.ndarray | None = None) -> np.ndarray:
+        """What FAISS searches for these rows (default all): their sketches, made by ``projection``
+        from their payloads (attribdb.rows.RowProjection.index_vectors)."""
         rows = np.arange(self.rows) if rows is None else rows
-        return index_vectors(self.read(layout.ROWS, rows), self.whole(layout.SELF_INFLUENCE)[rows],
-                             self.layout.normalized_index)
+        return projection.index_vectors(self.read(layout.ROWS, rows), self.whole(layout.SELF_INFLUENCE)[rows])
 
     def close(self) -> None:
         metadb.close_env(self.env)

@@ -84,7 +84,7 @@ def _build(root, spec, settings, overrides, append, model_path, device, quiet, w
     computed = _write_shards(runtime, spec, generation, world, quiet)
     world.barrier()
     if world.is_leader:
-        _update_database_index(root, quiet)
+        _update_database_index(root, runtime.projection, quiet)
         if generation.state == "building":
             manifest = Manifest.load(root)
             _generation_of(manifest, spec_dict).state = "complete"
@@ -93,7 +93,7 @@ def _build(root, spec, settings, overrides, append, model_path, device, quiet, w
     return BuildResult(generation, time.time() - started, computed)
 
 
-def _update_database_index(root: Path, quiet: bool) -> None:
+def _update_database_index(root: Path, projection, quiet: bool) -> None:
     """Add the sealed shards to the database-wide FAISS index when the index kind's rule wants one
     (attribdb/db_index.py); before the generation is marked complete, so a complete generation is
     always covered, and a killed run finishes the index when it is run again.  Index files retired
@@ -101,7 +101,7 @@ def _update_database_index(root: Path, quiet: bool) -> None:
     manifest = Manifest.load(root)
     readers = {shard_id: ShardReader(path, manifest.row_layout()) for shard_id, path in existing_shards(root, manifest)}
     try:
-        if db_index.update(root, manifest, readers):
+        if db_index.update(root, manifest, readers, projection):
             say(f"database index {manifest.database_index['kind']}: {db_index.describe(manifest.database_index)}",
                 quiet)
     finally:

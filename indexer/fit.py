@@ -9,14 +9,15 @@ from attribdb.coverage import measure_coverage, refuse_untracked_experts
 from attribdb.errors import ConfigError
 from attribdb.factors import Factors
 from attribdb.fitting import fit_factors
+from attribdb.gradients import GradientRunner
 from attribdb.indexer import sequences
 from attribdb.indexer.corpus import CorpusSpec
 from attribdb.indexer.writing import writing
 from attribdb.manifest import Manifest, exists
 from attribdb.models import check_context, compute_dtype, deterministic_on, fingerprint, load_model, resolve_device
 from attribdb.progress import progress_bar, say
-from attribdb.row_costs import row_store_budget
-from attribdb.rows import RowProjection
+from attribdb.row_costs import payload_budget
+from attribdb.rows import PLANNING_SEQUENCES, RowProjection
 from attribdb.settings import DatabaseSettings
 from attribdb.tasks import CausalLMTask, collate_sequences
 from attribdb.tracking import find_tracked_modules
@@ -52,7 +53,7 @@ def fit_database(root: str | Path, spec: CorpusSpec, settings: DatabaseSettings,
 
 def _fit(root: Path, spec: CorpusSpec, settings: DatabaseSettings, device: str | None, quiet: bool,
          refit: bool) -> Factors:
-    row_bytes = row_store_budget(settings.row_bytes, settings.max_length)  # refused before the model loads
+    payload_bytes = payload_budget(settings.row_bytes, settings.max_length)  # refused before the model loads
     resolved = resolve_device(device)
     deterministic_on(resolved)
     model, tokenizer = load_model(settings.model_path, resolved, settings.dtype)
@@ -88,7 +89,11 @@ def _fit(root: Path, spec: CorpusSpec, settings: DatabaseSettings, device: str |
     with progress_bar(f"fit {settings.strategy} factors", len(sample) * passes, quiet) as advance:
         factors = fit_factors(model, task, batches, settings.factor_config, modules, device=resolved,
                               dtype=compute_dtype(settings.dtype), progress=advance)
-    projection = RowProjection.fit(factors, row_bytes, settings.row_kind, settings.normalized_index, settings.fit_seed)
+    runner = GradientRunner(model, task, modules, device=resolved, dtype=compute_dtype(settings.dtype))
+    planning = -(-PLANNING_SEQUENCES // settings.batch_size)  # batches of the fit sample the row layout is chosen on
+    say("choosing the row layout ...", quiet)
+    projection = RowProjection.fit(factors, payload_bytes, (runner.train_captures(b)[0] for b in batches[:planning]),
+                                   settings.normalized_index, settings.fit_seed)
     # factors, then projections, then the manifest that names the layout and both files' digests: a
     # kill in between leaves a database that is_fitted() calls unfitted, and the next build fits again
     factors.save(layout.factors_path(root))

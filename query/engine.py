@@ -50,9 +50,10 @@ class QueryEngine:
     def close(self) -> None:
         self.store.close()
 
-    def query_rows(self, queries: list[Query]) -> torch.Tensor:
-        """(Q, dim) rows of the queries' measurement gradients: what training rows are matched with."""
-        return self.pipeline.gradients.solve(queries).rows
+    def query_sketches(self, queries: list[Query]) -> torch.Tensor:
+        """(Q, sketch_dim) sketches of the queries' measurement gradients: what the indexes match
+        the training rows' sketches with."""
+        return self.pipeline.gradients.solve(queries).sketches
 
     def query(self, queries: list[Query], options: QueryOptions, quiet: bool = True) -> Iterator[QueryResult]:
         """Index mode: per end, the best ``k`` of ``options.pool`` FAISS candidates, ordered by
@@ -69,7 +70,7 @@ class QueryEngine:
 
     def _indexed(self, queries: list[Query], options: QueryOptions, mode: str, quiet: bool) -> Iterator[QueryResult]:
         def candidates(solved) -> list[list[tuple[int, int]]]:
-            return self.store.search(solved.rows.cpu().numpy(), options.pool, options.opponents)
+            return self.store.search(solved.sketches.cpu().numpy(), options.pool, options.opponents)
 
         description = "query" if mode == "index" else mode
         for chunk in batches.in_chunks(queries, self._chunk_size(batches.QUERY_BUDGET), description, quiet):

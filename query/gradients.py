@@ -1,4 +1,4 @@
-"""A query's gradient: its tokens, its measurement captures, its row, and its inverse-HVP on first need."""
+"""A query's gradient: its tokens, its captures, its side of the row score, and its inverse-HVP on first need."""
 
 from __future__ import annotations
 
@@ -15,15 +15,17 @@ from attribdb.tasks import collate_sequences
 
 
 class SolvedQueries:
-    """A chunk of queries' captures and rows (Q, dim), what training rows are matched with, with
-    their squared norms (the rows' self-influence); the inverse-HVPs in the eigenbasis are computed
-    on first need: recomputation needs them, the query rows do not, so a query that recomputes
-    nothing never loads the full factors."""
+    """A chunk of queries' captures and their side of the row score (attribdb/rows.py: their
+    preconditioned gradients on the rows' subspaces, what stored rows are scored against), their
+    sketches (what FAISS matches the rows' sketches with) and self-influence on the subspaces; the
+    inverse-HVPs in the eigenbasis are computed on first need: recomputation needs them, the stored
+    rows' scores do not, so a query that recomputes nothing never loads the full factors."""
 
     def __init__(self, runtime: Runtime, captures):
         self.runtime, self.captures = runtime, captures
-        self.rows = runtime.projection.encode_query(captures).float()  # (Q, dim)
-        self.row_self = self.rows.double().pow(2).sum(1).cpu().numpy()  # (Q,)
+        self.blocks = runtime.projection.queries(captures)
+        self.sketches = runtime.projection.query_sketches(self.blocks).float()  # (Q, sketch_dim)
+        self.row_self = self.blocks.self_influence().cpu().numpy()  # (Q,)
 
     @cached_property
     def inverse_hvp(self) -> dict[str, torch.Tensor]:

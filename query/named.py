@@ -45,7 +45,8 @@ def _compressed_keys(engine: QueryEngine, solved: SolvedQueries, rank_by: str) -
         offsets[shard_id] = sum(len(k) for k in keys)
         for start in range(0, reader.rows, SCAN_ROWS):
             rows = range(start, min(start + SCAN_ROWS, reader.rows))
-            scored = engine.store.scores(solved.rows[:1], [(shard_id, row) for row in rows], float(solved.row_self[0]))
+            scored = engine.store.scores(solved.blocks.one(0), [(shard_id, row) for row in rows],
+                                        float(solved.row_self[0]))
             keys.append(scored.key(rank_by))
     return np.concatenate(keys) if keys else np.zeros(0), offsets
 

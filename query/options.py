@@ -74,7 +74,7 @@ class QueryOptions:
                                           f"{DEFAULT_CANDIDATES}, or k if larger)")
     rescore: int | None = option(None, "how many of each end's best candidates are recomputed in full and ranked "
                                        "by their exact score (None: as many as a fixed compute budget per query "
-                                       "allows; 0: none, the compressed answer in milliseconds)")
+                                       "allows; 0: none, the stored rows' ranking, no training row recomputed)")
     rank_by: str = option(RANK_BY[0], "normalized: the cosine form of the influence, which does not favour rows with "
                                       "large gradients; score: the influence itself (the paper's ranking); "
                                       f"{BOTH}: both from one exhaustive pass; {HYBRID}: the BM25 prefilter's rank "

@@ -48,7 +48,7 @@ class ScoringPipeline:
         clock.lap("gradient")
         found = find_rows(solved)
         clock.lap("search")
-        scored = [self.store.scores(solved.rows[i:i + 1], found[i], float(solved.row_self[i]))
+        scored = [self.store.scores(solved.blocks.one(i), found[i], float(solved.row_self[i]))
                   for i in range(len(queries))]
         clock.lap("rescore")  # the stored-row scores, under the name results have always reported them by
         for s in scored:

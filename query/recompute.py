@@ -1,12 +1,13 @@
 """Recomputation: rows' exact EK-FAC scores from their stored tokens, within a compute budget.
 
-A few KiB per row cannot hold a gradient's cosines to the precision a top 10
-needs (docs/evidence.md): stored-row scores find the
-right neighbourhood, and recomputing the best of it in full (a forward and
-backward pass per row, rotated into the factors' eigenbases) orders it.  How
-many rows are recomputed is ``QueryOptions.rescore``; by default as many as fit
-in a fixed budget of floating-point operations per query (:data:`RESCORE_FLOPS`),
-so a small model recomputes every candidate and a large one on a CPU few or none.
+Stored rows hold most of a score (docs/evidence.md), but not all of it: the
+components a row had no room for, and 4-bit rounding.  Recomputing the best
+candidates in full (a forward and backward pass per row, rotated into the
+factors' eigenbases) gives their exact scores and order.  How many rows are
+recomputed is ``QueryOptions.rescore``; by default as many as fit in a small
+budget of floating-point operations per query (:data:`RESCORE_FLOPS`), so a
+small model recomputes the first few candidates of each end and a large one on
+a CPU none: the answer is then the stored rows' ranking.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from attribdb.query.store import RowStore
 from attribdb.runtime import Runtime
 from attribdb.tasks import collate_sequences
 
-# Floating-point operations per query that default recomputation may spend, per device type: about 2 s
-# of one CPU core, or a small fraction of a second of a GPU.  Every candidate of the demo model fits;
-# on GPT-2 small on a CPU, none does (tools/benchmarks/bench_query.py prints the trade-off).
-RESCORE_FLOPS = {"cpu": 1e11, "cuda": 2e13}
+# Floating-point operations per query that default recomputation may spend, per device type: about 0.2 s
+# of one CPU core, or a small fraction of a second of a GPU.  A few candidates of each end of the demo
+# model fit; on GPT-2 small on a CPU, none does (tools/benchmarks/bench_query.py prints the trade-off).
+RESCORE_FLOPS = {"cpu": 1e10, "cuda": 2e12}
 
 
 class Recomputer:

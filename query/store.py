@@ -1,21 +1,20 @@
 """The rows a query reads: each shard's stored rows and records, and the indexes that find candidates among them.
 
-Candidates come from the indexes (attribdb/db_index.py), scored by their exact
-inner products with the query row; their *stored-row scores* (the compressed
+Candidates come from the indexes (attribdb/db_index.py), by the inner products of
+their sketches with the query's; their *stored-row scores* (the compressed
 scores, per module) come from the rows themselves, read back from the row store.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from attribdb import layout
 from attribdb.db_index import open_searchable
 from attribdb.errors import QueryError
 from attribdb.query.scored import ScoredRows
 from attribdb.records import RowRecord
-from attribdb.rows import module_scores
+from attribdb.rows import QueryBlocks, module_scores
 from attribdb.runtime import Runtime
 
 
@@ -24,7 +23,7 @@ class RowStore:
         """``shard_ids`` restricts the store to some shards (default: all)."""
         self.row_layout = runtime.row_layout
         self.modules = [m.name for m in runtime.manifest.modules]
-        self.shards, self.indexes = open_searchable(runtime.root, runtime.manifest, runtime.row_layout, shard_ids)
+        self.shards, self.indexes = open_searchable(runtime.root, runtime.manifest, runtime.projection, shard_ids)
 
     @property
     def rows(self) -> int:
@@ -34,19 +33,20 @@ class RowStore:
         for reader in self.shards.values():
             reader.close()
 
-    def search(self, query_rows: np.ndarray, n: int, opponents: bool) -> list[list[tuple[int, int]]]:
-        """Per query row, the (shard, row) of its best ``n`` rows by the indexes' inner product over
-        every shard and, with ``opponents``, of its ``n`` most negative ones: both ends from one
-        scan of each index."""
-        count = len(query_rows)
-        both = np.concatenate([query_rows, -query_rows]) if opponents else query_rows
+    def search(self, sketches: np.ndarray, n: int, opponents: bool) -> list[list[tuple[int, int]]]:
+        """Per query sketch, the (shard, row) of its best ``n`` rows by the indexes' inner product
+        over every shard and, with ``opponents``, of its ``n`` most negative ones: both ends from
+        one scan of each index."""
+        count = len(sketches)
+        both = np.concatenate([sketches, -sketches]) if opponents else sketches
         best = self.indexes.search(both, n)
         return [[(shard, row) for _, shard, row in best[i] + (best[count + i] if opponents else [])]
                 for i in range(count)]
 
-    def scores(self, query_row: torch.Tensor, pairs, query_self: float) -> ScoredRows:
+    def scores(self, query: QueryBlocks, pairs, query_self: float) -> ScoredRows:
         """Stored-row scores, per module, of the rows at (shard, row) ``pairs`` (each once, in
-        (shard, row) order) for a (1, dim) query row whose squared norm is ``query_self``."""
+        (shard, row) order) for one query's side of the score, whose self-influence on the rows'
+        subspaces is ``query_self``."""
         pairs = sorted(set(pairs))
         shards = np.array([p[0] for p in pairs], dtype=np.int64)
         rows = np.array([p[1] for p in pairs], dtype=np.int64)
@@ -57,9 +57,7 @@ class RowStore:
             stored.append(reader.read(layout.ROWS, wanted))
             self_m.append(reader.whole(layout.SELF_INFLUENCE)[wanted])
         self_m = np.concatenate(self_m)
-        device = query_row.device
-        per_module = module_scores(self.row_layout, query_row, torch.from_numpy(np.concatenate(stored)).to(device),
-                                   torch.from_numpy(self_m).to(device))[0].double().cpu().numpy()
+        per_module = module_scores(self.row_layout, query, np.concatenate(stored))[0].double().cpu().numpy()
         return ScoredRows(shards, rows, per_module.sum(1), per_module, self_m.astype(np.float64), query_self)
 
     def _by_shard(self, shards: np.ndarray, rows: np.ndarray):

@@ -21,7 +21,7 @@ from conftest import write_corpus
 from dbtools import cli, copy_db
 
 SETTINGS = ["--max-length", "16", "--shard-size", "512", "--commit-rows", "64", "--batch-size", "64",
-            "--fit-sample-size", "48", "--row-bytes", "1024"]
+            "--fit-sample-size", "48", "--row-bytes", "2048"]
 DEFAULT_CANDIDATES = 128  # query/engine.py: what a query asks the index for, per end
 
 
@@ -29,7 +29,6 @@ def test_the_auto_rule_picks_the_kinds_as_documented():
     assert not db_index.wanted("auto", db_index.AUTO_MIN_BYTES - 1)
     assert db_index.wanted("auto", db_index.AUTO_MIN_BYTES)
     assert db_index.wanted("pq4", 1) and not db_index.wanted("flat", 10 ** 15)
-    assert db_index.first_stage(100) == 100 and db_index.first_stage(10 ** 6) == 10 ** 6 // db_index.FIRST_STAGE_SHARE
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +41,26 @@ def pq4_db(tmp_path_factory, model_dir) -> Path:
     return db
 
 
+def _projection(db: Path):
+    from attribdb.rows import RowProjection
+
+    return RowProjection.load(layout.projection_path(db), Manifest.load(db).row_layout())
+
+
 def _stored(db: Path) -> tuple[list, np.ndarray]:
-    """(shard, row) of every stored row, and their index vectors (unit rows, zero-padded)."""
-    manifest = Manifest.load(db)
+    """(shard, row) of every stored row, and their index vectors (sketches made from their payloads)."""
+    manifest, projection = Manifest.load(db), _projection(db)
     pairs, vectors = [], []
     for shard_id in manifest.shard_ids:
         reader = ShardReader(layout.shard_dir(db, shard_id), manifest.row_layout())
         pairs += [(shard_id, r) for r in range(reader.rows)]
-        vectors.append(reader.faiss_vectors())
+        vectors.append(reader.faiss_vectors(projection))
         reader.close()
     return pairs, np.concatenate(vectors)
 
 
 def _query_rows(db: Path, n: int) -> np.ndarray:
-    """Both ends of ``n`` queries' rows, as the engine searches them."""
+    """Both ends of ``n`` queries' sketches, as the engine searches them."""
     import attribdb
     from attribdb.query.options import Query
 
@@ -63,7 +68,7 @@ def _query_rows(db: Path, n: int) -> np.ndarray:
     words = "the cat dog bird sat ran flew over under near house tree river stone".split()
     queries = [Query(" ".join(rng.choice(words, 4)), " " + " ".join(rng.choice(words, 2))) for _ in range(n)]
     with attribdb.open(db) as opened:
-        rows = opened.engine.query_rows(queries).float().numpy()
+        rows = opened.engine.query_sketches(queries).float().numpy()
     return np.concatenate([rows, -rows])
 
 
@@ -84,7 +89,7 @@ def _candidates(db: Path, queries: np.ndarray, k: int = DEFAULT_CANDIDATES) -> l
     from attribdb.db_index import open_searchable
 
     manifest = Manifest.load(db)
-    readers, indexes = open_searchable(db, manifest, manifest.row_layout())
+    readers, indexes = open_searchable(db, manifest, _projection(db))
     try:
         assert indexes.database is not None and not indexes.scanned
         return indexes.search(queries, k)
@@ -94,8 +99,8 @@ def _candidates(db: Path, queries: np.ndarray, k: int = DEFAULT_CANDIDATES) -> l
 
 
 def _assert_brute_force(db: Path, n: int, recall: float) -> None:
-    """recall@10 of the default candidates against brute force over every stored row, and the
-    candidates' scores the exact inner products (refined from the row store)."""
+    """recall@10 of the default candidates against brute force over every stored row's sketch, and
+    the candidates' scores the codes' estimates of their inner products."""
     pairs, vectors = _stored(db)
     queries = _query_rows(db, n)
     scores = np.pad(queries, ((0, 0), (0, vectors.shape[1] - queries.shape[1]))) @ vectors.T
@@ -103,8 +108,9 @@ def _assert_brute_force(db: Path, n: int, recall: float) -> None:
     assert recall_at_10(found, pairs, scores) >= recall
     index = {pair: i for i, pair in enumerate(pairs)}
     for hits, truth in zip(found, scores):
-        assert np.allclose([s for s, _, _ in hits], [truth[index[(shard, row)]] for _, shard, row in hits],
-                           rtol=1e-5, atol=1e-5)
+        estimates = np.array([s for s, _, _ in hits])
+        exact = np.array([truth[index[(shard, row)]] for _, shard, row in hits])
+        assert np.corrcoef(estimates, exact)[0, 1] > 0.8  # among candidates alone: a narrow range
 
 
 def test_a_database_index_added_to_a_small_database_finds_what_brute_force_finds(tmp_path, built_db):
@@ -115,29 +121,29 @@ def test_a_database_index_added_to_a_small_database_finds_what_brute_force_finds
     manifest.settings = dataclasses.replace(manifest.settings, index_kind="pq4")
     readers = {s: ShardReader(layout.shard_dir(db, s), manifest.row_layout()) for s in manifest.shard_ids}
     try:
-        assert db_index.update(db, manifest, readers)
+        assert db_index.update(db, manifest, readers, _projection(db))
     finally:
         for reader in readers.values():
             reader.close()
-    _assert_brute_force(db, 5, 1.0)
+    _assert_brute_force(db, 5, 0.95)
 
 
 @pytest.mark.slow
 def test_the_database_index_finds_what_brute_force_over_the_rows_finds(pq4_db):
     assert Manifest.load(pq4_db).database_index["rows"] > 3000
-    _assert_brute_force(pq4_db, 40, 0.99)
+    _assert_brute_force(pq4_db, 40, 0.95)
 
 
 @pytest.mark.slow
 def test_the_database_index_holds_codes_not_rows(pq4_db):
-    """No second copy of a row: the index file holds codes of a small fraction of a row's bytes, and
-    FAISS's own row store of them (the re-ranking codes) cannot give the rows back."""
+    """No second copy of a row: the index file holds codes of the rows' sketches, a fixed kilobyte
+    whatever the row, from which the row cannot be had back."""
     manifest = Manifest.load(pq4_db)
     row_layout = manifest.row_layout()
     recorded = manifest.database_index
     per_row = (pq4_db / layout.INDEX_DIR / recorded["file"]).stat().st_size / recorded["rows"]
-    codes = db_index.code_bytes(row_layout.dim)
-    assert codes < row_layout.bytes_per_row / 3
+    codes = db_index.code_bytes(row_layout.index_dim)
+    assert codes == row_layout.index_dim // 4 + 8  # 4 bits per 2 coordinates, and the id
     assert per_row < 1.5 * codes  # the codes, and the trained quantizers shared by every row
 
 
@@ -165,9 +171,10 @@ def test_verify_finds_database_index_codes_that_differ_from_the_rows(tmp_path, p
     recorded = manifest.database_index
     readers = {s: ShardReader(layout.shard_dir(db, s), manifest.row_layout()) for s in recorded["shards"]}
     try:
-        index = db_index._trained(readers, sum(r.rows for r in readers.values()))
+        projection = _projection(db)
+        index = db_index._trained(readers, sum(r.rows for r in readers.values()), projection)
         for shard_id, reader in readers.items():
-            vectors = reader.faiss_vectors()
+            vectors = reader.faiss_vectors(projection)
             if shard_id == recorded["shards"][-1]:
                 vectors[[0, 1]] = vectors[[1, 0]]  # two rows' codes swapped
             index.add_with_ids(vectors, db_index.global_ids(shard_id, np.arange(reader.rows)))
@@ -219,7 +226,7 @@ def test_append_adds_its_shards_to_the_database_index_and_keeps_the_file_it_repl
         from attribdb.native import faiss
 
         index = read_index(db / layout.INDEX_DIR / recorded["file"])
-        return faiss.vector_to_array(db_index._stages(index)[0].pq.centroids)
+        return faiss.vector_to_array(db_index._scan(index).pq.centroids)
 
     trained = codebook(before.database_index)
     more = write_corpus(tmp_path / "more.jsonl", 300, seed=6, start=5000)
@@ -235,7 +242,7 @@ def test_append_adds_its_shards_to_the_database_index_and_keeps_the_file_it_repl
     for gone in (False, True):
         if gone:
             (db / layout.INDEX_DIR / before.database_index["file"]).unlink()
-        readers, indexes = open_searchable(db, before, before.row_layout())
+        readers, indexes = open_searchable(db, before, _projection(db))
         try:
             opened = set(readers) == set(manifest.shard_ids)
             assert indexes.recorded == (after if gone else before.database_index) and opened == gone

@@ -40,7 +40,7 @@ def _delete(*keys):
     (_delete("settings", "row_bytes"), "settings.row_bytes is missing"),
     (manifest_setter("settings", "row_bytes", value=0), "row-bytes must be positive"),
     (manifest_setter("settings", "row_bytes", value="4096"), "settings.row_bytes must be an integer"),
-    (manifest_setter("settings", "row_kind", value="dense"), "settings.row_kind must be one of"),
+    (manifest_setter("settings", "row_kind", value="kron"), "settings.row_kind is not a manifest key"),  # format 4's
     (manifest_setter("settings", "damping_factor", value=None), "settings.damping_factor must be a finite number"),
     (manifest_setter("generations", 0, "shards", value=10 ** 9), "generations[0].shards is 1000000000, but"),
     (manifest_setter("generations", 0, "sequences", value=-5), "generations[0].sequences must be at least 1"),
@@ -49,8 +49,9 @@ def _delete(*keys):
     (manifest_setter("generations", 0, "first_shard", value=3), "generations[0].first_shard is 3"),
     (_delete("rows"), "rows is missing"),
     (manifest_setter("rows", value=None), "rows is null although the factors were fitted"),
-    (manifest_setter("rows", "kind", value="dense"), "rows.kind must be one of"),
-    (manifest_setter("rows", "blocks", value={}), "rows.blocks."),
+    (manifest_setter("rows", "format", value="kron"), "rows.format must be one of"),
+    (manifest_setter("rows", "subspaces", value={}), "rows.subspaces."),
+    (manifest_setter("rows", "payload_bytes", value=0), "rows.payload_bytes must be at least 1"),
     (manifest_setter("rows", "sketch_dim", value=7), "rows.sketch_dim is not a manifest key"),
     (manifest_setter("sketch_dim", value=7), "sketch_dim is not a manifest key"),  # format 1's key
     (manifest_setter("block_coverage", value="most"), "block_coverage must be a share"),
@@ -87,13 +88,13 @@ def test_a_resealed_manifest_that_disagrees_with_its_files_is_one_line(tmp_path,
     db = copy_db(built_db, tmp_path / "db")
     manifest = Manifest.load(db)
     first = manifest.modules[0].name
-    k_out, k_in = manifest.rows["blocks"][first]
-    rewrite_manifest(db, manifest_setter("rows", "blocks", first, value=[k_out, k_in + 1]))
+    k_out, k_in = manifest.rows["subspaces"][first]
+    rewrite_manifest(db, manifest_setter("rows", "subspaces", first, value=[k_out, k_in + 1]))
     one_line_error(cli_here("verify", db), "does not match the manifest's row layout")
     one_line_error(cli_here("query", db, "--prompt", "the", "--completion", " cat"),
                    "does not match the manifest's row layout")
-    changed = Manifest.load(db).row_layout()
-    dim = manifest.row_layout().dim
-    with pytest.raises(StoreError, match=rf"rows holds rows of shape \(32, {dim}\).*manifest and shard disagree"):
-        ShardReader(layout.shard_dir(db, 0), changed)
+    payload = manifest.rows["payload_bytes"]
+    rewrite_manifest(db, manifest_setter("rows", "payload_bytes", value=payload + 1))
+    with pytest.raises(StoreError, match=rf"rows holds rows of shape \(32, {payload}\).*manifest and shard disagree"):
+        ShardReader(layout.shard_dir(db, 0), Manifest.load(db).row_layout())
 

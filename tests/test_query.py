@@ -32,10 +32,8 @@ def db_path(tmp_path_factory, model_dir) -> Path:
     corpus = write_corpus(root / "corpus.jsonl", 150, seed=5)
     db = root / "db"
     settings = [s for s in SMALL_SETTINGS]
-    settings[settings.index("--row-bytes") + 1] = "24576"  # a quarter of the dense Ĝ of this tiny model
-    # block rows: on a random-init model the spectrum is flat, and a quarter of the eigen-coordinates
-    # keeps most of every row, so index answers can be held close to exhaustive ones
-    cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *settings, "--row-kind", "block")
+    settings[settings.index("--row-bytes") + 1] = "8192"  # room for most of every row's components on this tiny model
+    cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *settings)
     return db
 
 
@@ -71,56 +69,41 @@ def test_index_answers_agree_with_exhaustive(db, every_row, rank_by):
         assert all(_ranked_by(h, "score") <= 0 for h in result.opponents)
 
 
-def _all_stored_rows(db):
-    """(pairs, unit rows, self-influence) of every row, read straight from the row store."""
+def _all_stored_scores(db, queries):
+    """(pairs, stored-row scores (Q, N), self-influence (N,)) of every row, scored straight from
+    the row store."""
     import numpy as np
 
     from attribdb import layout
+    from attribdb.rows import module_scores
 
-    pairs, unit, squared = [], [], []
+    solved = db.engine.pipeline.gradients.solve(as_queries(queries))
+    pairs, scores, squared = [], [], []
     for shard_id, reader in db.engine.store.shards.items():
         pairs += [(shard_id, row) for row in range(reader.rows)]
-        unit.append(reader.read(layout.ROWS).astype(np.float64))
+        payloads = reader.read(layout.ROWS)
+        scores.append(module_scores(db.engine.runtime.row_layout, solved.blocks, payloads).sum(-1).double().numpy())
         squared.append(reader.read(layout.SELF_INFLUENCE).astype(np.float64))
-    return pairs, np.concatenate(unit), np.concatenate(squared)
+    return pairs, np.concatenate(scores, axis=1), np.concatenate(squared), solved.row_self
 
 
 @pytest.mark.parametrize("rank_by", ["normalized", "score"])
-def test_index_answers_equal_a_brute_force_scan_of_the_stored_rows(db, rank_by):
-    """A flat index over the rows misses nothing: its top 10 is the top 10 of every stored row."""
+def test_rescore_0_answers_are_the_best_stored_scores_among_the_candidates(db, rank_by):
+    """With every row a candidate, the top 10 is the top 10 of every stored row's score; with the
+    default candidates (the sketches' best), most of it."""
     import numpy as np
 
-    pairs, unit, squared = _all_stored_rows(db)
-    query_rows = db.engine.query_rows(as_queries(QUERIES)).double().numpy()
-    cosines = query_rows @ unit.T / np.linalg.norm(query_rows, axis=1, keepdims=True)
-    lengths = np.linalg.norm(query_rows, axis=1, keepdims=True) * np.sqrt(squared)
-    keys = cosines if rank_by == "normalized" else cosines * lengths
-    results = db.query_batch(QUERIES, k=10, rank_by=rank_by, rescore=0)
+    pairs, scores, squared, query_self = _all_stored_scores(db, QUERIES)
+    keys = scores / np.sqrt(squared * query_self[:, None]) if rank_by == "normalized" else scores
     position = {pair: i for i, pair in enumerate(pairs)}
-    for result, key in zip(results, keys):
+    every = db.query_batch(QUERIES, k=10, rank_by=rank_by, rescore=0, candidates=len(pairs))
+    default = db.query_batch(QUERIES, k=10, rank_by=rank_by, rescore=0)
+    held = []
+    for result, found, key in zip(every, default, keys):
         got = key[[position[pair] for pair in _ids(result.hits)]]  # in the order the index returned them
         assert got == pytest.approx(np.sort(key)[::-1][:10], rel=1e-3, abs=1e-6)
-
-
-def test_compression_error_is_bounded_by_what_the_rows_leave_out(db, every_row):
-    """⟨Ĝ_q, Ĝ_m⟩ − ⟨block_q, block_m⟩ = ⟨rest_q, rest_m⟩, so the error of a stored score is at most
-    √((‖Ĝ_q‖² − ‖block_q‖²)(‖Ĝ_m‖² − ‖block_m‖²)): full self-influences from the exhaustive pass,
-    stored ones from the rows."""
-    truths = every_row["normalized"]
-    index = {(h.shard, h.row): h for h in db.query_batch(QUERIES[:1], k=150, candidates=10_000, rescore=0)[0].hits}
-    query_row = db.engine.query_rows(as_queries(QUERIES[:1])).double()
-    block_q = float(query_row.pow(2).sum())
-    assert block_q <= truths[0].query_self_influence * (1 + 1e-3)
-    checked = 0
-    for truth in truths[0].hits:
-        stored = index.get((truth.shard, truth.row))
-        if stored is None:
-            continue
-        assert stored.self_influence <= truth.self_influence * (1 + 1e-2) + 1e-6
-        rest = max(truths[0].query_self_influence - block_q, 0) * max(truth.self_influence - stored.self_influence, 0)
-        assert abs(stored.score - truth.score) <= rest ** 0.5 + 1e-2 * abs(truth.score) + 1e-6
-        checked += 1
-    assert checked >= 100
+        held.append(len(set(_ids(found.hits)) & set(_ids(result.hits))) / 10)
+    assert np.mean(held) >= 0.9, held
 
 
 def test_a_query_top_k_is_the_prefix_of_a_larger_k(db):
@@ -174,21 +157,6 @@ def test_default_rescoring_spends_the_compute_budget(db, monkeypatch, budget, re
         assert all(h.exact_score is None for h in result.hits)
     else:  # every candidate of both ends
         assert result.rescored == result.candidates and all(h.exact_score is not None for h in result.hits)
-
-
-def test_candidates_are_searched_as_the_unit_rows(db):
-    """What the index search scores: the stored unit rows, then zeros up to a multiple of 16
-    dimensions (FAISS's SIMD width)."""
-    import numpy as np
-
-    from attribdb import layout
-
-    for reader in db.engine.store.shards.values():
-        held = reader.faiss_vectors()
-        rows = reader.read(layout.ROWS).astype(np.float32)
-        assert held.shape[1] % 16 == 0 and held.shape[1] - rows.shape[1] < 16
-        np.testing.assert_array_equal(held[:, :rows.shape[1]], rows)
-        assert not held[:, rows.shape[1]:].any()
 
 
 def test_normalized_ranking_agrees_with_exhaustive(db, every_row):

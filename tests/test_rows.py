@@ -6,13 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from attribdb.errors import ConfigError
+from attribdb.errors import ConfigError, StoreError
 from attribdb.factors import FactorConfig
 from attribdb.fitting import fit_factors
-from attribdb.influence import InfluenceComputer, pairwise_scores
-from attribdb.rows import QUERY_RANK, RowProjection, _low_rank, module_scores, plan_rows, to_stored
+from attribdb.influence import InfluenceComputer, pairwise_scores, self_influence
+from attribdb.rows import (
+    RowLayout,
+    RowProjection,
+    allocate,
+    check_payloads,
+    index_vectors,
+    module_scores,
+    pack,
+    unpack,
+)
 from attribdb.tasks import CausalLMTask
-from attribdb.tracking import DEFAULT_LM_PATTERNS, find_tracked_modules
+from attribdb.tracking import DEFAULT_LM_PATTERNS, TrackedModule, find_tracked_modules
 
 from helpers import lm_batches, tiny_gpt2, token_lists
 
@@ -26,142 +35,135 @@ def setup():
     modules = find_tracked_modules(model, DEFAULT_LM_PATTERNS)
     factors = fit_factors(model, TASK, lm_batches(tokens, 6), FactorConfig("ekfac"), modules, dtype=torch.float64)
     computer = InfluenceComputer(model, TASK, factors, dtype=torch.float64)
-    return model, tokens, factors, computer
+    sample = [computer.runner.train_captures(batch)[0] for batch in lm_batches(tokens[:12], 6)]
+    return tokens, factors, computer, sample
 
 
 def _dense_bytes(factors) -> int:
-    return 2 * sum(m.d_out * m.d_in for m in factors.modules) + 4
+    return 4 * sum(m.d_out * m.d_in for m in factors.modules)
 
 
-def _weights(factors, name):
-    f = factors[name]
-    return f.diagonal / (f.diagonal + f.damping)
+def _scores(projection, computer, tokens):
+    """(stored-row scores, exact scores, stored self-influence, exact self-influence) of every
+    sequence of ``tokens`` as a row against every one of them as a query."""
+    batch = lm_batches(tokens, len(tokens))[0]
+    train = computer.runner.train_captures(batch)[0]
+    rows = projection.encode(train)
+    queries = projection.queries(computer.runner.measurement_captures(batch)[0])
+    stored = module_scores(projection.layout, queries, rows.payloads).sum(-1)
+    exact_query = computer.query_preconditioned(batch)
+    exact_train = computer.precondition(train)
+    return stored, pairwise_scores(exact_query, exact_train), rows.self_influence, self_influence(exact_train)
 
 
-def test_plan_spends_the_budget_on_the_expected_influence(setup):
-    _, _, factors, _ = setup
-    previous = 0.0
-    for row_bytes in (256, 1024, 4096, _dense_bytes(factors)):
-        plan = plan_rows(factors, row_bytes)
-        assert plan.layout.bytes_per_row <= row_bytes
-        kept_total, grand_total = 0.0, 0.0
-        for module, kept in zip(plan.layout.modules, plan.layout.expected_kept):
-            weights = _weights(factors, module.name)
-            block = weights[plan.out_index[module.name]][:, plan.in_index[module.name]]
-            assert block.shape == (len(plan.out_index[module.name]), len(plan.in_index[module.name]))
-            assert kept == pytest.approx(float(block.sum() / weights.sum()), rel=1e-5)
-            kept_total += float(block.sum())
-            grand_total += float(weights.sum())
-        assert kept_total / grand_total >= previous - 1e-9  # more bytes never keep less
-        previous = kept_total / grand_total
-    assert previous == pytest.approx(1.0)  # the dense budget keeps everything
+def test_whole_space_rows_with_room_for_every_component_give_the_exact_scores(setup):
+    tokens, factors, computer, sample = setup
+    projection = RowProjection.fit(factors, 4 * _dense_bytes(factors), sample)
+    assert projection.layout.whole_space
+    stored, exact, stored_self, exact_self = _scores(projection.to(dtype=torch.float64), computer, tokens[:8])
+    # 4-bit factors: every score within a few percent of the largest, the ranking kept
+    assert torch.allclose(stored, exact, atol=0.03 * float(exact.abs().max()))
+    assert np.allclose(stored_self, exact_self.numpy(), rtol=1e-4)  # the self-influence is stored exactly
+    for q in range(len(exact)):
+        assert int(stored[q].argmax()) == int(exact[q].argmax())
 
 
-def test_the_kept_block_beats_the_eigenvalue_order_at_equal_size(setup):
-    """Choosing rows and columns by Λ/(Λ+λ) keeps at least the share of a same-shaped block chosen
-    by the raw eigenvalue order of each side (LoGra's PCA choice)."""
-    _, _, factors, _ = setup
-    plan = plan_rows(factors, 2048)
-    for module, (k_out, k_in) in zip(plan.layout.modules, plan.layout.blocks):
-        weights = _weights(factors, module.name)
-        f = factors[module.name]
-        by_eigenvalue = weights[f.diagonal.sum(1).argsort(descending=True)[:k_out]][
-            :, f.diagonal.sum(0).argsort(descending=True)[:k_in]]
-        ours = weights[plan.out_index[module.name]][:, plan.in_index[module.name]]
-        assert float(ours.sum()) >= float(by_eigenvalue.sum()) - 1e-9, module.name
+def test_more_bytes_never_make_the_scores_worse(setup):
+    tokens, factors, computer, sample = setup
+    errors = []
+    for payload_bytes in (548, 1148, 2948, 4 * _dense_bytes(factors)):
+        projection = RowProjection.fit(factors, payload_bytes, sample).to(dtype=torch.float64)
+        stored, exact, _, _ = _scores(projection, computer, tokens[:12])
+        errors.append(float((stored - exact).norm() / exact.norm()))
+    assert errors == sorted(errors, reverse=True)
+    assert errors[0] > 2 * errors[-1]
 
 
-def test_encoded_rows_are_blocks_of_the_dense_preconditioned_gradient(setup):
-    _, tokens, factors, computer = setup
-    plan = plan_rows(factors, 1024)
-    projection = RowProjection.from_plan(factors, plan).to(dtype=torch.float64)
-    batch = lm_batches(tokens[:5], 5)[0]
-    captures, _ = computer.runner.train_captures(batch)
-    rows = projection.encode(captures)
-    dense = computer.precondition(captures)
-    for module in plan.layout.modules:
-        expected = dense[module.name][:, plan.out_index[module.name]][:, :, plan.in_index[module.name]].flatten(1)
-        torch.testing.assert_close(rows[:, plan.layout.slices[module.name]], expected, rtol=1e-10, atol=1e-12)
+def test_allocation_takes_the_largest_components_per_byte_first():
+    values = [torch.tensor([[4.0, 1.0, 0.5]]), torch.tensor([[3.0, 2.9, 0.1]])]
+    costs = [10, 20]
+    ranks = allocate(values, costs, budget=45)
+    # σ²/cost: 1.6, 0.1, 0.025 against 0.45, 0.42, 0.0005: 1.6 (35 bytes left), 0.45 (15 left);
+    # 0.42 costs 20 and no longer fits, so the next that does is 0.1 (5 left)
+    assert ranks.tolist() == [[2, 1]]
+    assert allocate(values, costs, budget=60).tolist() == [[2, 2]]
+    assert allocate(values, costs, budget=9).tolist() == [[0, 0]]  # nothing fits
 
 
-def test_with_every_coordinate_kept_stored_scores_equal_full_scores(setup):
-    """At the dense budget a row is Ĝ reordered: its inner products are the EK-FAC scores, up to
-    float16 storage of the unit rows."""
-    _, tokens, factors, computer = setup
-    plan = plan_rows(factors, _dense_bytes(factors))
-    assert plan.layout.dim == sum(m.d_out * m.d_in for m in factors.modules)
-    projection = RowProjection.from_plan(factors, plan).to(dtype=torch.float64)
-    query_batch = lm_batches(tokens[:3], 3, score_from=[2, 2, 2])[0]
-    train_batch = lm_batches(tokens[3:15], 12)[0]
-    full = pairwise_scores(computer.query_preconditioned(query_batch), computer.train_preconditioned(train_batch))
-    query_rows = projection.encode(computer.runner.measurement_captures(query_batch)[0])
-    unit, squared = to_stored(projection.encode(computer.runner.train_captures(train_batch)[0]))
-    stored = module_scores(plan.layout, query_rows, torch.from_numpy(unit.astype(np.float64)),
-                           torch.from_numpy(squared.astype(np.float64))).sum(-1)
-    scale = full.abs().max()
-    torch.testing.assert_close(stored, full, rtol=0, atol=2e-3 * float(scale))
+def _layout(subspaces, payload_bytes):
+    modules = tuple(TrackedModule(f"m{i}", d_in, d_out, False) for i, (d_out, d_in) in enumerate(subspaces))
+    return RowLayout(modules, tuple(subspaces), payload_bytes, tuple(4 for _ in subspaces))
 
 
-def test_unit_rows_and_norms_round_trip_and_zero_rows_stay_zero():
-    rows = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 0.0], [1e-20, 0.0, 0.0]])
-    unit, squared = to_stored(rows)
-    assert unit.dtype == np.float16 and squared.dtype == np.float32
-    np.testing.assert_allclose(unit[0], [0.6, 0.8, 0.0], atol=1e-3)
-    assert squared[0] == pytest.approx(25.0) and not unit[1].any() and squared[1] == 0
-    assert np.isfinite(unit).all()
+def test_payloads_round_trip_within_the_4_bit_rounding():
+    layout = _layout([(5, 3), (2, 7)], 200)
+    generator = torch.Generator().manual_seed(0)
+    ranks = np.array([[2, 1], [0, 2], [3, 0]])
+    left = [torch.randn(3, 3, 5, generator=generator), torch.randn(3, 2, 2, generator=generator)]
+    right = [torch.randn(3, 3, 3, generator=generator), torch.randn(3, 2, 7, generator=generator)]
+    payloads = pack(layout, ranks, left, right)
+    assert payloads.shape == (3, 200) and payloads.dtype == np.uint8
+    check_payloads(layout, payloads)
+    for m, components in enumerate(unpack(layout, payloads)):
+        expected_rows = np.repeat(np.arange(3), ranks[:, m])
+        assert components.rows.tolist() == expected_rows.tolist()
+        within = np.concatenate([np.arange(r) for r in ranks[:, m]])
+        for stored, given in ((components.left, left[m]), (components.right, right[m])):
+            original = given[torch.as_tensor(expected_rows), torch.as_tensor(within)].numpy()
+            step = np.abs(original).max(axis=1, keepdims=True) / 7
+            assert np.all(np.abs(stored - original) <= step / 2 + 1e-6)
+
+
+def test_a_damaged_header_is_refused():
+    layout = _layout([(5, 3)], 60)
+    payloads = np.zeros((1, 60), dtype=np.uint8)
+    payloads[0, 0] = 200  # more components than 60 bytes (or a 5×3 block) can hold
+    with pytest.raises(StoreError, match="damaged"):
+        check_payloads(layout, payloads)
+
+
+def test_sketch_inner_products_estimate_the_stored_scores_without_bias(setup):
+    tokens, factors, computer, sample = setup
+    batch = lm_batches(tokens[:8], 8)[0]
+    train = computer.runner.train_captures(batch)[0]
+    query_captures = computer.runner.measurement_captures(batch)[0]
+    estimates = []
+    for seed in range(40):
+        projection = RowProjection.fit(factors, 5948, sample, seed=seed).to(dtype=torch.float64)
+        rows = projection.encode(train)
+        queries = projection.queries(query_captures)
+        stored = module_scores(projection.layout, queries, rows.payloads).sum(-1)
+        sketches = torch.from_numpy(projection.sketches(rows.payloads)).double()
+        estimates.append(projection.query_sketches(queries) @ sketches.T)
+    mean = torch.stack(estimates).mean(0)
+    spread = torch.stack(estimates).std(0) / len(estimates) ** 0.5
+    assert torch.all((mean - stored).abs() <= 4 * spread + 1e-6 * stored.abs().max())
+
+
+def test_index_vectors_are_sketches_over_the_root_self_influence_padded():
+    sketches = np.array([[3.0, 4.0, 0.0], [1.0, 0.0, 0.0]], dtype=np.float32)
+    vectors = index_vectors(sketches, np.array([25.0, 0.0]), normalized=True)
+    assert vectors.shape == (2, 16)
+    assert np.allclose(vectors[0, :3], [0.6, 0.8, 0.0]) and np.allclose(vectors[1, :3], [1.0, 0.0, 0.0])
+    assert np.allclose(index_vectors(sketches, np.array([25.0, 0.0]), normalized=False)[:, :3], sketches)
 
 
 def test_a_budget_too_small_for_the_modules_is_refused(setup):
-    _, _, factors, _ = setup
-    with pytest.raises(ConfigError, match="row-bytes"):
-        plan_rows(factors, 2 * len(factors.modules) - 1)
+    _, factors, _, _ = setup
+    with pytest.raises(ConfigError, match="cannot hold one component"):
+        RowProjection.fit(factors, len(factors.modules) + 9, [])
 
 
-@pytest.mark.parametrize("query_rank", [QUERY_RANK, 10**6], ids=["default-rank", "full-rank"])
-def test_kron_rows_estimate_the_full_score_without_bias(setup, query_rank):
-    """Averaged over projection seeds, ⟨query row, training row⟩ converges to the EK-FAC score:
-    the mean's error stays within a few standard errors of the seeds' own spread.  At full rank the
-    query side applies (Λ + λ)⁻¹ exactly; at the default rank its approximation's error is below
-    what 48 seeds can see."""
-    _, tokens, factors, computer = setup
-    query_batch = lm_batches(tokens[:2], 2, score_from=[2, 2])[0]
-    train_batch = lm_batches(tokens[2:10], 8)[0]
-    full = pairwise_scores(computer.query_preconditioned(query_batch), computer.train_preconditioned(train_batch))
-    query_captures = computer.runner.measurement_captures(query_batch)[0]
-    train_captures = computer.runner.train_captures(train_batch)[0]
-
-    estimates = []
-    for seed in range(48):
-        projection = RowProjection.fit(factors, 600, "kron", seed=seed, query_rank=query_rank).to(dtype=torch.float64)
-        assert projection.layout.kind == "kron" and projection.layout.bytes_per_row <= 600
-        query_rows = projection.encode_query(query_captures)
-        estimates.append(query_rows @ projection.encode(train_captures).T)
-    estimates = torch.stack(estimates)
-    mean, standard_error = estimates.mean(0), estimates.std(0) / len(estimates) ** 0.5
-    assert torch.all((mean - full).abs() <= 4 * standard_error + 1e-9 * full.abs().max())
-    single_error = (estimates - full).pow(2).mean().sqrt()  # one projection's error
-    assert (mean - full).pow(2).mean().sqrt() < 0.3 * single_error  # averaging converges: ~1/√48 of it
-
-
-def test_low_rank_inverse_curvature_is_the_truncated_svd():
-    """The kron query side's rank-r (Λ + λ)⁻¹ is as close as the best rank-r approximation
-    (Eckart-Young: a full SVD truncated) to within 1%, and exact at full rank."""
-    matrix = 1.0 / (torch.rand(60, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64) ** 3 + 0.1)
-    left, values, right = torch.linalg.svd(matrix, full_matrices=False)
-    for rank in (1, 5, 12, 40):
-        found_left, found_right = _low_rank(matrix, rank, torch.Generator().manual_seed(1))
-        best = (left[:, :rank] * values[:rank]) @ right[:rank]
-        found = found_left @ found_right.T
-        assert found_left.shape == (60, rank) and found_right.shape == (40, rank)
-        assert torch.linalg.norm(matrix - found) <= 1.01 * torch.linalg.norm(matrix - best) + 1e-9 * float(values[0])
-    torch.testing.assert_close(found, matrix, rtol=0, atol=1e-9 * float(values[0]))
-
-
-def test_kron_projections_round_trip_through_their_file(setup, tmp_path):
-    _, _, factors, _ = setup
-    projection = RowProjection.fit(factors, 1024, "kron", seed=3)
+def test_projections_round_trip_through_their_file(setup, tmp_path):
+    tokens, factors, computer, sample = setup
+    projection = RowProjection.fit(factors, 5948, sample)
     projection.save(tmp_path / "rows.safetensors")
     loaded = RowProjection.load(tmp_path / "rows.safetensors", projection.layout)
-    for name, block in projection.maps.items():
-        for key in ("out", "inp", "query_out", "query_inp"):
-            torch.testing.assert_close(getattr(loaded.maps[name], key), getattr(block, key).float())
+    batch = lm_batches(tokens[:4], 4)[0]
+    captures = computer.runner.train_captures(batch)[0]
+    first, second = projection.to(dtype=torch.float32).encode(captures), loaded.encode(captures)
+    assert np.array_equal(first.payloads, second.payloads)
+    other = RowLayout(projection.layout.modules, tuple((1, 1) for _ in projection.layout.modules),
+                      projection.layout.payload_bytes, projection.layout.sketch_widths)
+    with pytest.raises(StoreError, match="does not match"):
+        RowProjection.load(tmp_path / "rows.safetensors", other)

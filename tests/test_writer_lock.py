@@ -65,15 +65,14 @@ def test_the_lock_is_reentrant_and_released(tmp_path):
 
 def _block(start: int, n: int, row_layout: RowLayout) -> RowBlock:
     rng = np.random.default_rng(start)
-    rows = rng.standard_normal((n, row_layout.dim))
-    return RowBlock(rows=(rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16),
+    return RowBlock(rows=rng.integers(0, 256, (n, row_layout.payload_bytes), dtype=np.uint8),
                     self_influence=rng.random(n, dtype=np.float32),
                     metadata=[RowRecord(f"d{start + i}", "test", (0, 2), (0, 1), "x", (1, 2), start + i)
                               for i in range(n)])
 
 
 def test_a_block_is_written_only_at_its_own_start(tmp_path):
-    row_layout = RowLayout((TrackedModule("m", 3, 2, True),), blocks=((2, 2),))
+    row_layout = RowLayout((TrackedModule("m", 3, 2, True),), subspaces=((2, 3),), payload_bytes=40, sketch_widths=(4,))
     writer = ShardWriter(tmp_path / "shard", row_layout, capacity=8, commit_rows=4)
     try:
         writer.append(_block(0, 4, row_layout), start=0)

@@ -144,10 +144,10 @@ def main() -> None:
     for name, r in results.items():
         info, once = r["runs"]["once"]["info"], r["runs"]["once"]
         row = info["row"]
-        kept = sum(row["expected_kept"].values()) / len(row["expected_kept"])
-        print(f"[{name}] {len(row['blocks'])} modules; row {row['bytes'] / 1024:.1f} KiB = "
+        print(f"[{name}] {len(row['subspaces'])} modules; row {row['bytes'] / 1024:.1f} KiB = "
               f"{row['bytes'] / row['dense_float32_bytes']:.5f} of dense float32 Ĝ "
-              f"({row['dense_float32_bytes'] / 2**20:.1f} MiB), keeps {kept:.3f} of expected influence per module")
+              f"({row['dense_float32_bytes'] / 2**20:.1f} MiB), keeps {row['kept']:.3f} of a sequence's "
+              f"self-influence")
         per = info["bytes_per_sequence"]
         print(f"[{name}] on disk per row: zarr {per['zarr'] / 1024:.1f} KiB, faiss {per['faiss'] / 1024:.1f} KiB, "
               f"lmdb {per['lmdb'] / 1024:.1f} KiB")

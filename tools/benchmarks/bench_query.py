@@ -12,7 +12,7 @@ GPT-2, then prints:
 - recall@10 and recall@100 of the index (default rescoring) against exhaustive, and
   of exact mode, which recomputes every candidate without compression (a random-init model
   flatters nothing here: its spectrum is flat, so rows keep less than on a trained
-  model; tools/evaluations/eval_compression.py measures fidelity on trained ones);
+  model; tools/evaluations/eval_rows.py measures fidelity on trained ones);
 - index latency as a ratio to one forward+backward pass of the query (the floor);
 - the query process's memory next to the size of the FAISS indexes.
 

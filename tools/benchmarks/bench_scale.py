@@ -18,7 +18,7 @@ Figures (printed last):
   exact inner product of the query row with every stored unit row, read back
   from the row store in bounded memory (a shard at a time).  That is the truth
   the index approximates; compression loss is a property of the row, not of
-  the index (docs/evidence.md, tools/evaluations/eval_compression.py);
+  the index (docs/evidence.md, tools/evaluations/eval_rows.py);
 - with ``--exhaustive Q`` (default: on a few queries up to 2·10⁴ rows) also
   recall@10 against the full-space exhaustive mode;
 - resident memory of the query process, the database's size on disk and the
@@ -153,29 +153,37 @@ def timed_queries(engine, items, warm_up) -> tuple[list[float], list, dict[str, 
     return latencies, answers, laps
 
 
-def brute_force_scores_top(engine, query_rows: np.ndarray, k: int) -> np.ndarray:
-    """(Q, k) the ``k`` largest inner products of each query row with every stored unit row, best
-    first: every row read back from the row store, a shard at a time (bounded memory)."""
+def stored_keys(engine, solved, reader, rows: np.ndarray) -> np.ndarray:
+    """(Q, len(rows)) the default ranking's key (the cosine form of the stored-row score) of these
+    rows of one shard for every solved query, scored from their payloads."""
     from attribdb import layout
+    from attribdb.rows import module_scores
 
-    best = np.full((len(query_rows), k), -np.inf)
+    scores = module_scores(engine.runtime.row_layout, solved.blocks, reader.read(layout.ROWS, rows)).sum(-1)
+    norms = np.sqrt(np.outer(solved.row_self, reader.whole(layout.SELF_INFLUENCE)[rows]))
+    return scores.double().cpu().numpy() / np.maximum(norms, 1e-300)
+
+
+def brute_force_scores_top(engine, solved, k: int) -> np.ndarray:
+    """(Q, k) the ``k`` largest keys of each query over every stored row, best first: every row read
+    back from the row store and scored, a block at a time (bounded memory)."""
+    best = np.full((len(solved.row_self), k), -np.inf)
     for reader in engine.store.shards.values():
-        rows = reader.read(layout.ROWS, np.arange(reader.rows)).astype(np.float32)
-        best = np.concatenate([best, query_rows @ rows.T], axis=1)
-        best = -np.sort(-best, axis=1)[:, :k]
+        for start in range(0, reader.rows, 1024):
+            keys = stored_keys(engine, solved, reader, np.arange(start, min(start + 1024, reader.rows)))
+            best = -np.sort(-np.concatenate([best, keys], axis=1), axis=1)[:, :k]
     return best
 
 
-def recall_at(engine, answers, query_rows: np.ndarray, truth: np.ndarray) -> float:
-    """Share of each answer's hits whose stored row scores at least the k-th best by brute force: a
-    hit that ties the k-th best counts (identical rows tie, and either one is a right answer)."""
-    from attribdb import layout
-
+def recall_at(engine, answers, solved, truth: np.ndarray) -> float:
+    """Share of each answer's hits whose key is at least the k-th best by brute force: a hit that
+    ties the k-th best counts (identical rows tie, and either one is a right answer)."""
     k = truth.shape[1]
-    found, readers = [], engine.store.shards
+    found = []
     for i, answer in enumerate(answers):
-        rows = np.concatenate([readers[h.shard].read(layout.ROWS, np.array([h.row])) for h in answer.hits[:k]])
-        found.append(np.sum(rows.astype(np.float32) @ query_rows[i] >= truth[i, -1] - TIE) / k)
+        keys = [stored_keys(engine, solved, engine.store.shards[h.shard], np.array([h.row]))[i, 0]
+                for h in answer.hits[:k]]
+        found.append(np.sum(np.array(keys) >= truth[i, -1] - TIE) / k)
     return float(np.mean(found))
 
 
@@ -201,11 +209,11 @@ def scale(n: int, work: Path | None, row_bytes: int | None, index_kind: str | No
     items = queries(N_QUERIES, runtime.tokenizer, SETTINGS['max_length'] - 2)
     latencies, answers, laps = timed_queries(engine, items, items[:20])
     rss_queried = current_rss_mib()
-    query_rows = engine.query_rows(items).float().cpu().numpy()
+    solved = engine.pipeline.gradients.solve(items)
     started = time.perf_counter()
-    truth = brute_force_scores_top(engine, query_rows, TRUTH_K)
+    truth = brute_force_scores_top(engine, solved, TRUTH_K)
     brute_seconds = time.perf_counter() - started
-    index_recall = recall_at(engine, answers, query_rows, truth)
+    index_recall = recall_at(engine, answers, solved, truth)
     exhaustive = (5 if engine.rows <= 20_000 else 0) if exhaustive is None else exhaustive
     full_space = None
     if exhaustive:
@@ -225,7 +233,7 @@ def scale(n: int, work: Path | None, row_bytes: int | None, index_kind: str | No
              if full_space is not None else ""), flush=True)
     # last: walking a large database's files for their blocks can take many minutes on a cold cache
     print(f"database {db}: {engine.rows} rows in {len(engine.store.shards)} shards, rows of "
-          f"{runtime.row_layout.bytes_per_row} bytes (dim {runtime.row_layout.dim}), index {kinds}; "
+          f"{runtime.row_layout.bytes_per_row} bytes, index {kinds}; "
           f"disk {disk_mib(db):.0f} MiB in {sum(1 for p in db.rglob('*') if p.is_file())} files; "
           f"built in {built['seconds']:.0f} s, "
           f"{built.get('cpu_seconds', float('nan')):.0f} CPU s ({built['rows_per_second']:.0f} rows/s, "

@@ -5,16 +5,14 @@ Run through ``python -m tools.benchmarks.bench_query --rows N --synthetic [--row
 Computing 10⁶ rows of the default size from a model would take days on one core; the store, the
 database index and the query path do not care where a row came from.  So the database is real up
 to its rows: a 2×64 GPT-2 (random init, wide enough for a row of the default size) is fitted on a
-few hundred documents of English and builds them (a real database, whose rows give the spread of
-each row coordinate); the synthetic database gets its factors, manifest and row layout.  Then N rows
-are written by the build's own ShardWriter in commit units (each with an LMDB record like a real
-one), shards are sealed, and the database index is brought up to date as the end of a build does.
-A synthetic row's coordinates are independent normals with the spread the real rows have, divided
-by their norm: the per-coordinate structure compact codes learn (isotropic rows were no model of
-real ones: their codes and the model's query rows, whose energy sits in few coordinates, disagreed),
-none of the rows' correlations.  Writing can be interrupted and resumed.  Figures (printed last):
-p50/p95 of one index query with ``rescore=0``, recall@10 against brute force over the stored rows
-(a sample of the queries), RSS after opening and after querying, disk and file count.
+few hundred documents of English and builds them (a real database, whose rows are drawn from
+below); the synthetic database gets its factors, manifest and row layout.  Then N rows are
+written by the build's own ShardWriter in commit units (each with an LMDB record like a real one),
+shards are sealed, and the database index is brought up to date as the end of a build does.  A
+synthetic row is a real row of that database drawn at random (seeded by its place): rows with the
+structure of real ones, repeated, so identical rows tie.  Writing can be interrupted and resumed.
+Figures (printed last): p50/p95 of one index query with ``rescore=0``, recall@10 against brute
+force over the stored rows (a sample of the queries), RSS after opening and after querying, disk and file count.
 """
 
 from __future__ import annotations
@@ -48,10 +46,10 @@ N_QUERIES = 100
 TRUTH_QUERIES = 40  # brute force reads every row once for these
 
 
-def _fitted(work: Path, n: int, row_bytes: int) -> tuple[Path, np.ndarray]:
-    """The database folder for ``n`` rows, fitted, and the spread of each row coordinate: a real
-    database of a small English corpus is built (its fit and its rows), and the new one gets its
-    factors and manifest without its rows."""
+def _fitted(work: Path, n: int, row_bytes: int) -> tuple[Path, tuple[np.ndarray, np.ndarray]]:
+    """The database folder for ``n`` rows, fitted, and real rows (payloads, self-influence) to draw
+    from: a real database of a small English corpus is built (its fit and its rows), and the new one
+    gets its factors and manifest without its rows."""
     from attribdb import api, layout
     from attribdb.manifest import Manifest, exists
     from attribdb.shard import ShardReader
@@ -62,33 +60,30 @@ def _fitted(work: Path, n: int, row_bytes: int) -> tuple[Path, np.ndarray]:
     api.build(profile, str(write_corpus(work / "fit-corpus.jsonl", FIT_DOCS, seed=3)), str(model), quiet=True,
               row_bytes=row_bytes, **SETTINGS)  # returns at once once built
     manifest = Manifest.load(profile)
-    rows = []
+    payloads, self_influence = [], []
     for shard_id in manifest.shard_ids:
         reader = ShardReader(layout.shard_dir(profile, shard_id), manifest.row_layout())
-        rows.append(reader.read(layout.ROWS).astype(np.float32))
+        payloads.append(reader.read(layout.ROWS))
+        self_influence.append(reader.read(layout.SELF_INFLUENCE))
         reader.close()
-    spread = np.sqrt(np.mean(np.concatenate(rows) ** 2, axis=0))
+    real = (np.concatenate(payloads), np.concatenate(self_influence))
     db = work / f"synthetic-{n}-{key}"
     if not exists(db):
         shutil.copytree(profile / layout.FACTORS_DIR, db / layout.FACTORS_DIR)
         manifest.generations, manifest.database_index = [], None
         manifest.save(db)
-    return db, spread
+    return db, real
 
 
-def _block(start: int, rows: int, spread: np.ndarray) -> "RowBlock":  # noqa: F821 - attribdb.shard.RowBlock
-    """Rows ``start..start+rows`` (seeded by their place): independent normal coordinates of the given
-    spread, divided by their norm; and their metadata."""
+def _block(start: int, rows: int, real: tuple[np.ndarray, np.ndarray]) -> "RowBlock":  # noqa: F821 - shard.RowBlock
+    """Rows ``start..start+rows``: real rows drawn at random (seeded by their place); and their metadata."""
     from attribdb.records import RowRecord
     from attribdb.shard import RowBlock
 
-    rng = np.random.default_rng(start)
-    vectors = rng.standard_normal((rows, len(spread)), dtype=np.float32) * spread
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    self_influence = rng.lognormal(0.0, 1.0, rows).astype(np.float32)
+    drawn = np.random.default_rng(start).integers(0, len(real[0]), rows)
     metadata = [RowRecord(f"s{start + i}", "synthetic", (0, 2), (0, 9), f"row {start + i}", (1, 2), start + i)
                 for i in range(rows)]
-    return RowBlock(vectors.astype(np.float16), self_influence, metadata)
+    return RowBlock(real[0][drawn], real[1][drawn], metadata)
 
 
 def synthetic_database(work: Path, n: int, row_bytes: int) -> Path:
@@ -97,9 +92,10 @@ def synthetic_database(work: Path, n: int, row_bytes: int) -> Path:
     from attribdb import db_index, layout
     from attribdb.indexer.writing import writing
     from attribdb.manifest import Generation, Manifest
+    from attribdb.rows import RowProjection
     from attribdb.shard import ShardReader, ShardWriter
 
-    db, spread = _fitted(work, n, row_bytes)
+    db, real = _fitted(work, n, row_bytes)
     with writing(db):
         manifest = Manifest.load(db)
         settings, row_layout = manifest.settings, manifest.row_layout()
@@ -115,7 +111,7 @@ def synthetic_database(work: Path, n: int, row_bytes: int) -> Path:
             writer = ShardWriter(layout.shard_dir(db, shard_id), row_layout, capacity, settings.commit_rows)
             try:
                 for start in range(writer.committed, capacity if not writer.sealed else 0, settings.commit_rows):
-                    writer.append(_block(first + start, min(settings.commit_rows, capacity - start), spread), start)
+                    writer.append(_block(first + start, min(settings.commit_rows, capacity - start), real), start)
                 if not writer.sealed:
                     writer.seal()
             finally:
@@ -124,7 +120,7 @@ def synthetic_database(work: Path, n: int, row_bytes: int) -> Path:
         started = time.perf_counter()
         readers = {s: ShardReader(layout.shard_dir(db, s), row_layout) for s in manifest.shard_ids}
         try:
-            db_index.update(db, manifest, readers)
+            db_index.update(db, manifest, readers, RowProjection.load(layout.projection_path(db), row_layout))
         finally:
             for reader in readers.values():
                 reader.close()
@@ -153,14 +149,14 @@ def synthetic_scale(n: int, work: Path | None, row_bytes: int | None) -> None:
     items = queries(N_QUERIES + 10, runtime.tokenizer, SETTINGS["max_length"] - 2)
     latencies, answers, laps = timed_queries(engine, items[:N_QUERIES], items[N_QUERIES:])
     rss_queried = current_rss_mib()
-    query_rows = engine.query_rows(items[:TRUTH_QUERIES]).float().cpu().numpy()
-    truth = brute_force_scores_top(engine, query_rows, TRUTH_K)
-    index_recall = recall_at(engine, answers[:TRUTH_QUERIES], query_rows, truth)
+    solved = engine.pipeline.gradients.solve(items[:TRUTH_QUERIES])
+    truth = brute_force_scores_top(engine, solved, TRUTH_K)
+    index_recall = recall_at(engine, answers[:TRUTH_QUERIES], solved, truth)
     info = database_info(db)
     ordered = sorted(latencies)
     print("laps (median ms): " + ", ".join(f"{lap} {statistics.median(v):.1f}" for lap, v in laps.items()),
           file=sys.stderr)
-    print(f"{engine.rows} synthetic rows of {runtime.row_layout.bytes_per_row} bytes (dim {runtime.row_layout.dim}), "
+    print(f"{engine.rows} synthetic rows of {runtime.row_layout.bytes_per_row} bytes, "
           f"{info['row']['all_in']['total']} bytes all-in; index {engine.store.indexes.kinds}")
     print(f"query process RSS: {rss_start:.0f} MiB before, {rss_open:.0f} MiB with the database open "
           f"({open_seconds:.1f} s), {rss_queried:.0f} MiB after {len(items)} queries")

@@ -646,7 +646,7 @@ def option_scenarios(quick: bool) -> list[Scenario]:
     bad_options = [("--damping", "inf"), ("--damping", "nan"), ("--damping", "-1"), ("--damping-factor", "nan"),
                    ("--damping-factor", "inf"), ("--max-length", "65"), ("--max-length", "0"), ("--row-bytes", "0"),
                    ("--row-bytes", "-2"), ("--shard-size", "20"), ("--stride", "40"), ("--strategy", "magic"),
-                   ("--fisher", "maybe"), ("--row-kind", "x"), ("--commit-rows", "0"), ("--batch-size", "0"),
+                   ("--fisher", "maybe"), ("--commit-rows", "0"), ("--batch-size", "0"),
                    ("--index-kind", "tree"), ("--dtype", "int8")]
     if quick:
         bad_options = bad_options[:1]

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from tools.evaluations.eval_compression import (
+from tools.evaluations.measures import (
     batches_of,
     choose_rows,
     flat_scores,

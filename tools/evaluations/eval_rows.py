@@ -1,8 +1,8 @@
 """Stored rows the way a user feels them: databases built through the product, judged against exhaustive.
 
 For each trained causal LM (the demo model, the 4×256 "second" model, and a model trained on real
-man-page text: tools/evaluations/realtext.py) and each representation (a row kind at a byte budget,
-``--rows kron:32768 block:32768``; any kind ``attribdb build --row-kind`` takes), one database is
+man-page text: tools/evaluations/realtext.py) and each row budget (``--rows 32768 16384``: what
+``attribdb build --row-bytes`` takes, all-in), one database is
 built with ``attribdb.build`` and queried through ``attribdb.open``, as a user would, and compared
 with the ground truth, ``exhaustive`` (every row recomputed, uncompressed):
 
@@ -28,7 +28,7 @@ database) and cached beside its databases, as are the databases themselves, so a
 representation pays only for that one.
 
 Run: OMP_NUM_THREADS=1 python -m tools.evaluations.eval_rows [--models demo second realtext]
-[--rows kron:32768 block:32768] [--workdir /work/cache/models] [--lds-workdir /work/cache/lds]
+[--rows 32768 16384] [--workdir /work/cache/models] [--lds-workdir /work/cache/lds]
 [--json rows.json] [--quick].  The trained models are reused from --workdir (trained there on first
 use, tools/evaluations/trained_models.py) and --lds-workdir (the real-text world and its retrained
 halves; the halves are trained on first use, about 40 s of one core each).  The second model's exhaustive pass
@@ -48,29 +48,27 @@ from pathlib import Path
 
 import torch
 
-from tools.evaluations.eval_compression import pearson
 from tools.evaluations.lds import LDSConfig, Retrainings, add_lds_options, spearman
+from tools.evaluations.measures import pearson
 from tools.evaluations.realtext import RealTextConfig, real_text_world
 
-DEFAULT_ROWS = ("kron:32768", "block:32768")
+DEFAULT_ROWS = ("32768",)
 BUILD = {"max_length": 128, "fit_sample_size": 512, "batch_size": 8}  # the demo's; every model here is 128 wide
 
 
 @dataclass(frozen=True)
 class Representation:
-    """A row kind at a byte budget: what ``--row-kind`` and ``--row-bytes`` choose."""
+    """Rows at a byte budget: what ``--row-bytes`` chooses."""
 
-    kind: str
     row_bytes: int
 
     @classmethod
     def parse(cls, text: str) -> "Representation":
-        kind, _, size = text.partition(":")
-        return cls(kind, int(size) if size else 32768)
+        return cls(int(text))
 
     @property
     def label(self) -> str:
-        return f"{self.kind}:{self.row_bytes}"
+        return f"rows:{self.row_bytes}"
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,7 @@ class EvalConfig:
 
 
 def fact_subject(make, workdir: Path, queries: int) -> Subject:
-    from tools.evaluations.eval_compression import round_robin
+    from tools.evaluations.measures import round_robin
 
     trained = make(workdir)
     facts = round_robin(trained.facts, queries)
@@ -135,7 +133,7 @@ def build(subject: Subject, representation: Representation, dbdir: Path) -> Path
     from attribdb import api
 
     path = dbdir / subject.key / representation.label.replace(":", "-")
-    api.build(path, str(subject.corpus), str(subject.model_dir), quiet=True, row_kind=representation.kind,
+    api.build(path, str(subject.corpus), str(subject.model_dir), quiet=True,
               row_bytes=representation.row_bytes, **subject.build)
     return path
 
@@ -376,7 +374,7 @@ QUICK_WORLD = RealTextConfig(documents=120, queries=8, docs_per_page=3, epochs=4
 QUICK_WORLD = replace(QUICK_WORLD, model=replace(QUICK_WORLD.model, vocab_size=512, n_layer=1, n_embd=32, n_head=2,
                                                  batch_size=8))
 QUICK_LDS = LDSConfig(halves=6, noise_halves=3)
-QUICK_ROWS = ("kron:4096", "block:4096")
+QUICK_ROWS = ("4096",)
 QUICK_BUILD = {"max_length": 128, "fit_sample_size": 64, "batch_size": 8}
 
 
@@ -384,8 +382,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=("demo", "second", "realtext"),
                         default=["demo", "second", "realtext"])
-    parser.add_argument("--rows", nargs="+", metavar="KIND:BYTES",
-                        help=f"representations: a row kind and its byte budget each "
+    parser.add_argument("--rows", nargs="+", metavar="BYTES",
+                        help=f"row budgets, all-in "
                              f"(default: {' '.join(DEFAULT_ROWS)}; --quick: {' '.join(QUICK_ROWS)})")
     parser.add_argument("--workdir", type=Path, default=Path("/work/cache/models"),
                         help="where the demo and second models are cached (tools/evaluations/trained_models.py)")

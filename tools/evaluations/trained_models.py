@@ -1,4 +1,4 @@
-"""Trained models for the fidelity evaluations (tools/evaluations/eval_compression.py, \
+"""Trained models for the fidelity evaluations (tools/evaluations/eval_rows.py, \
 tools/evaluations/eval_fit_precision.py),
 each cached in a work folder.
 
