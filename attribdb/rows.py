@@ -608,6 +608,19 @@ class QueryBlocks:
         return sum(b.flatten(1).double().pow(2).sum(1) for b in self.dense.values())
 
 
+TYPICAL_QUERY_RANK = 20  # components of a query's low-rank form on the demo model's modules (QueryBlocks)
+# Scoring reads 4-bit codes through a table and multiplies short vectors: about a tenth of the rate of
+# the dense products a forward and backward pass runs at (1 ms per demo row and query on one core)
+SCORING_SLOWDOWN = 10
+
+
+def scoring_flops(layout: RowLayout) -> float:
+    """What scoring one stored row for one query costs, in operations of a forward and backward
+    pass's speed: each payload byte holds two coded values, each multiplied with the query's
+    components (:func:`module_scores`)."""
+    return SCORING_SLOWDOWN * 2 * 2 * TYPICAL_QUERY_RANK * layout.payload_bytes
+
+
 def module_scores(layout: RowLayout, queries: QueryBlocks, payloads: np.ndarray) -> torch.Tensor:
     """(Q, N, modules) scores ``Σ_r u_rᵀ Ĝ_q v_r`` of stored rows (N, payload_bytes), on the
     queries' device: per stored component, ``Σ_k (u_r·left_k)(v_r·right_k)`` over the query's

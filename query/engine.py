@@ -58,9 +58,11 @@ class QueryEngine:
     def query(self, queries: list[Query], options: QueryOptions, quiet: bool = True) -> Iterator[QueryResult]:
         """Index mode: per end, the best ``k`` of ``options.pool`` FAISS candidates, ordered by
         ``rank_by`` after the best ``rescore`` of each end (default: what the compute budget
-        allows) are recomputed in full.  With a flat index the candidates are the best rows by the
-        stored rows' own inner product, so the top k of a query are the first k of any larger k.
-        Results come chunk by chunk, with a progress bar of queries unless ``quiet``."""
+        allows) are recomputed in full.  The candidates do not depend on k (up to ``pool``), so
+        the top k of a query are the first k of any larger k.
+        A chunk of queries whose default recomputation would cost more than recomputing every row
+        once is answered by one exhaustive pass instead (exact, in mode "exhaustive").  Results
+        come chunk by chunk, with a progress bar of queries unless ``quiet``."""
         return self._indexed(queries, options, "index", quiet)
 
     def exact(self, queries: list[Query], options: QueryOptions, quiet: bool = True) -> Iterator[QueryResult]:
@@ -74,7 +76,19 @@ class QueryEngine:
 
         description = "query" if mode == "index" else mode
         for chunk in batches.in_chunks(queries, self._chunk_size(batches.QUERY_BUDGET), description, quiet):
-            yield from self.pipeline.answer(chunk, options, mode, candidates)
+            if mode == "index" and self._exhaustive_is_cheaper(len(chunk), options):
+                yield from exhaustive_pass(self.pipeline, chunk, options, quiet=True)[options.rank_by]
+            else:
+                yield from self.pipeline.answer(chunk, options, mode, candidates)
+
+    def _exhaustive_is_cheaper(self, queries: int, options: QueryOptions) -> bool:
+        """Whether a batch's index queries, at their default recomputation, would cost more than
+        one exhaustive pass, which recomputes every row once for all of them and is exact: a batch
+        then never costs more per query than the exhaustive pass.  A single query, or one whose
+        ``rescore`` the caller chose, always takes the index path it asked for."""
+        recomputer = self.pipeline.recomputer
+        return (queries > 1 and options.rescore is None
+                and queries * recomputer.index_flops(options) >= recomputer.exhaustive_flops())
 
     def exact_on(self, query: Query, rows: list[tuple[int, int]], options: QueryOptions) -> QueryResult:
         """Exact mode on rows chosen elsewhere (the BM25 prefilter, query/text.py): every (shard,

@@ -12,6 +12,8 @@ a CPU none: the answer is then the stored rows' ranking.
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 import torch
 
@@ -21,6 +23,7 @@ from attribdb.query.options import QueryOptions
 from attribdb.query.results import Hit
 from attribdb.query.scored import ScoredRows
 from attribdb.query.store import RowStore
+from attribdb.rows import scoring_flops
 from attribdb.runtime import Runtime
 from attribdb.tasks import collate_sequences
 
@@ -28,6 +31,7 @@ from attribdb.tasks import collate_sequences
 # of one CPU core, or a small fraction of a second of a GPU.  A few candidates of each end of the demo
 # model fit; on GPT-2 small on a CPU, none does (tools/benchmarks/bench_query.py prints the trade-off).
 RESCORE_FLOPS = {"cpu": 1e10, "cuda": 2e12}
+LENGTH_SAMPLE = 64  # rows whose lengths price a recomputed row
 
 
 class Recomputer:
@@ -43,6 +47,30 @@ class Recomputer:
         weights = sum(p.numel() for p in self.runtime.model.parameters())
         rotations = sum(2 * (m.d_out ** 2 + m.d_in ** 2) + 4 * m.d_out * m.d_in for m in self.runtime.manifest.modules)
         return 6.0 * weights + rotations
+
+    @cached_property
+    def row_flops(self) -> float:
+        """What recomputing one stored row costs, from the mean length of up to
+        :data:`LENGTH_SAMPLE` rows spread over the database."""
+        shards, rows, _ = self.store.every_row()
+        picked = np.unique(np.linspace(0, len(rows) - 1, min(LENGTH_SAMPLE, len(rows))).round().astype(int))
+        records = self.store.records(list(zip(shards[picked].tolist(), rows[picked].tolist())))
+        tokens = np.mean([r.token_span[1] - r.token_span[0] for r in records]) if records else 0.0
+        return self.flops_per_token * float(tokens)
+
+    def index_flops(self, options: QueryOptions) -> float:
+        """What one query in index mode costs: its candidates scored from their stored rows, then
+        recomputed as ``options.rescore`` (or the default budget) asks."""
+        ends = 2 if options.opponents else 1
+        stored = ends * options.pool * scoring_flops(self.runtime.row_layout)
+        everything = ends * options.pool * self.row_flops
+        if options.rescore is not None:
+            return stored + min(everything, ends * options.rescore * self.row_flops)
+        return stored + min(everything, RESCORE_FLOPS.get(self.runtime.device.type, RESCORE_FLOPS["cpu"]))
+
+    def exhaustive_flops(self) -> float:
+        """What one exhaustive pass costs, for any number of queries: every row recomputed once."""
+        return self.store.rows * self.row_flops
 
     def choose(self, scored: ScoredRows, options: QueryOptions) -> dict[str, np.ndarray]:
         """Per end, a mask of the rows to recompute: its best ``options.rescore`` by the compressed

@@ -60,7 +60,8 @@ def _ranked_by(hit, rank_by):
 
 @pytest.mark.parametrize("rank_by", ["normalized", "score"])
 def test_index_answers_agree_with_exhaustive(db, every_row, rank_by):
-    results = db.query_batch(QUERIES, k=10, candidates=64, rank_by=rank_by)
+    results = [db.query(q["prompt"], q["completion"], k=10, candidates=64, rank_by=rank_by) for q in QUERIES]
+    assert {r.mode for r in results} == {"index"}
     recalls = [len(set(_ids(r.hits)) & set(_ids(t.hits[:10]))) / 10 for r, t in zip(results, every_row[rank_by])]
     assert sum(recalls) / len(recalls) >= 0.9, recalls
     for result in results:
@@ -161,7 +162,7 @@ def test_default_rescoring_spends_the_compute_budget(db, monkeypatch, budget, re
 
 def test_normalized_ranking_agrees_with_exhaustive(db, every_row):
     truth = every_row["normalized"]
-    results = db.query_batch(QUERIES, k=10, candidates=64, rank_by="normalized")
+    results = [db.query(q["prompt"], q["completion"], k=10, candidates=64, rank_by="normalized") for q in QUERIES]
     for result in truth + results:
         values = [_ranked_by(h, "normalized") for h in result.hits]
         assert values == sorted(values, reverse=True)
@@ -175,10 +176,24 @@ def test_normalized_ranking_agrees_with_exhaustive(db, every_row):
         db.query("a", " b", rank_by="cosine")
 
 
+def test_a_batch_dearer_than_an_exhaustive_pass_takes_it(db, every_row, monkeypatch):
+    """On this tiny model recomputing every row once costs less than a batch's candidates: the
+    batch is answered by the exhaustive pass (exact); with recomputation and scoring priced as
+    dear as a large model's rows would make the pass, it stays in index mode."""
+    batch = db.query_batch(QUERIES, k=10)
+    assert {r.mode for r in batch} == {"exhaustive"}
+    for result, truth in zip(batch, every_row["normalized"]):
+        assert _ids(result.hits) == _ids(truth.hits[:10])
+    recomputer = db.engine.pipeline.recomputer
+    monkeypatch.setattr(type(recomputer), "exhaustive_flops", lambda self: 1e30)
+    assert {r.mode for r in db.query_batch(QUERIES, k=10)} == {"index"}
+    assert {r.mode for r in db.query_batch(QUERIES, k=10, rescore=3)} == {"index"}  # the caller's choice
+
+
 def test_query_batch_equals_single_queries(db):
-    batch = db.query_batch(QUERIES[:2], k=5)
+    batch = db.query_batch(QUERIES[:2], k=5, rescore=5)  # the index path, as single queries take it
     for item, result in zip(QUERIES[:2], batch):
-        single = db.query(item["prompt"], item["completion"], k=5)
+        single = db.query(item["prompt"], item["completion"], k=5, rescore=5)
         assert _ids(single.hits) == _ids(result.hits)
         assert [h.score for h in single.hits] == pytest.approx([h.score for h in result.hits], rel=1e-4)
 
