@@ -71,16 +71,26 @@ class ScoredRows:
         return normalized(self.exact_scores, self.exact_query_self, self.exact_self_influence)
 
     def ends(self, k: int, rank_by: str, opponents: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Indices of the top ``k`` rows and, with ``opponents``, of the ``k`` most negative ones: the
-        rows recomputed (for either end) first, by their exact key, then the others by their
-        compressed one.  A row chosen for the bottom end whose exact score is high belongs at the top."""
+        """Indices of the top ``k`` rows and, with ``opponents``, of the ``k`` most negative ones.
+        Each end ranks first the rows recomputed for it, by their exact key, then the others by
+        their compressed one.  A row recomputed for the other end joins the first group only if its
+        exact key beats one of this end's recomputed rows (a bottom candidate whose exact score is
+        high belongs at the top); otherwise it ranks among the rest, where a handful of recomputed
+        opponents would otherwise push the top's stored rows out of it."""
         key, exact_key = self.key(rank_by), self.exact_key(rank_by)
-        top = np.lexsort((-key, -exact_key, ~self.exact))[:k]
+        top = self._end(key, exact_key, self.chosen.get("top"), 1)[:k]
         if not opponents:
             return top, np.zeros(0, dtype=np.int64)
-        worst = np.lexsort((key, exact_key, ~self.exact))[:k]
+        worst = self._end(key, exact_key, self.chosen.get("bottom"), -1)[:k]
         final = np.where(self.exact, self.exact_scores, self.scores)
         return top, worst[final[worst] < 0]
+
+    def _end(self, key: np.ndarray, exact_key: np.ndarray, chosen, sign: int) -> np.ndarray:
+        """Every row in one end's order (``sign`` 1: best first; -1: most negative first)."""
+        own = self.exact & (chosen if chosen is not None else self.exact)
+        threshold = (sign * exact_key[own]).min() if own.any() else np.inf
+        first = own | (self.exact & (sign * exact_key >= threshold))
+        return np.lexsort((-sign * np.where(first, exact_key, key), ~first))
 
     def reachable(self, k: int, rankings: tuple[str, ...]) -> np.ndarray:
         """Indices, in order, of the rows that can still be among the ``k`` best or ``k`` worst under

@@ -146,6 +146,27 @@ def test_a_row_rescored_for_the_bottom_end_ranks_at_the_top_by_its_exact_score(d
     assert opponents == []
 
 
+def test_opponents_recomputed_with_low_exact_scores_stay_out_of_the_top():
+    """Two candidates recomputed for each end, six left with stored scores: the top is the two
+    recomputed for it, then the best stored ones, not the two recomputed opponents (which once
+    ranked ahead of every stored row and pushed true hits out of the top)."""
+    import numpy as np
+
+    from attribdb.query.scored import ScoredRows
+
+    stored = np.array([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, -8.0, -9.0])
+    scored = ScoredRows(np.zeros(8, np.int64), np.arange(8), stored, np.zeros((8, 1)), np.ones(8), query_self=1.0,
+                        exact_query_self=1.0)
+    recomputed = np.array([True, True, False, False, False, False, True, True])
+    scored.exact[:] = recomputed
+    scored.exact_scores[recomputed] = [8.5, 9.5, -7.0, -9.5]
+    scored.exact_self_influence[:] = 1.0
+    scored.chosen = {"top": np.arange(8) < 2, "bottom": np.arange(8) >= 6}
+    top, bottom = scored.ends(k=5, rank_by="score", opponents=True)
+    assert top.tolist() == [1, 0, 2, 3, 4]
+    assert bottom.tolist() == [7, 6]
+
+
 @pytest.mark.parametrize("budget, rescored", [(0.0, "none"), (1e30, "all")])
 def test_default_rescoring_spends_the_compute_budget(db, monkeypatch, budget, rescored):
     import attribdb.query.recompute as recompute
