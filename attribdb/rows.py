@@ -159,14 +159,18 @@ def _subspaces_for(modules: list[TrackedModule], cap: int | None) -> tuple[tuple
     return tuple((min(m.d_out, cap or m.d_out), min(m.d_in, cap or m.d_in)) for m in modules)
 
 
-ENCODE_SHARE = 0.5  # the most a row's encoding may cost, as a share of its forward and backward pass
+# The most a row's encoding may cost, as a share of its forward and backward pass: a build then costs
+# at most two passes a row.  At 0.5 a 4×256 model's rows were capped at 128 eigenvectors a side and kept
+# 0.28 of a sequence's self-influence (rescore=0 Spearman 0.764, recall@10 0.880); at 1.0, 256 a side,
+# 0.55 (0.859, 0.960; tools/evaluations/eval_rows.py, docs/evidence.md)
+ENCODE_SHARE = 1.0
 ENCODE_FLOOR = 1e9  # floating-point operations a row may always cost (~50 ms of one core): small models
 
 
 def _affordable(modules: list[TrackedModule], subspaces, tokens: int = 128) -> bool:
     """Whether encoding a row on these subspaces costs at most :data:`ENCODE_SHARE` of the
-    sequence's forward and backward pass (~6·T·d_out·d_in a module), so a build stays near a
-    training step's speed: projecting the tokens onto the subspace (2·T·(d_out·k_out + d_in·k_in)),
+    sequence's forward and backward pass (~6·T·d_out·d_in a module), so a build stays within twice
+    a training step's time: projecting the tokens onto the subspace (2·T·(d_out·k_out + d_in·k_in)),
     forming the block (2·T·k_out·k_in) and its randomized SVD (~(r + p)·k_out·k_in·(4q + 4) for
     the r ≤ min(k_out, k_in) components a row could keep).  Small models, whose pass is mostly their
     embeddings, may always spend :data:`ENCODE_FLOOR`."""
