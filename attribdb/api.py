@@ -244,5 +244,5 @@ def _checkpoint_spec(checkpoints: Iterable[str], checkpoints_from: str | None, w
 
     if isinstance(checkpoints, str):
         raise ConfigError("checkpoints is a list of model folders, not one string")
-    return CheckpointSpec(tuple(str(c) for c in checkpoints), str(checkpoints_from) if checkpoints_from else None,
+    return CheckpointSpec(tuple(str(c) for c in checkpoints or ()), str(checkpoints_from) if checkpoints_from else None,
                           weights)

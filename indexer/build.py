@@ -73,6 +73,9 @@ def _build(root, spec, settings, overrides, append, model_path, device, quiet, w
         manifest = open_or_create(root, settings, overrides)
         if append and manifest is None:
             raise ConfigError(f"{root} is not a database: build it before appending")
+        if manifest is None and settings is None:  # the stub of a killed first fit, and no --model
+            raise ConfigError(f"{root} holds only a fit that was interrupted: give --model (and any other options) "
+                              "to start it again")
         if manifest is None or not is_fitted(root, manifest):  # new, or the stub of a killed first fit
             settings = settings or manifest.settings
             models = checkpoint_specs.resolve(settings.model_path, checkpoints)

@@ -94,10 +94,13 @@ def _fit(root: Path, spec: CorpusSpec, settings: DatabaseSettings, device: str |
     fitted = _fit_checkpoint(root, manifest, 0, model, batches, payload_bytes, resolved, quiet)
     for c in range(1, manifest.checkpoint_count):
         holder = manifest.holder(c)
-        other, _ = load_model(holder.model_path, resolved, settings.dtype)
+        other, other_tokenizer = load_model(holder.model_path, resolved, settings.dtype)
         if find_tracked_modules(other, task.module_patterns) != modules:
             raise ConfigError(f"checkpoint {holder.model_path} tracks other layers than {settings.model_path}: the "
                               "checkpoints of a database must share one architecture")
+        if other_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"checkpoint {holder.model_path} has another tokenizer than {settings.model_path}: the "
+                              "sequences are stored once, as the model's tokenizer splits them")
         holder.model_fingerprint = fingerprint(other)
         _fit_checkpoint(root, manifest, c, other, batches, payload_bytes, resolved, quiet)
         del other
