@@ -64,7 +64,7 @@ def checkpoint_databases(name: str, seed: int, prepared: Prepared, steps: tuple[
     own, whose database prepare_world made (checked, since the sum relies on it)."""
     from attribdb import api
 
-    run, key = _checkpoint_run(name, seed, prepared, steps)
+    run, key = checkpoint_run(name, seed, prepared, steps)
     paths = []
     for step in steps:
         paths.append(prepared.db_path.parent / f"db-{key}-checkpoint-{step}")
@@ -78,14 +78,14 @@ def trajectory_database(name: str, seed: int, prepared: Prepared, steps: tuple[i
     the world's settings: what attribdb itself offers for influence summed over training."""
     from attribdb import api
 
-    run, key = _checkpoint_run(name, seed, prepared, steps)
+    run, key = checkpoint_run(name, seed, prepared, steps)
     path = prepared.db_path.parent / f"db-{key}-trajectory-{'-'.join(map(str, steps))}"
     api.build(path, str(prepared.corpus), str(prepared.model_dir), quiet=True,
               checkpoints=[str(run / f"checkpoint-{step}") for step in steps], **seeded(name, seed).build)
     return path
 
 
-def _checkpoint_run(name: str, seed: int, prepared: Prepared, steps: tuple[int, ...]) -> tuple[Path, str]:
+def checkpoint_run(name: str, seed: int, prepared: Prepared, steps: tuple[int, ...]) -> tuple[Path, str]:
     """The world's training run again (cached), saving ``steps``; checked to end on the world's model."""
     config = seeded(name, seed)
     run = train_model(prepared.corpus, prepared.db_path.parent / "model-checkpoints", config.model, progress=False,
