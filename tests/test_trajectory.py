@@ -82,6 +82,21 @@ def test_index_answers_rescored_in_full_are_the_exhaustive_trajectory_answers(da
         json.loads(result.to_json())  # the breakdown is in the JSON answer
 
 
+def test_named_documents_and_the_prefilter_sum_over_checkpoints_too(databases, model_dir):
+    """--doc and --prefilter recompute at every checkpoint: exact scores are the exhaustive sums, and
+    each row's token contributions add up to its summed exact score."""
+    import attribdb
+
+    [truth] = _every_row(databases["trajectory"])[:1]
+    with attribdb.open(databases["trajectory"]) as db:
+        named = db.score(*QUERIES[0], doc_ids=["doc3"])
+        filtered = db.prefilter(*QUERIES[0], n=8, k=3)
+    for hit in named.hits + filtered.hits:
+        assert hit.exact_score == pytest.approx(truth[(hit.shard, hit.row)][0], rel=1e-5)
+        assert sum(hit.token_contributions) == pytest.approx(hit.exact_score, rel=1e-4, abs=1e-6)
+        assert model_dir.name in hit.checkpoint_scores
+
+
 def test_tables_and_html_show_each_checkpoints_share(databases, model_dir, tmp_path):
     query = ("query", databases["trajectory"], "--prompt", QUERIES[0][0], "--completion", QUERIES[0][1], "-k", "2",
              "--rescore", "0")
