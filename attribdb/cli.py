@@ -225,10 +225,10 @@ def plan(model, shape, rows, row_bytes, max_length, checkpoints):
     from attribdb import api
 
     plans = api.plan(model, shape=shape, row_bytes=row_bytes, max_length=max_length, checkpoints=checkpoints)
-    rows_of = f"a row per checkpoint ({checkpoints}) and its index codes" if checkpoints > 1 else \
-        "the row, its index codes"
-    click.echo(f"rows costing {plans[0].row_bytes} bytes all-in (--row-bytes): {rows_of} and its "
-               f"metadata (estimated at max-length {plans[0].max_length})")
+    parts = f"a row and its index codes for each of {checkpoints} checkpoints, and the sequence's" \
+        if checkpoints > 1 else "the row, its index codes and its"
+    click.echo(f"rows costing {plans[0].row_bytes} bytes all-in (--row-bytes): {parts} metadata (estimated at "
+               f"max-length {plans[0].max_length})")
     click.echo(f"{'model':<24} {'modules':>7} {'dense Ĝ':>10} {'row store':>10} {'codes':>8} {'metadata':>9} "
                f"{'all-in':>8} {f'{rows:,} rows':>14}")
     for p in plans:
