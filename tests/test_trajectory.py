@@ -160,6 +160,27 @@ def test_bad_checkpoint_options_are_one_line_errors(databases, small_corpus, mod
     assert not (tmp_path / "db").exists() and not (tmp_path / "lr").exists()  # nothing half-made left behind
 
 
+def test_fit_makes_a_trajectory_database_that_build_then_fills(tmp_path, small_corpus, model_dir, other_model_dir):
+    db = tmp_path / "db"
+    cli_here("fit", db, "--corpus", small_corpus, "--model", model_dir, "--checkpoint", other_model_dir, "--quiet",
+             *SMALL_SETTINGS)
+    assert all(path.is_file() for c in (0, 1) for path in layout.factor_files(db, c))
+    cli_here("build", db, "--corpus", small_corpus, "--quiet")  # the database's checkpoints, without options
+    assert cli_here("verify", db).stdout.startswith("ok: ")
+    assert [c.name for c in Manifest.load(db).checkpoints] == [model_dir.name, other_model_dir.name]
+
+
+def test_the_trainer_callback_refuses_steps_it_cannot_save(tmp_path):
+    from attribdb.errors import ConfigError
+    from attribdb.trajectory import TrajectoryCallback
+
+    for bad in ({"steps": [0]}, {"steps": ["200"]}, {"every": 0}, {"final": False}):
+        with pytest.raises(ConfigError):
+            TrajectoryCallback(tmp_path, **bad)
+    callback = TrajectoryCallback(tmp_path, steps=[3], every=10)
+    assert [step for step in range(1, 31) if callback.wanted(step)] == [3, 10, 20, 30]
+
+
 @pytest.mark.slow
 def test_a_killed_trajectory_build_resumes_to_the_uninterrupted_database(databases, small_corpus, model_dir,
                                                                           other_model_dir, tmp_path):
