@@ -58,16 +58,10 @@ class Runtime:
         return cls(root, manifest, model, tokenizer, resolved, checkpoint)
 
     @classmethod
-    def load_all(cls, root: str | Path, device: str | None = None, model_path: str | None = None,
-                 checkpoints: list[int] | None = None) -> list["Runtime"]:
-        """A Runtime per checkpoint (those in ``checkpoints``, default all), one manifest read for all."""
+    def load_all(cls, root: str | Path, device: str | None = None, model_path: str | None = None) -> list["Runtime"]:
+        """A Runtime per checkpoint, one manifest read for all (a build encodes every row at each)."""
         manifest = Manifest.load(root)
-        chosen = range(manifest.checkpoint_count) if checkpoints is None else checkpoints
-        return [cls.load(root, device, model_path, c, manifest) for c in chosen]
-
-    @property
-    def name(self) -> str:
-        return self.manifest.checkpoint_names()[self.checkpoint]
+        return [cls.load(root, device, model_path, c, manifest) for c in range(manifest.checkpoint_count)]
 
     @cached_property
     def computer(self) -> InfluenceComputer:

@@ -99,15 +99,16 @@ class ScoredRows:
             return sum(w * p.exact_key(rank_by) for w, p in zip(self.weights, self.parts))
         return normalized(self.exact_scores, self.exact_query_self, self.exact_self_influence)
 
-    def _breakdown(self, i: int) -> dict[str, dict[str, float]] | None:
-        """Row ``i``'s score and normalized score at each checkpoint of a trajectory (exact where
-        recomputed), unweighted."""
+    def _breakdowns(self, order: np.ndarray) -> list[dict[str, dict[str, float]] | None]:
+        """For the rows at ``order``, each one's score and normalized score at each checkpoint of a
+        trajectory (exact where recomputed), unweighted; None for a single model's rows."""
         if not self.parts:
-            return None
-        exact = bool(self.exact[i])
-        return {name: {"score": float((p.exact_scores if exact else p.scores)[i]),
-                       "normalized_score": float((p.exact_key if exact else p.key)("normalized")[i])}
-                for name, p in zip(self.names, self.parts)}
+            return [None] * len(order)
+        columns = [(name, np.where(self.exact, p.exact_scores, p.scores),
+                    np.where(self.exact, p.exact_key("normalized"), p.key("normalized")))
+                   for name, p in zip(self.names, self.parts)]
+        return [{name: {"score": float(scores[i]), "normalized_score": float(normal[i])}
+                 for name, scores, normal in columns} for i in order]
 
     def ends(self, k: int, rank_by: str, opponents: bool) -> tuple[np.ndarray, np.ndarray]:
         """Indices of the top ``k`` rows and, with ``opponents``, of the ``k`` most negative ones: the
@@ -139,7 +140,7 @@ class ScoredRows:
         """Hits of the rows at ``order``, ranked 1, 2, ... in that order; ``records`` are theirs."""
         hits = []
         compressed, exact_keys = self.key("normalized"), self.exact_key("normalized")
-        for rank, (i, record) in enumerate(zip(order, records), start=1):
+        for rank, (i, record, breakdown) in enumerate(zip(order, records, self._breakdowns(order)), start=1):
             exact = bool(self.exact[i])
             module_values = self.exact_module_scores[i] if exact else self.module_scores[i]
             hits.append(Hit.from_record(
@@ -148,5 +149,5 @@ class ScoredRows:
                 module_scores={name: float(s) for name, s in zip(modules, module_values)},
                 exact_score=float(self.exact_scores[i]) if exact else None,
                 exact_normalized_score=float(exact_keys[i]) if exact else None,
-                checkpoint_scores=self._breakdown(i)))
+                checkpoint_scores=breakdown))
         return hits
