@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
 
-from attribdb.errors import QueryError
+from attribdb.errors import ConfigError, QueryError
 from attribdb.inspection import VerifyReport, database_info, verify_database, verify_recomputed
 from attribdb.manifest import Manifest, exists
 from attribdb.query.options import BOTH, QueryOptions, as_queries, as_query, check_count
@@ -172,16 +172,27 @@ def open(path: str | Path, device: str | None = None) -> Database:  # noqa: A001
 
 
 def build(path: str | Path, corpus: str, model: str | None = None, *, append: bool = False,
-          device: str | None = None, quiet: bool = False, corpus_options: dict | None = None, **settings):
-    """Build (or resume, or with ``append`` extend) a database from a corpus and a local model folder."""
+          device: str | None = None, quiet: bool = False, corpus_options: dict | None = None,
+          checkpoints: Iterable[str] = (), checkpoints_from: str | None = None, checkpoint_weights: str = "uniform",
+          **settings):
+    """Build (or resume, or with ``append`` extend) a database from a corpus and a local model folder.
+
+    ``checkpoints`` (model folders) and ``checkpoints_from`` (a Trainer output folder: every
+    ``checkpoint-N/`` in it) make a trajectory database: a row per sequence from each checkpoint
+    beside ``model``'s, one copy of the sequences, and queries that sum the influence over them;
+    ``checkpoint_weights``: ``"uniform"`` (1 each) or ``"lr"`` (each checkpoint's learning rate)."""
     from attribdb.indexer.build import build_database
     from attribdb.indexer.corpus import CorpusSpec
 
     spec = CorpusSpec(path=str(corpus), **(corpus_options or {}))
+    others = _checkpoint_spec(checkpoints, checkpoints_from, checkpoint_weights)
+    if others.given and append:
+        raise ConfigError("append adds rows at the checkpoints the database holds; give no checkpoints")
     given = {key: value for key, value in settings.items() if value is not None}
     new_settings = _new_settings(model, given, quiet) if model else None
     return build_database(path, spec, new_settings, overrides=given, append=append,
-                          model_path=str(Path(model).resolve()) if model else None, device=device, quiet=quiet)
+                          model_path=str(Path(model).resolve()) if model else None, device=device, quiet=quiet,
+                          checkpoints=others)
 
 
 def _new_settings(model: str | Path, given: dict, quiet: bool):
@@ -201,17 +212,21 @@ def _new_settings(model: str | Path, given: dict, quiet: bool):
 
 
 def plan(model: str | Path | None = None, *, shape: str | None = None, row_bytes: int | None = None,
-         max_length: int | None = None):
+         max_length: int | None = None, checkpoints: int = 1):
     """What a row will cost all-in for a local model folder or a named shape (every named shape
-    given neither), before anything is built: a list of :class:`attribdb.plan.Plan`."""
+    given neither), before anything is built: a list of :class:`attribdb.plan.Plan`;
+    ``checkpoints``: the models of a trajectory database, which share the budget."""
     from attribdb.plan import plan as plan_rows
 
-    return plan_rows(model, shape, row_bytes, max_length)
+    return plan_rows(model, shape, row_bytes, max_length, checkpoints)
 
 
 def fit(path: str | Path, corpus: str, model: str, *, device: str | None = None, quiet: bool = False,
-        refit: bool = False, corpus_options: dict | None = None, **settings):
-    """Create a database and fit its factors (``build`` does this itself when needed)."""
+        refit: bool = False, corpus_options: dict | None = None, checkpoints: Iterable[str] = (),
+        checkpoints_from: str | None = None, checkpoint_weights: str = "uniform", **settings):
+    """Create a database and fit its factors (``build`` does this itself when needed); the
+    checkpoint arguments as for :func:`build`."""
+    from attribdb.indexer.checkpoints import resolve
     from attribdb.indexer.corpus import CorpusSpec
     from attribdb.indexer.fit import fit_database, open_or_create
 
@@ -219,4 +234,15 @@ def fit(path: str | Path, corpus: str, model: str, *, device: str | None = None,
     existing = open_or_create(Path(path), None, given) if exists(path) else None
     new_settings = existing.settings if existing else _new_settings(model, given, quiet)
     spec = CorpusSpec(path=str(corpus), **(corpus_options or {}))
-    return fit_database(path, spec, new_settings, device=device, quiet=quiet, refit=refit)
+    others = _checkpoint_spec(checkpoints, checkpoints_from, checkpoint_weights)
+    return fit_database(path, spec, new_settings, device=device, quiet=quiet, refit=refit,
+                        checkpoints=resolve(new_settings.model_path, others))
+
+
+def _checkpoint_spec(checkpoints: Iterable[str], checkpoints_from: str | None, weights: str):
+    from attribdb.indexer.checkpoints import CheckpointSpec
+
+    if isinstance(checkpoints, str):
+        raise ConfigError("checkpoints is a list of model folders, not one string")
+    return CheckpointSpec(tuple(str(c) for c in checkpoints or ()), str(checkpoints_from) if checkpoints_from else None,
+                          weights)

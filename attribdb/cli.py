@@ -71,6 +71,20 @@ def corpus_options(func):
     return func
 
 
+def checkpoint_options(func):
+    """A trajectory database's other checkpoints (indexer/checkpoints.py)."""
+    func = click.option("--checkpoint-weights", type=click.Choice(["uniform", "lr"]), default="uniform",
+                        show_default=True,
+                        help="each checkpoint's weight in the summed influence: 1, or the learning rate at its "
+                             "step (from its trainer_state.json or attribdb's Trainer callback)")(func)
+    func = click.option("--checkpoints-from", type=click.Path(exists=True, file_okay=False),
+                        help="a Trainer output folder: each of its checkpoint-N/ folders is a checkpoint")(func)
+    func = click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(exists=True, file_okay=False),
+                        help="another checkpoint of the model's training run (repeatable): its influence is summed "
+                             "with the model's; the sequences are stored once")(func)
+    return func
+
+
 def _corpus(kwargs) -> tuple[str, dict]:
     options = {"format": kwargs.pop("corpus_format"), "text_field": kwargs.pop("text_field"),
                "id_field": kwargs.pop("id_field"), "on_error": kwargs.pop("on_error")}
@@ -93,16 +107,18 @@ db_argument = click.argument("db", type=click.Path(file_okay=False))
 @corpus_options
 @click.option("--model", required=True, type=click.Path(exists=True, file_okay=False), help="local model folder")
 @settings_options
+@checkpoint_options
 @click.option("--refit", is_flag=True, help="fit again although factors exist (only before any build)")
 @device_option
 @quiet_option
-def fit(db, model, refit, device, quiet, **kwargs):
+def fit(db, model, refit, device, quiet, checkpoints, checkpoints_from, checkpoint_weights, **kwargs):
     """Create DB and fit its EK-FAC factors on a sample of the corpus."""
     from attribdb import api
 
     corpus, options = _corpus(kwargs)
     factors = api.fit(db, corpus, model, device=device, quiet=quiet, refit=refit, corpus_options=options,
-                      **_settings(kwargs))
+                      checkpoints=checkpoints, checkpoints_from=checkpoints_from,
+                      checkpoint_weights=checkpoint_weights, **_settings(kwargs))
     click.echo(f"fitted {factors.config.strategy} factors for {len(factors.modules)} modules on "
                f"{factors.info.get('n_sequences', 0)} sequences into {db}")
 
@@ -113,14 +129,17 @@ def fit(db, model, refit, device, quiet, **kwargs):
 @click.option("--model", type=click.Path(exists=True, file_okay=False),
               help="local model folder (required for a new database)")
 @settings_options
+@checkpoint_options
 @device_option
 @quiet_option
-def build(db, model, device, quiet, **kwargs):
+def build(db, model, device, quiet, checkpoints, checkpoints_from, checkpoint_weights, **kwargs):
     """Build DB from a corpus (fits factors first if needed; re-run to resume)."""
     from attribdb import api
 
     corpus, options = _corpus(kwargs)
-    result = api.build(db, corpus, model, device=device, quiet=quiet, corpus_options=options, **_settings(kwargs))
+    result = api.build(db, corpus, model, device=device, quiet=quiet, corpus_options=options,
+                       checkpoints=checkpoints, checkpoints_from=checkpoints_from,
+                       checkpoint_weights=checkpoint_weights, **_settings(kwargs))
     click.echo(f"built {db}: {result.summary()}")
 
 
@@ -155,6 +174,10 @@ def info(db, as_json):
     b = data["bytes"]
     click.echo(f"{data['path']}: {data['sequences']} sequences, {data['documents']} documents, {data['shards']} shards")
     click.echo(f"model      {data['model']['path']} ({data['model']['fingerprint'][:12]})")
+    for c in data["checkpoints"] or []:
+        row = f", row {c['row']['bytes'] / 1024:.1f} KiB keeping {c['row']['kept']:.3f}" if c["row"] else ""
+        click.echo(f"checkpoint {c['name']}: step {c['step'] if c['step'] is not None else 'unknown'}, weight "
+                   f"{c['weight']:g}, {c['model']['path']} ({c['model']['fingerprint'][:12]}){row}")
     coverage = data["block_coverage"]
     click.echo(f"tracked    {data['tracked_modules']} modules, "
                + (f"{coverage:.1%} of the transformer-block parameters" if coverage is not None
@@ -171,9 +194,10 @@ def info(db, as_json):
                    f"subspaces {'whole' if row['whole_space'] else 'of the leading eigenvectors'}, "
                    f"sketch of {row['sketch_dim']} coordinates for the index")
         cost = row["all_in"]
-        click.echo(f"all-in     {cost['total'] / 1024:.1f} KiB per row, as `attribdb plan` prices it (row store "
-                   f"{cost['row_store'] / 1024:.1f}, index codes {cost['codes'] / 1024:.1f}, metadata estimate "
-                   f"{cost['metadata'] / 1024:.1f})")
+        rows_of = f" ({len(data['checkpoints'])} checkpoints' rows)" if data["checkpoints"] else ""
+        click.echo(f"all-in     {cost['total'] / 1024:.1f} KiB per row{rows_of}, as `attribdb plan` prices it "
+                   f"(row store {cost['row_store'] / 1024:.1f}, index codes {cost['codes'] / 1024:.1f}, "
+                   f"metadata estimate {cost['metadata'] / 1024:.1f})")
     if data["bytes_per_sequence"]:
         per = data["bytes_per_sequence"]
         click.echo(f"per row    {sum(per.values()) / 1024:.1f} KiB on disk (zarr {per['zarr'] / 1024:.1f}, "
@@ -194,13 +218,17 @@ def info(db, as_json):
 @click.option("--row-bytes", type=int, default=None, help="row budget, as for build  [default: a new database's]")
 @click.option("--max-length", type=int, default=None,
               help="tokens per sequence, as for build: the metadata estimate  [default: a new database's]")
-def plan(model, shape, rows, row_bytes, max_length):
+@click.option("--checkpoints", type=click.IntRange(min=1), default=1, show_default=True,
+              help="models of a trajectory database (the model and its other checkpoints), which share the budget")
+def plan(model, shape, rows, row_bytes, max_length, checkpoints):
     """What a row and a database of --rows rows will cost all-in for a model, before building."""
     from attribdb import api
 
-    plans = api.plan(model, shape=shape, row_bytes=row_bytes, max_length=max_length)
-    click.echo(f"rows costing {plans[0].row_bytes} bytes all-in (--row-bytes): the row, its index codes and its "
-               f"metadata (estimated at max-length {plans[0].max_length})")
+    plans = api.plan(model, shape=shape, row_bytes=row_bytes, max_length=max_length, checkpoints=checkpoints)
+    parts = f"a row and its index codes for each of {checkpoints} checkpoints, and the sequence's" \
+        if checkpoints > 1 else "the row, its index codes and its"
+    click.echo(f"rows costing {plans[0].row_bytes} bytes all-in (--row-bytes): {parts} metadata (estimated at "
+               f"max-length {plans[0].max_length})")
     click.echo(f"{'model':<24} {'modules':>7} {'dense Ĝ':>10} {'row store':>10} {'codes':>8} {'metadata':>9} "
                f"{'all-in':>8} {f'{rows:,} rows':>14}")
     for p in plans:
@@ -306,12 +334,14 @@ def _prefilter_size(ctx, param, value: str | None) -> int | None:
               help="instead of the top rows, score this document (repeatable): each of its rows with its exact "
                    "score, per-token contributions and the rank it has in the index answer (-k, --candidates, "
                    "--rescore and --mode do not apply)")
+@click.option("--checkpoints", "checkpoint_names", metavar="NAME,...",
+              help="a trajectory database's checkpoints to sum the influence over [default: all of them]")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "html"]), default="table", show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), help="write to this file instead of stdout")
 @device_option
 @quiet_option
 def query(db, prompt, completion, queries_file, k, candidates, rank_by, rescore, mode, prefilter, bm25_query, doc_ids,
-          fmt, output, device, quiet):
+          checkpoint_names, fmt, output, device, quiet):
     """Which training sequences most influenced COMPLETION after PROMPT?
 
     Answers are written as they are ready (JSON: one line per query; HTML: one page at the end);
@@ -333,7 +363,8 @@ def query(db, prompt, completion, queries_file, k, candidates, rank_by, rescore,
     if doc_ids and (mode != "index" or prefilter):
         raise click.UsageError("--doc scores the named documents exactly and ranks them as the index would: "
                                "leave out --mode and --prefilter")
-    options = QueryOptions(k=k, candidates=candidates, rescore=rescore, rank_by=rank_by)
+    names = tuple(name.strip() for name in checkpoint_names.split(",") if name.strip()) if checkpoint_names else None
+    options = QueryOptions(k=k, candidates=candidates, rescore=rescore, rank_by=rank_by, checkpoints=names)
     with api.open(db, device=device) as database:
         if doc_ids:
             results = (database.score(item["prompt"], item["completion"], doc_ids, options=options) for item in items)

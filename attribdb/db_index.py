@@ -119,10 +119,11 @@ def _trained(sealed: dict, total: int, projection):
     return index
 
 
-def update(root: Path, manifest, readers: dict, projection) -> bool:
-    """Bring the database index up to date with the sealed shards in ``readers`` (shard id →
-    ShardReader, their index vectors made by ``projection``, attribdb/rows.py) when the index kind
-    wants one; record it in the manifest.  True when it changed.
+def update(root: Path, manifest, readers: dict, projection, checkpoint: int = 0) -> bool:
+    """Bring checkpoint ``checkpoint``'s database index up to date with the sealed shards in
+    ``readers`` (shard id → ShardReader of that checkpoint's rows, their index vectors made by
+    ``projection``, attribdb/rows.py) when the index kind wants one; record it in the manifest.
+    True when it changed.
     An index trained on a sample :data:`RETRAIN_GROWTH` times smaller than the shards now offer is
     trained again, over every sealed shard."""
     sealed = _sealed(readers)
@@ -130,7 +131,8 @@ def update(root: Path, manifest, readers: dict, projection) -> bool:
     row_bytes = next(iter(readers.values())).layout.bytes_per_row if readers else 0
     if not total or not wanted(manifest.settings.index_kind, total * row_bytes):
         return False
-    recorded = manifest.database_index
+    holder = manifest.holder(checkpoint)
+    recorded = holder.database_index
     folder = root / layout.INDEX_DIR
     intact = recorded is not None and (folder / recorded["file"]).is_file() and \
         _file_crc32c(folder / recorded["file"]) == recorded["crc32c"]  # else rebuilt: what verify's advice promises
@@ -151,7 +153,7 @@ def update(root: Path, manifest, readers: dict, projection) -> bool:
     os.replace(made, folder / name)
     if recorded and recorded["file"] != name and (folder / recorded["file"]).is_file():
         os.utime(folder / recorded["file"])  # retired now: the grace period starts (before the manifest moves on)
-    manifest.database_index = {"kind": KIND, "file": name, "crc32c": crc, "shards": sorted(covered | set(todo)),
+    holder.database_index = {"kind": KIND, "file": name, "crc32c": crc, "shards": sorted(covered | set(todo)),
                                "rows": int(index.ntotal),
                                "trained_on": recorded["trained_on"] if not retrain else min(total, TRAIN_ROWS)}
     manifest.save(root)
@@ -162,11 +164,11 @@ def collect_retired(root: Path, manifest) -> list[str]:
     """Delete the index files no manifest has named for :data:`GRACE_SECONDS` (and leftovers of
     killed writers as old); the names deleted."""
     folder = root / layout.INDEX_DIR
-    keep = (manifest.database_index or {}).get("file")
+    keep = {(manifest.holder(c).database_index or {}).get("file") for c in range(manifest.checkpoint_count)}
     deleted = []
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
         try:
-            if path.name != keep and time.time() - path.stat().st_mtime > GRACE_SECONDS:
+            if path.name not in keep and time.time() - path.stat().st_mtime > GRACE_SECONDS:
                 path.unlink()
                 deleted.append(path.name)
         except FileNotFoundError:  # another writer's cleanup (a writer that lost the lock) got there first
@@ -218,18 +220,19 @@ class IndexSet:
     every other shard; one search merges them into (score, shard, row) lists of candidates."""
 
     def __init__(self, readers: dict, projection, database=None, recorded: dict | None = None):
+        """``readers`` and ``projection``: one checkpoint's (attribdb/shard.py ShardReader.view)."""
         self.readers, self.projection, self.database, self.recorded = readers, projection, database, recorded
         covered = set(recorded["shards"]) if database is not None else set()
         self.scanned = {s: reader for s, reader in readers.items() if reader.rows and s not in covered}
         self._scanned_vectors: dict[int, np.ndarray] = {}
 
     @classmethod
-    def open(cls, root: Path, manifest, readers: dict, projection) -> "IndexSet":
+    def open(cls, root: Path, manifest, readers: dict, projection, checkpoint: int = 0) -> "IndexSet":
         """``readers``: shard id → ShardReader of the shards to search.  The database index is used
         when every shard it covers is among them (a query restricted to some shards scans theirs)."""
-        recorded = manifest.database_index
+        recorded = manifest.holder(checkpoint).database_index
         if recorded and set(recorded["shards"]) <= set(readers):
-            return cls(readers, projection, _open_recorded(root, recorded, readers), recorded)
+            return cls(readers, projection, _open_recorded(root, recorded, readers, checkpoint), recorded)
         return cls(readers, projection)
 
     @property
@@ -278,7 +281,7 @@ def _keep_best(found: list, scores: np.ndarray, shard_id: int, rows: np.ndarray,
         hits += [(float(row_scores[j]), shard_id, int(rows[j])) for j in picked]
 
 
-def _open_recorded(root: Path, recorded: dict, readers: dict):
+def _open_recorded(root: Path, recorded: dict, readers: dict, checkpoint: int):
     """The recorded database index, checked: its file's CRC32C and its row count against the shards.
     A file that is gone because the manifest now names another raises :class:`IndexMoved`."""
     path = root / layout.INDEX_DIR / recorded["file"]
@@ -287,7 +290,7 @@ def _open_recorded(root: Path, recorded: dict, readers: dict):
         index = read_index(path) if intact else None
     except (FileNotFoundError, RuntimeError) as exc:
         current = Manifest.load(root)
-        if current.database_index != recorded:
+        if current.holder(checkpoint).database_index != recorded:
             raise IndexMoved(current) from None
         if isinstance(exc, FileNotFoundError):
             raise StoreError(f"{path} is missing: the database index is damaged (run `attribdb build` again to "
@@ -322,5 +325,21 @@ def open_searchable(root: Path, manifest, projection, shard_ids=None) -> tuple[d
             for reader in readers.values():
                 reader.close()
             raise
-    raise StoreError(f"{root}: the database index was replaced {MOVED_RETRIES} times while it was being opened; "
-                     "try again")
+    raise _moved_too_often(root)
+
+
+def open_checkpoint(root: Path, manifest, readers: dict, projection, checkpoint: int) -> IndexSet:
+    """The indexes of checkpoint ``checkpoint`` over ``readers`` (views of shards already open,
+    attribdb/shard.py ShardReader.view), read again from the manifest now on disk when a writer
+    moved its database index on meanwhile."""
+    for _ in range(MOVED_RETRIES):
+        try:
+            return IndexSet.open(root, manifest, readers, projection, checkpoint)
+        except IndexMoved as moved:
+            manifest = moved.manifest
+    raise _moved_too_often(root)
+
+
+def _moved_too_often(root: Path) -> StoreError:
+    return StoreError(f"{root}: the database index was replaced {MOVED_RETRIES} times while it was being opened; "
+                      "try again")

@@ -60,20 +60,24 @@ def database_info(root: str | Path) -> dict:
     """Counts, sizes on disk, settings and the row layout, as a JSON-able dict."""
     root = Path(root)
     manifest = Manifest.load(root)
-    stores = {"zarr": layout.GRADS_ZARR, "lmdb": layout.META_LMDB, "text": layout.TEXT_FILE}
+    checkpoints = range(manifest.checkpoint_count)
+    stores = {"zarr": [layout.grads_zarr(c) for c in checkpoints], "lmdb": [layout.META_LMDB],
+              "text": [layout.TEXT_FILE]}
     sizes = {"factors": _size(root / layout.FACTORS_DIR)} | dict.fromkeys(stores, 0)
     rows = 0
     for _, path in existing_shards(root, manifest):
-        for store, name in stores.items():
-            sizes[store] += _size(path / name)
+        for store, names in stores.items():
+            sizes[store] += sum(_size(path / name) for name in names)
         reader = ShardReader(path, manifest.row_layout())
         try:
             rows += reader.rows
         finally:
             reader.close()
     recorded = manifest.database_index
-    sizes["faiss"] = _size(root / layout.INDEX_DIR / recorded["file"]) if recorded else 0
-    row_layout = manifest.row_layout() if manifest.rows is not None else None
+    sizes["faiss"] = sum(_size(root / layout.INDEX_DIR / index["file"])
+                         for index in (manifest.holder(c).database_index for c in checkpoints) if index)
+    fitted = all(manifest.holder(c).rows is not None for c in checkpoints)
+    row_layouts = [manifest.row_layout(c) for c in checkpoints] if fitted else []
     return {
         "path": str(root),
         "model": {"path": manifest.settings.model_path, "fingerprint": manifest.model_fingerprint},
@@ -88,18 +92,31 @@ def database_info(root: str | Path) -> dict:
         "files": len(_files(root)),
         "bytes_per_sequence": {key: sizes[key] / rows for key in ("zarr", "faiss", "lmdb", "text")} if rows else None,
         "database_index": recorded,
-        "row": _row_info(row_layout, manifest.settings.max_length) if row_layout else None,
+        "row": _row_info(row_layouts[0], row_layouts, manifest.settings.max_length) if row_layouts else None,
+        "checkpoints": [_checkpoint_info(manifest, c, row_layouts) for c in checkpoints] if manifest.checkpoints
+        else None,
         "settings": manifest.settings.to_dict(),
     }
 
 
-def _row_info(row_layout, max_length: int) -> dict:
+def _checkpoint_info(manifest: Manifest, checkpoint: int, row_layouts: list) -> dict:
+    """A trajectory database's checkpoint: its name, step, weight, model and row."""
+    entry, holder = manifest.checkpoints[checkpoint], manifest.holder(checkpoint)
+    return {"name": entry.name, "step": entry.step, "weight": entry.weight,
+            "model": {"path": holder.model_path, "fingerprint": holder.model_fingerprint},
+            "database_index": holder.database_index,
+            "row": _row_info(row_layouts[checkpoint], row_layouts[checkpoint:checkpoint + 1],
+                             manifest.settings.max_length) if row_layouts else None}
+
+
+def _row_info(row_layout, all_layouts: list, max_length: int) -> dict:
     """What a row is: its size against the dense gradient, the share of influence it keeps, and
-    what it costs all-in (attribdb/row_costs.py: the figure `attribdb plan` prints)."""
+    what a sequence costs all-in with a row of each of ``all_layouts`` (attribdb/row_costs.py:
+    the figure `attribdb plan` prints)."""
     return {
         "bytes": row_layout.bytes_per_row,
         "payload_bytes": row_layout.payload_bytes,
-        "all_in": row_cost(row_layout, max_length).to_dict(),
+        "all_in": row_cost(all_layouts, max_length).to_dict(),
         "dense_float32_bytes": row_layout.dense_bytes_per_row,
         "subspaces": {m.name: list(s) for m, s in zip(row_layout.modules, row_layout.subspaces)},
         "whole_space": row_layout.whole_space,
@@ -132,13 +149,14 @@ def verify_database(root: str | Path) -> VerifyReport:
     if not manifest.generations and not manifest.factor_digests:
         return VerifyReport(0, 0, "fit in progress or interrupted: no factors yet; resume with the same "
                                   f"`attribdb build {root} ...` or `attribdb fit {root} ...` command")
-    manifest.check_factor_files(root)
-    factors = Factors.load(layout.factors_path(root))
-    if [m.name for m in factors.modules] != [m.name for m in manifest.modules]:
-        raise StoreError("factors and manifest track different modules")
-    RowProjection.load(layout.projection_path(root), manifest.row_layout())
+    for c in range(manifest.checkpoint_count):
+        manifest.check_factor_files(root, checkpoint=c)
+        factors = Factors.load(layout.factors_path(root, c))
+        if [m.name for m in factors.modules] != [m.name for m in manifest.modules]:
+            raise StoreError("factors and manifest track different modules")
+        RowProjection.load(layout.projection_path(root, c), manifest.row_layout(c))
+        _verify_database_index(root, manifest, c)
     total_rows, pending = 0, None
-    _verify_database_index(root, manifest)
     for generation in manifest.generations:
         rows = sum(_verify_shard(root, manifest, s, generation) for s in generation.shard_ids)
         if generation.state == "complete" and rows != generation.sequences:
@@ -151,16 +169,18 @@ def verify_database(root: str | Path) -> VerifyReport:
     return VerifyReport(len(manifest.shard_ids), total_rows, pending)
 
 
-def _verify_database_index(root: Path, manifest: Manifest) -> None:
-    """The database-wide FAISS index, when there is one: present, its CRC32C as recorded, as many
-    vectors as the shards it covers hold rows (attribdb/db_index.py checks these on open), and
-    every row's codes those its row encodes to."""
-    if manifest.database_index is None:
+def _verify_database_index(root: Path, manifest: Manifest, checkpoint: int) -> None:
+    """A checkpoint's database-wide FAISS index, when there is one: present, its CRC32C as
+    recorded, as many vectors as the shards it covers hold rows (attribdb/db_index.py checks these
+    on open), and every row's codes those its row encodes to."""
+    recorded = manifest.holder(checkpoint).database_index
+    if recorded is None:
         return
     from attribdb.db_index import IndexSet, check_codes
 
-    covered = manifest.database_index["shards"]
-    readers = {s: ShardReader(layout.shard_dir(root, s), manifest.row_layout()) for s in covered
+    covered = recorded["shards"]
+    row_layout = manifest.row_layout(checkpoint)
+    readers = {s: ShardReader(layout.shard_dir(root, s), row_layout, checkpoint) for s in covered
                if (layout.shard_dir(root, s) / layout.META_LMDB).is_dir()}
     try:
         if len(readers) != len(covered):
@@ -169,8 +189,9 @@ def _verify_database_index(root: Path, manifest: Manifest) -> None:
         unsealed = [s for s, reader in readers.items() if not reader.sealed]
         if unsealed:
             raise StoreError(f"the database index covers shard {unsealed[0]:05d}, which is not sealed")
-        projection = RowProjection.load(layout.projection_path(root), manifest.row_layout())
-        check_codes(IndexSet.open(root, manifest, readers, projection).database, readers, covered, projection)
+        projection = RowProjection.load(layout.projection_path(root, checkpoint), row_layout)
+        check_codes(IndexSet.open(root, manifest, readers, projection, checkpoint).database, readers, covered,
+                    projection)
     finally:
         for reader in readers.values():
             reader.close()
@@ -188,25 +209,33 @@ def _verify_shard(root: Path, manifest: Manifest, shard_id: int, generation: Gen
         name = f"shard {shard_id:05d}"
         if complete and not reader.sealed:
             raise StoreError(f"{name} is not sealed although its build completed")
-        arrays = {}
-        for array_name in layout.ROW_ARRAYS:
-            data = arrays[array_name] = _read_checked(reader, array_name, name)
-            if len(data) != reader.rows:
-                raise StoreError(f"{name}: {array_name} has {len(data)} rows, LMDB committed {reader.rows}")
-            if not np.isfinite(data.astype(np.float64)).all():
-                raise StoreError(f"{name}: {array_name} holds non-finite values")
-        try:
-            check_payloads(reader.layout, arrays[layout.ROWS])
-        except StoreError as exc:
-            raise StoreError(f"{name}: {exc}") from None
-        if np.any(arrays[layout.SELF_INFLUENCE] < 0):
-            raise StoreError(f"{name}: {layout.SELF_INFLUENCE} holds negative values: the row store is damaged")
+        for c in range(manifest.checkpoint_count):
+            view = reader.view(c, manifest.row_layout(c)) if c else reader
+            _verify_row_store(view, name + (f" {view.grads}" if c else ""))
         _verify_metadata(reader, name, (shard_id - generation.first_shard) * manifest.settings.shard_size)
         if reader.has_text_index:
             _verify_text_index(reader, name)
         return reader.rows
     finally:
         reader.close()
+
+
+def _verify_row_store(reader: ShardReader, name: str) -> None:
+    """One checkpoint's rows of a shard: as many as LMDB committed, finite, every header within its
+    payload, every self-influence at least 0."""
+    arrays = {}
+    for array_name in layout.ROW_ARRAYS:
+        data = arrays[array_name] = _read_checked(reader, array_name, name)
+        if len(data) != reader.rows:
+            raise StoreError(f"{name}: {array_name} has {len(data)} rows, LMDB committed {reader.rows}")
+        if not np.isfinite(data.astype(np.float64)).all():
+            raise StoreError(f"{name}: {array_name} holds non-finite values")
+    try:
+        check_payloads(reader.layout, arrays[layout.ROWS])
+    except StoreError as exc:
+        raise StoreError(f"{name}: {exc}") from None
+    if np.any(arrays[layout.SELF_INFLUENCE] < 0):
+        raise StoreError(f"{name}: {layout.SELF_INFLUENCE} holds negative values: the row store is damaged")
 
 
 def _read_checked(reader: ShardReader, array_name: str, name: str) -> np.ndarray:
@@ -277,27 +306,36 @@ def verify_recomputed(root: str | Path, sample: int, device: str | None = None) 
     recomputing it from its tokens tells, at the cost of loading the model."""
     from attribdb.runtime import Runtime
 
-    runtime = Runtime.load(root, device=device)
-    encoder, batch_size = runtime.encoder(), runtime.manifest.settings.batch_size
-    shards = existing_shards(Path(root), runtime.manifest)
-    readers = [(shard_id, ShardReader(path, runtime.row_layout)) for shard_id, path in shards]
+    manifest = Manifest.load(root)
+    shards = existing_shards(Path(root), manifest)
+    readers = [(shard_id, ShardReader(path, manifest.row_layout())) for shard_id, path in shards]
     try:
         pairs = [(i, row) for i, (_, reader) in enumerate(readers) for row in range(reader.rows)]
         chosen = [pairs[int(j)] for j in np.unique(np.linspace(0, len(pairs) - 1, min(sample, len(pairs))).round())]
-        for i in sorted({i for i, _ in chosen}):
-            shard_id, reader = readers[i]
-            rows = np.array([row for j, row in chosen if j == i])
-            metadata = reader.metadata(rows)
-            fresh = encoder.encode([m.token_ids for m in metadata], metadata, batch_size)
-            stored_self = reader.read(layout.SELF_INFLUENCE, rows).astype(np.float64)
-            row_error = relative_difference(runtime.row_layout, fresh.rows, reader.read(layout.ROWS, rows))
-            self_error = np.abs(fresh.self_influence - stored_self) / np.maximum(np.abs(stored_self), 1e-30)
-            bad = np.flatnonzero((row_error > RECOMPUTED_TOLERANCE) | (self_error > 1e-3))
-            if len(bad):
-                raise StoreError(f"shard {shard_id:05d}: row {rows[bad[0]]} differs from its recomputation from "
-                                 f"its tokens ({row_error[bad[0]]:.3g} of its norm, {self_error[bad[0]]:.3g} "
-                                 f"relative in its self-influence)")
+        for c in range(manifest.checkpoint_count):  # one model in memory at a time
+            runtime = Runtime.load(root, device=device, checkpoint=c, manifest=manifest)
+            for i in sorted({i for i, _ in chosen}):
+                shard_id, reader = readers[i]
+                _compare_recomputed(runtime, reader.view(c, runtime.row_layout) if c else reader, shard_id,
+                                    np.array([row for j, row in chosen if j == i]))
+            del runtime
         return len(chosen)
     finally:
         for _, reader in readers:
             reader.close()
+
+
+def _compare_recomputed(runtime, reader: ShardReader, shard_id: int, rows: np.ndarray) -> None:
+    """Raise a StoreError unless the stored rows at ``rows`` are those ``runtime``'s checkpoint
+    computes from their tokens."""
+    metadata = reader.metadata(rows)
+    fresh = runtime.encoder().encode([m.token_ids for m in metadata], metadata, runtime.manifest.settings.batch_size)
+    stored_self = reader.read(layout.SELF_INFLUENCE, rows).astype(np.float64)
+    row_error = relative_difference(runtime.row_layout, fresh.rows, reader.read(layout.ROWS, rows))
+    self_error = np.abs(fresh.self_influence - stored_self) / np.maximum(np.abs(stored_self), 1e-30)
+    bad = np.flatnonzero((row_error > RECOMPUTED_TOLERANCE) | (self_error > 1e-3))
+    if len(bad):
+        where = f" ({reader.grads})" if runtime.checkpoint else ""
+        raise StoreError(f"shard {shard_id:05d}{where}: row {rows[bad[0]]} differs from its recomputation from "
+                         f"its tokens ({row_error[bad[0]]:.3g} of its norm, {self_error[bad[0]]:.3g} "
+                         f"relative in its self-influence)")

@@ -7,8 +7,11 @@
       lock                          the writer lock (holder's pid), see writelock.py
       factors/factors.safetensors   Q_A, Q_S, D, λ per module (exact and exhaustive queries)
       factors/rows.safetensors      the row projections: kept eigenvectors and 1/√(Λ+λ) per module
+      factors/checkpoint-C/         the same two files for checkpoint C ≥ 1 of a trajectory database
       shards/NNNNN/grads.zarr       the stored rows (attribdb/rows.py), one file per commit unit (packed_rows.py),
                                     and their self-influence, one chunk per commit unit
+      shards/NNNNN/grads-C.zarr     the same for checkpoint C ≥ 1 of a trajectory database (the sequences, their
+                                    metadata and text index stay one copy, in meta.lmdb and text.sqlite)
       shards/NNNNN/meta.lmdb        row metadata, document index, commit journal
       shards/NNNNN/text.sqlite      SQLite FTS5 index of the rows' text (BM25), see text_index.py
       index/rows-pq4-<rows>-<crc>.faiss   compact codes of every sealed shard's rows, at scale (the manifest
@@ -47,17 +50,28 @@ JOURNAL_DB = b"journal"  # commit number -> JSON {rows_end, time}
 INFO_DB = b"info"  # committed, capacity, sealed
 
 
-def factors_path(root: Path) -> Path:
-    return Path(root) / FACTORS_DIR / FACTORS_FILE
+def factors_dir(root: Path, checkpoint: int = 0) -> Path:
+    """Checkpoint 0 (the database's model) keeps the folder every single-model database has."""
+    folder = Path(root) / FACTORS_DIR
+    return folder / f"checkpoint-{checkpoint}" if checkpoint else folder
 
 
-def projection_path(root: Path) -> Path:
-    return Path(root) / FACTORS_DIR / PROJECTION_FILE
+def factors_path(root: Path, checkpoint: int = 0) -> Path:
+    return factors_dir(root, checkpoint) / FACTORS_FILE
 
 
-def factor_files(root: Path) -> tuple[Path, ...]:
+def projection_path(root: Path, checkpoint: int = 0) -> Path:
+    return factors_dir(root, checkpoint) / PROJECTION_FILE
+
+
+def factor_files(root: Path, checkpoint: int = 0) -> tuple[Path, ...]:
     """The files a fit writes; the manifest records their sha256 once all are written."""
-    return factors_path(root), projection_path(root)
+    return factors_path(root, checkpoint), projection_path(root, checkpoint)
+
+
+def grads_zarr(checkpoint: int = 0) -> str:
+    """The row store of a checkpoint inside a shard's folder (checkpoint 0: every database's)."""
+    return f"grads-{checkpoint}.zarr" if checkpoint else GRADS_ZARR
 
 
 def shard_dir(root: Path, shard_id: int) -> Path:

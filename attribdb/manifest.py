@@ -41,6 +41,31 @@ class Generation:
 
 
 @dataclass
+class Checkpoint:
+    """One model of a training run in a trajectory database, whose influence a query sums.
+
+    Checkpoint 0 is the database's model: its path, fingerprint, row layout, factor digests and
+    database index are the manifest's own, so a single-model database is a trajectory of one and
+    reads as it always did.  Checkpoint c ≥ 1 records its own here (same architecture, tracked
+    modules and settings; its own factors, rows and index)."""
+
+    name: str  # unique in the database: the model folder's name (checkpoint-200)
+    step: int | None  # the training step, when known
+    weight: float  # its factor in the sum (1, or its learning rate: --checkpoint-weights)
+    model_path: str | None = None
+    model_fingerprint: str | None = None
+    rows: dict | None = None
+    factor_digests: dict[str, str] = field(default_factory=dict)
+    database_index: dict | None = None
+
+    OWN = ("model_path", "model_fingerprint", "rows", "factor_digests", "database_index")  # what c ≥ 1 records
+
+    def to_dict(self, first: bool) -> dict:
+        data = {"name": self.name, "step": self.step, "weight": self.weight}
+        return data if first else data | {key: getattr(self, key) for key in self.OWN}
+
+
+@dataclass
 class Manifest:
     settings: DatabaseSettings
     model_fingerprint: str
@@ -51,6 +76,7 @@ class Manifest:
     factor_digests: dict[str, str] = field(default_factory=dict)  # factors/ file name -> sha256, once fitted
     block_coverage: float | None = None  # share of block parameters tracked; None in databases made before it
     database_index: dict | None = None  # the database-wide FAISS index (attribdb/db_index.py), once there is one
+    checkpoints: list[Checkpoint] = field(default_factory=list)  # a trajectory database's models; [] = one model
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
@@ -58,11 +84,29 @@ class Manifest:
     def shard_ids(self) -> list[int]:
         return [s for g in self.generations for s in g.shard_ids]
 
-    def row_layout(self) -> RowLayout:
-        if self.rows is None:
+    @property
+    def model_path(self) -> str:
+        return self.settings.model_path
+
+    @property
+    def checkpoint_count(self) -> int:
+        return max(1, len(self.checkpoints))
+
+    def holder(self, checkpoint: int = 0):
+        """What records checkpoint ``checkpoint``'s model, rows, factor digests and database index
+        (attributes ``model_path``, ``model_fingerprint``, ``rows``, ``factor_digests``,
+        ``database_index``): the manifest itself for checkpoint 0, its Checkpoint entry after."""
+        return self.checkpoints[checkpoint] if checkpoint else self
+
+    def checkpoint_names(self) -> list[str]:
+        return [c.name for c in self.checkpoints] or [_folder_name(self.model_path)]
+
+    def row_layout(self, checkpoint: int = 0) -> RowLayout:
+        rows = self.holder(checkpoint).rows
+        if rows is None:
             raise StoreError("this database has no row layout yet: its factors were never fitted; "
                              "run `attribdb build` (or `attribdb fit`) again")
-        return RowLayout.from_dict(self.modules, self.rows)
+        return RowLayout.from_dict(self.modules, rows)
 
     def building(self) -> Generation | None:
         return next((g for g in self.generations if g.state == "building"), None)
@@ -70,11 +114,13 @@ class Manifest:
     def next_shard_id(self) -> int:
         return max((g.first_shard + (g.shards or 0) for g in self.generations), default=0)
 
-    def require_model(self, fingerprint: str) -> None:
-        if fingerprint != self.model_fingerprint:
+    def require_model(self, fingerprint: str, checkpoint: int = 0) -> None:
+        holder = self.holder(checkpoint)
+        if fingerprint != holder.model_fingerprint:
+            which = f"checkpoint {self.checkpoints[checkpoint].name} of " if checkpoint else ""
             raise ModelMismatchError(
-                f"the model's weights (fingerprint {fingerprint[:12]}) differ from the model this database "
-                f"was built with ({self.model_fingerprint[:12]}, {self.settings.model_path}); "
+                f"the model's weights (fingerprint {fingerprint[:12]}) differ from the model {which}this database "
+                f"was built with ({holder.model_fingerprint[:12]}, {holder.model_path}); "
                 "use that model or build a new database")
 
     def to_dict(self) -> dict:
@@ -89,21 +135,25 @@ class Manifest:
             "rows": self.rows,
             "generations": [asdict(g) for g in self.generations],
             "factor_digests": self.factor_digests,
-        } | ({"database_index": self.database_index} if self.database_index else {})
+        } | ({"database_index": self.database_index} if self.database_index else {}) \
+          | ({"checkpoints": [c.to_dict(i == 0) for i, c in enumerate(self.checkpoints)]} if self.checkpoints else {})
 
-    def record_factor_files(self, root: Path) -> None:
+    def record_factor_files(self, root: Path, checkpoint: int = 0) -> None:
         """Record the sha256 of every factor file: they become one unit, checked on every load."""
-        self.factor_digests = {path.name: file_sha256(path) for path in factor_files(root)}
+        self.holder(checkpoint).factor_digests = {path.name: file_sha256(path)
+                                                  for path in factor_files(root, checkpoint)}
 
-    def check_factor_files(self, root: Path, paths: list[Path] | None = None) -> None:
-        """Refuse factor files (all of them, or ``paths``) that are missing or differ from what the fit wrote."""
-        if not self.factor_digests:
+    def check_factor_files(self, root: Path, paths: list[Path] | None = None, checkpoint: int = 0) -> None:
+        """Refuse factor files of a checkpoint (all of them, or ``paths``) that are missing or differ
+        from what the fit wrote."""
+        digests = self.holder(checkpoint).factor_digests
+        if not digests:
             raise StoreError(f"{root} has no complete factors (a fit was interrupted): run the same "
                              "`attribdb build` or `attribdb fit` command again")
-        for path in factor_files(root) if paths is None else paths:
+        for path in factor_files(root, checkpoint) if paths is None else paths:
             if not path.is_file():
                 raise StoreError(f"{path} is missing: the database is damaged")
-            if file_sha256(path) != self.factor_digests.get(path.name):
+            if file_sha256(path) != digests.get(path.name):
                 raise StoreError(f"{path} is damaged: its sha256 differs from the one recorded when it was fitted")
 
     def save(self, root: Path) -> None:
@@ -140,6 +190,7 @@ class Manifest:
                 factor_digests=data["factor_digests"],
                 block_coverage=data.get("block_coverage"),
                 database_index=data.get("database_index"),
+                checkpoints=[Checkpoint(**c) for c in data.get("checkpoints", [])],
                 format_version=data["format_version"],
                 created=data["created"],
             )
@@ -153,6 +204,10 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _folder_name(path: str) -> str:
+    return Path(path).name or str(path)
 
 
 def exists(root: Path) -> bool:

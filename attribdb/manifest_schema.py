@@ -94,7 +94,8 @@ def check(data, where: str) -> dict:
     c = _Checker(where)
     c.keys(data, "", {"format_version", "created", "model", "settings", "modules", "rows", "generations",
                       "factor_digests", CHECKSUM_KEY},
-           {"block_coverage", "database_index"})  # absent: made before coverage was measured; no database index
+           {"block_coverage", "database_index", "checkpoints"})  # absent: made before coverage was measured; no
+    # database index; one model (not a trajectory)
     body = {k: v for k, v in data.items() if k != CHECKSUM_KEY}
     if data[CHECKSUM_KEY] != digest(body):
         raise StoreError(f"{where} fails its checksum: it was edited or damaged (restore it from a backup)")
@@ -119,63 +120,99 @@ def check(data, where: str) -> dict:
         c.integer(module["d_out"], f"modules[{i}].d_out", minimum=1)
         if not isinstance(module["has_bias"], bool):
             c.fail(f"modules[{i}].has_bias", "must be true or false")
-    _check_rows(c, data["rows"], [m["name"] for m in data["modules"]])
+    _check_rows(c, data["rows"], [m["name"] for m in data["modules"]], "rows")
     coverage = data.get("block_coverage")
     if coverage is not None and (isinstance(coverage, bool) or not isinstance(coverage, (int, float))
                                  or not 0 <= coverage <= 1):
         c.fail("block_coverage", f"must be a share between 0 and 1 or null, not {coverage!r}")
-    if not isinstance(data["factor_digests"], dict):
-        c.fail("factor_digests", "must be an object")
-    for name, value in data["factor_digests"].items():
-        if not (isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value)):
-            c.fail(f"factor_digests.{name}", f"must be a sha256 in hex, not {value!r}")
+    _check_digests(c, data["factor_digests"], "factor_digests")
     if data["factor_digests"] and data["rows"] is None:
         c.fail("rows", "is null although the factors were fitted (their digests are recorded)")
     _check_generations(c, data["generations"], settings.get("shard_size"))
-    _check_database_index(c, data.get("database_index"), sum(g["shards"] or 0 for g in data["generations"]))
+    shards = sum(g["shards"] or 0 for g in data["generations"])
+    _check_database_index(c, data.get("database_index"), shards, "database_index")
+    _check_checkpoints(c, data.get("checkpoints"), [m["name"] for m in data["modules"]], shards)
     return body
 
 
-def _check_database_index(c: _Checker, recorded, shards: int) -> None:
+def _check_checkpoints(c: _Checker, checkpoints, module_names: list[str], shards: int) -> None:
+    """A trajectory database's models (manifest.Checkpoint): at least two, unique names, a step
+    or null, a finite weight of at least 0; the first records name, step and weight only (the
+    manifest's own model), each other its model, row layout, factor digests and database index."""
+    if checkpoints is None:
+        return
+    if not isinstance(checkpoints, list) or len(checkpoints) < 2:
+        c.fail("checkpoints", "must be a list of at least two checkpoints")
+    names = set()
+    for i, entry in enumerate(checkpoints):
+        key = f"checkpoints[{i}]"
+        base = {"name", "step", "weight"}
+        c.keys(entry, key, base if i == 0 else base | {"model_path", "model_fingerprint", "rows", "factor_digests",
+                                                       "database_index"})
+        c.string(entry["name"], f"{key}.name")
+        if entry["name"] in names:
+            c.fail(f"{key}.name", f"repeats {entry['name']!r}")
+        names.add(entry["name"])
+        c.integer(entry["step"], f"{key}.step", none=True)
+        weight = entry["weight"]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            c.fail(f"{key}.weight", f"must be a finite number of at least 0, not {weight!r}")
+        if i:
+            c.string(entry["model_path"], f"{key}.model_path")
+            c.string(entry["model_fingerprint"], f"{key}.model_fingerprint")
+            _check_rows(c, entry["rows"], module_names, f"{key}.rows")
+            _check_digests(c, entry["factor_digests"], f"{key}.factor_digests")
+            _check_database_index(c, entry["database_index"], shards, f"{key}.database_index")
+
+
+def _check_digests(c: _Checker, digests, key: str) -> None:
+    if not isinstance(digests, dict):
+        c.fail(key, "must be an object")
+    for name, value in digests.items():
+        if not (isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value)):
+            c.fail(f"{key}.{name}", f"must be a sha256 in hex, not {value!r}")
+
+
+def _check_database_index(c: _Checker, recorded, shards: int, key: str) -> None:
     """The database-wide FAISS index (attribdb/db_index.py): a file name without a path, its CRC32C,
     and the shards it covers, every one of them in a generation."""
     if recorded is None:
         return
-    c.keys(recorded, "database_index", {"kind", "file", "crc32c", "shards", "rows", "trained_on"})
-    c.string(recorded["kind"], "database_index.kind", choices=DATABASE_KINDS)
+    c.keys(recorded, key, {"kind", "file", "crc32c", "shards", "rows", "trained_on"})
+    c.string(recorded["kind"], f"{key}.kind", choices=DATABASE_KINDS)
     if not (isinstance(recorded["file"], str) and re.fullmatch(r"[\w.-]+\.faiss", recorded["file"])):
-        c.fail("database_index.file", f"must be a file name ending in .faiss, not {recorded['file']!r}")
+        c.fail(f"{key}.file", f"must be a file name ending in .faiss, not {recorded['file']!r}")
     if not (isinstance(recorded["crc32c"], str) and re.fullmatch(r"[0-9a-f]{8}", recorded["crc32c"])):
-        c.fail("database_index.crc32c", f"must be a CRC32C in hex, not {recorded['crc32c']!r}")
+        c.fail(f"{key}.crc32c", f"must be a CRC32C in hex, not {recorded['crc32c']!r}")
     covered = recorded["shards"]
     if not (isinstance(covered, list) and covered and all(isinstance(s, int) and not isinstance(s, bool)
                                                           and 0 <= s < shards for s in covered)
             and covered == sorted(set(covered))):
-        c.fail("database_index.shards", f"must be a sorted list of shard numbers below {shards}")
+        c.fail(f"{key}.shards", f"must be a sorted list of shard numbers below {shards}")
     for name in ("rows", "trained_on"):
-        c.integer(recorded[name], f"database_index.{name}", minimum=1)
+        c.integer(recorded[name], f"{key}.{name}", minimum=1)
 
 
-def _check_rows(c: _Checker, rows, module_names: list[str]) -> None:
+def _check_rows(c: _Checker, rows, module_names: list[str], key: str) -> None:
     """The row layout (rows.RowLayout.to_dict): null until the fit has written it, then one
     (k_out, k_in) subspace and one sketch width, all positive, per tracked module, and nothing else."""
     if rows is None:
         return
-    c.keys(rows, "rows", {"format", "subspaces", "payload_bytes", "sketch_widths", "kept", "normalized_index"})
-    c.string(rows["format"], "rows.format", choices=("lowrank-int4",))
+    c.keys(rows, key, {"format", "subspaces", "payload_bytes", "sketch_widths", "kept", "normalized_index"})
+    c.string(rows["format"], f"{key}.format", choices=("lowrank-int4",))
     if not isinstance(rows["normalized_index"], bool):
-        c.fail("rows.normalized_index", "must be true or false")
-    c.integer(rows["payload_bytes"], "rows.payload_bytes", minimum=1)
-    for name, subspace in c.keys(rows["subspaces"], "rows.subspaces", set(module_names)).items():
+        c.fail(f"{key}.normalized_index", "must be true or false")
+    c.integer(rows["payload_bytes"], f"{key}.payload_bytes", minimum=1)
+    for name, subspace in c.keys(rows["subspaces"], f"{key}.subspaces", set(module_names)).items():
         if not (isinstance(subspace, list) and len(subspace) == 2):
-            c.fail(f"rows.subspaces.{name}", f"must be a pair [k_out, k_in], not {subspace!r}")
+            c.fail(f"{key}.subspaces.{name}", f"must be a pair [k_out, k_in], not {subspace!r}")
         for k in subspace:
-            c.integer(k, f"rows.subspaces.{name}", minimum=1)
-    for name, width in c.keys(rows["sketch_widths"], "rows.sketch_widths", set(module_names)).items():
-        c.integer(width, f"rows.sketch_widths.{name}", minimum=1)
+            c.integer(k, f"{key}.subspaces.{name}", minimum=1)
+    for name, width in c.keys(rows["sketch_widths"], f"{key}.sketch_widths", set(module_names)).items():
+        c.integer(width, f"{key}.sketch_widths.{name}", minimum=1)
     kept = rows["kept"]
     if isinstance(kept, bool) or not isinstance(kept, (int, float)) or not math.isfinite(kept):
-        c.fail("rows.kept", f"must be a finite number, not {kept!r}")
+        c.fail(f"{key}.kept", f"must be a finite number, not {kept!r}")
 
 
 def _check_generations(c: _Checker, generations, shard_size) -> None:

@@ -39,7 +39,8 @@ class Plan:
     max_length: int  # tokens per sequence: what the metadata estimate is made for
     modules: int
     dense_bytes: int  # the float32 Ĝ of every tracked module, what an uncompressed row would be
-    cost: RowCost  # what a row costs, by where it lies
+    cost: RowCost  # what a sequence costs, by where it lies
+    checkpoints: int = 1  # models whose rows a sequence has (a trajectory database: attribdb/row_costs.py)
 
     def database_bytes(self, rows: int) -> int:
         return self.cost.total * rows
@@ -81,26 +82,29 @@ def modules_of_shape(name: str):
     return _modules_from_config(AutoConfig.for_model(model_type, vocab_size=1024, **config))
 
 
-def _plan(label: str, modules, settings) -> Plan:
+def _plan(label: str, modules, settings, checkpoints: int) -> Plan:
     return Plan(label, settings.row_bytes, settings.max_length, len(modules),
-                4 * sum(m.d_out * m.d_in for m in modules), planned_cost(settings.row_bytes, settings.max_length))
+                4 * sum(m.d_out * m.d_in for m in modules),
+                planned_cost(settings.row_bytes, settings.max_length, checkpoints), checkpoints)
 
 
 def plan(model: str | Path | None = None, shape: str | None = None, row_bytes: int | None = None,
-         max_length: int | None = None) -> list[Plan]:
+         max_length: int | None = None, checkpoints: int = 1) -> list[Plan]:
     """The cost of a row for a model folder, a named shape, or (given neither) every named shape,
     at the settings a new database would get (a model folder's default max-length is clamped to
-    its context, as a build does)."""
+    its context, as a build does); ``checkpoints``: the models of a trajectory database."""
     from attribdb.models import context_of_folder
     from attribdb.settings import DatabaseSettings
 
     given = {key: value for key, value in (("row_bytes", row_bytes), ("max_length", max_length)) if value is not None}
     settings = DatabaseSettings(model_path="-", **given)  # refuses a bad budget as a build would
+    if isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 1:
+        raise ConfigError(f"checkpoints must be a whole number of at least 1, not {checkpoints!r}")
     if model is not None and shape is not None:
         raise ConfigError("give a model folder or a shape, not both")
     if model is not None:
         context = context_of_folder(model)
         if max_length is None and context is not None and settings.max_length > context:
             settings = dataclasses.replace(settings, max_length=context)
-        return [_plan(str(model), modules_of_folder(model), settings)]
-    return [_plan(name, modules_of_shape(name), settings) for name in ([shape] if shape else SHAPES)]
+        return [_plan(str(model), modules_of_folder(model), settings, checkpoints)]
+    return [_plan(name, modules_of_shape(name), settings, checkpoints) for name in ([shape] if shape else SHAPES)]

@@ -9,6 +9,11 @@ without a database index reserves the codes all the same: a row's layout is fixe
 factors are fitted, before anyone knows how large the database will grow.  ``attribdb plan``
 prints :func:`planned_cost` before a build and ``attribdb info`` prints :func:`row_cost` of the
 database after; the two agree because every part's size is fixed by the budget.
+
+A trajectory database (C checkpoints) stores a sequence's metadata once and, per checkpoint, a
+row and its codes.  ``--row-bytes`` stays the whole cost of a sequence: the metadata is taken
+first and each checkpoint gets an equal share of the rest for its row and codes, so a database of
+C checkpoints is no larger than one of one model, and each checkpoint's row is smaller.
 """
 
 from __future__ import annotations
@@ -55,11 +60,12 @@ def index_code_bytes() -> int:
     return code_bytes(-(-SKETCH_DIM // INDEX_DIM_MULTIPLE) * INDEX_DIM_MULTIPLE)
 
 
-def row_cost(row_layout, max_length: int) -> RowCost:
-    """What a row of this layout costs, as built."""
+def row_cost(row_layouts, max_length: int) -> RowCost:
+    """What a sequence costs with a row of each of these layouts (one per checkpoint), as built."""
     from attribdb.db_index import code_bytes
 
-    return RowCost(row_layout.bytes_per_row, code_bytes(row_layout.index_dim), metadata_bytes(max_length))
+    return RowCost(sum(r.bytes_per_row for r in row_layouts), sum(code_bytes(r.index_dim) for r in row_layouts),
+                   metadata_bytes(max_length))
 
 
 def check_room(row_bytes: int, max_length: int) -> None:
@@ -74,14 +80,20 @@ def _no_room(row_bytes: int, max_length: int) -> ConfigError:
                        f"({metadata_bytes(max_length)} bytes) and index codes need more; raise --row-bytes")
 
 
-def payload_budget(row_bytes: int, max_length: int) -> int:
-    """The payload bytes of a row that costs ``row_bytes`` all-in (what attribdb.rows lays a row out under)."""
-    payload = row_bytes - NORM_BYTES - index_code_bytes() - metadata_bytes(max_length)
+def payload_budget(row_bytes: int, max_length: int, checkpoints: int = 1) -> int:
+    """The payload bytes of each checkpoint's row when a sequence costs ``row_bytes`` all-in (what
+    attribdb.rows lays a row out under)."""
+    payload = (row_bytes - metadata_bytes(max_length)) // checkpoints - NORM_BYTES - index_code_bytes()
     if payload < max(SMALLEST_PAYLOAD, SCALE_BYTES):
+        if checkpoints > 1:
+            raise ConfigError(f"row-bytes {row_bytes} leaves no room for rows of {checkpoints} checkpoints (each "
+                              f"needs its own row and index codes, {index_code_bytes() + NORM_BYTES + SMALLEST_PAYLOAD}"
+                              " bytes at least); raise --row-bytes")
         raise _no_room(row_bytes, max_length)
     return payload
 
 
-def planned_cost(row_bytes: int, max_length: int) -> RowCost:
-    """What a row of a database built with these settings will cost, before it is fitted."""
-    return RowCost(payload_budget(row_bytes, max_length) + NORM_BYTES, index_code_bytes(), metadata_bytes(max_length))
+def planned_cost(row_bytes: int, max_length: int, checkpoints: int = 1) -> RowCost:
+    """What a sequence of a database built with these settings will cost, before it is fitted."""
+    return RowCost(checkpoints * (payload_budget(row_bytes, max_length, checkpoints) + NORM_BYTES),
+                   checkpoints * index_code_bytes(), metadata_bytes(max_length))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,8 @@ class RowBlock:
     rows: np.ndarray  # (N, payload_bytes) stored rows (attribdb/rows.py: RowProjection.encode)
     self_influence: np.ndarray  # (N,) their self-influence
     metadata: list[RowRecord]
+    checkpoints: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (rows, self-influence) of
+    #                                                    the same sequences at checkpoints 1, 2, ... of a trajectory
 
     def __len__(self) -> int:
         return len(self.metadata)
@@ -52,12 +54,10 @@ def row_arrays(row_layout: RowLayout) -> dict[str, tuple[tuple[int, ...], np.dty
             layout.SELF_INFLUENCE: ((), np.dtype(SELF_INFLUENCE_DTYPE))}
 
 
-def _create(path: Path, row_layout: RowLayout, capacity: int, commit_rows: int) -> None:
-    """A new, empty shard at ``path``: its LMDB databases and its arrays, made under a temporary
-    name and renamed into place (a directory there without ``meta.lmdb`` holds nothing committed:
-    what a writer killed before this rename left)."""
-    import zarr
-
+def _create(path: Path, row_layouts: list[RowLayout], capacity: int, commit_rows: int) -> None:
+    """A new, empty shard at ``path``: its LMDB databases and the arrays of every checkpoint's
+    row layout, made under a temporary name and renamed into place (a directory there without
+    ``meta.lmdb`` holds nothing committed: what a writer killed before this rename left)."""
     made = path.with_name(path.name + ".new")
     for leftover in (made, path):
         shutil.rmtree(leftover, ignore_errors=True)
@@ -68,13 +68,20 @@ def _create(path: Path, row_layout: RowLayout, capacity: int, commit_rows: int) 
             env.open_db(name)
     finally:
         metadb.close_env(env)
-    group = zarr.open_group(str(made / layout.GRADS_ZARR), mode="w")
+    for checkpoint, row_layout in enumerate(row_layouts):
+        _create_row_store(made / layout.grads_zarr(checkpoint), row_layout, capacity, commit_rows)
+    os.rename(made, path)
+
+
+def _create_row_store(path: Path, row_layout: RowLayout, capacity: int, commit_rows: int) -> None:
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w")
     (row_shape, dtype), (_, scalar) = row_arrays(row_layout).values()
     packed_rows.create(group, layout.ROWS, capacity, row_shape, commit_rows, dtype)
     # one chunk per commit unit; zstd before the CRC32C pays here (the payloads are near-incompressible codes)
     group.create_array(layout.SELF_INFLUENCE, shape=(capacity,), chunks=(commit_rows,), dtype=scalar, fill_value=0,
                        compressors=[zarr.codecs.ZstdCodec(level=1), zarr.codecs.Crc32cCodec()])
-    os.rename(made, path)
 
 
 SHARD_DBS = (layout.ROWS_DB, layout.DOCS_DB, layout.JOURNAL_DB, layout.INFO_DB)
@@ -104,23 +111,27 @@ def row_texts(env, rows_db, where: str, rows: int):
 
 
 class ShardWriter:
-    """Append-only writer of one shard (one process, one thread)."""
+    """Append-only writer of one shard (one process, one thread).  A trajectory database's shard
+    holds one row store per checkpoint (``checkpoint_layouts``: checkpoints 1, 2, ...) beside the
+    model's, all written before the LMDB transaction that commits a unit's rows."""
 
-    def __init__(self, path: Path, row_layout: RowLayout, capacity: int, commit_rows: int):
+    def __init__(self, path: Path, row_layout: RowLayout, capacity: int, commit_rows: int,
+                 checkpoint_layouts: tuple[RowLayout, ...] = ()):
         import zarr
 
         self.path, self.layout, self.capacity, self.commit_rows = Path(path), row_layout, capacity, commit_rows
         if not (self.path / layout.META_LMDB).is_dir():
-            _create(self.path, row_layout, capacity, commit_rows)
+            _create(self.path, [row_layout, *checkpoint_layouts], capacity, commit_rows)
         self.env = metadb.open_env(self.path / layout.META_LMDB, readonly=False, capacity_rows=capacity)
         self.dbs = {name: self.env.open_db(name) for name in SHARD_DBS}
-        zarr_path = self.path / layout.GRADS_ZARR
-        self.group = zarr.open_group(str(zarr_path), mode="r+")
-        self.row_files = PackedRows.open(zarr_path / layout.ROWS)
-        found = (self.row_files.capacity, self.row_files.unit)
-        if found != (capacity, commit_rows):
-            raise StoreError(f"shard {self.path} holds {found[0]} rows in units of {found[1]}, this build writes "
-                             f"{capacity} in units of {commit_rows}: the shard is damaged")
+        self.stores = []  # (zarr group, packed rows) per checkpoint
+        for checkpoint in range(1 + len(checkpoint_layouts)):
+            zarr_path = self.path / layout.grads_zarr(checkpoint)
+            self.stores.append((zarr.open_group(str(zarr_path), mode="r+"), PackedRows.open(zarr_path / layout.ROWS)))
+            found = (self.stores[-1][1].capacity, self.stores[-1][1].unit)
+            if found != (capacity, commit_rows):
+                raise StoreError(f"shard {self.path} holds {found[0]} rows in units of {found[1]}, this build writes "
+                                 f"{capacity} in units of {commit_rows}: the shard is damaged")
 
     def _info(self, key: bytes) -> bytes | None:
         with metadb.read(self.env, db=self.dbs[layout.INFO_DB]) as txn:
@@ -146,8 +157,13 @@ class ShardWriter:
         self._require_next(start, self.committed)
         if start + n > self.capacity:
             raise StoreError(f"shard {self.path} is full ({self.capacity} rows)")
-        self.row_files.write(start, block.rows)
-        self.group[layout.SELF_INFLUENCE][start:start + n] = block.self_influence
+        arrays = [(block.rows, block.self_influence), *block.checkpoints]
+        if len(arrays) != len(self.stores):
+            raise StoreError(f"shard {self.path} holds rows of {len(self.stores)} checkpoints; this block has "
+                             f"{len(arrays)}")
+        for (group, row_files), (rows, self_influence) in zip(self.stores, arrays):
+            row_files.write(start, rows)
+            group[layout.SELF_INFLUENCE][start:start + n] = self_influence
         faults.point("unit-written")
         metadb.write(self.env, lambda txn: self._record(txn, start, block.metadata))
         faults.point("unit-committed")
@@ -199,10 +215,25 @@ class ShardWriter:
 
 
 class ShardReader:
-    """Read-only view of a shard: only committed rows are visible."""
+    """Read-only view of a shard: only committed rows are visible.  It reads the row store of one
+    checkpoint (0: the database's model); :meth:`view` gives another checkpoint's on the same
+    LMDB environment, which a process must not open twice."""
 
-    def __init__(self, path: Path, row_layout: RowLayout):
-        self.path, self.layout = Path(path), row_layout
+    def __init__(self, path: Path, row_layout: RowLayout, checkpoint: int = 0, shared: "ShardReader | None" = None):
+        """``shared``: a reader of the same shard whose LMDB environment and counts this one uses."""
+        self.path, self.layout, self.grads = Path(path), row_layout, layout.grads_zarr(checkpoint)
+        self.owns_env = shared is None
+        if shared is not None:
+            self.env, self.dbs, self.rows, self.sealed, self.text_crc = (shared.env, shared.dbs, shared.rows,
+                                                                         shared.sealed, shared.text_crc)
+        else:
+            self._open_env()
+        self._whole: dict[str, np.ndarray] = {}
+        self.group, self.row_files = None, None
+        if self.rows:  # nothing committed: nothing to read (and the arrays may be a resumed writer's to remake)
+            self._open_arrays()
+
+    def _open_env(self) -> None:
         meta_path = self.path / layout.META_LMDB
         if not meta_path.is_dir():
             raise StoreError(f"shard {self.path} has no {layout.META_LMDB}")
@@ -211,8 +242,8 @@ class ShardReader:
             with lmdb_errors(f"shard {self.path}"):
                 self.dbs = {name: self.env.open_db(name, create=False) for name in SHARD_DBS}
                 with metadb.read(self.env, db=self.dbs[layout.INFO_DB]) as txn:
-                    committed, sealed, self._text_crc = (txn.get(key) for key in
-                                                         (b"committed", b"sealed", TEXT_CRC_KEY))
+                    committed, sealed, self.text_crc = (txn.get(key) for key in
+                                                        (b"committed", b"sealed", TEXT_CRC_KEY))
             self.rows, self.sealed = int(committed or 0), sealed is not None
             if sealed is not None and int(sealed) != self.rows:
                 raise StoreError(f"shard {self.path}: {self.rows} rows committed but {int(sealed)} sealed: "
@@ -224,22 +255,23 @@ class ShardReader:
         except StoreError:
             metadb.close_env(self.env)
             raise
-        self._whole: dict[str, np.ndarray] = {}
-        self.group, self.row_files = None, None
-        if self.rows:  # nothing committed: nothing to read (and the arrays may be a resumed writer's to remake)
-            self._open_arrays()
+
+    def view(self, checkpoint: int, row_layout: RowLayout) -> "ShardReader":
+        """This shard read through checkpoint ``checkpoint``'s row store, sharing this reader's
+        LMDB environment (closing the view leaves it open)."""
+        return ShardReader(self.path, row_layout, checkpoint, shared=self)
 
     def _open_arrays(self) -> None:
-        """Open grads.zarr and check its arrays against the row layout."""
+        """Open the row store and check its arrays against the row layout."""
         import zarr
 
-        shapes, where = {}, layout.GRADS_ZARR
+        shapes, where = {}, self.grads
         try:
-            self.group = zarr.open_group(str(self.path / layout.GRADS_ZARR), mode="r")
+            self.group = zarr.open_group(str(self.path / self.grads), mode="r")
             for name in row_arrays(self.layout):
-                where = f"{layout.GRADS_ZARR}/{name}"
+                where = f"{self.grads}/{name}"
                 shapes[name] = self.group[name].shape
-            self.row_files = PackedRows.open(self.path / layout.GRADS_ZARR / layout.ROWS)
+            self.row_files = PackedRows.open(self.path / self.grads / layout.ROWS)
         except StoreError:
             self.close()
             raise
@@ -266,12 +298,12 @@ class ShardReader:
             raise
         except Exception as exc:  # zarr, numcodecs and json raise many types on damaged files
             reason = (str(exc).splitlines() or [""])[0][:120]
-            raise StoreError(f"shard {self.path}: {layout.GRADS_ZARR}/{name} cannot be read "
+            raise StoreError(f"shard {self.path}: {self.grads}/{name} cannot be read "
                              f"({type(exc).__name__}: {reason})") from None
 
     def _require_chunks(self, name: str, chunk_indices) -> None:
         for index in chunk_indices:
-            path = self.path / layout.GRADS_ZARR / name / "c" / f"{int(index)}"
+            path = self.path / self.grads / name / "c" / f"{int(index)}"
             if not path.is_file():
                 raise StoreError(f"{path} is missing: the shard is damaged (run attribdb verify)")
 
@@ -328,14 +360,14 @@ class ShardReader:
     @property
     def has_text_index(self) -> bool:
         """Whether the seal stored a full-text index (shards sealed before attribdb indexed text have none)."""
-        return self.sealed and self._text_crc is not None
+        return self.sealed and self.text_crc is not None
 
     def text_index(self) -> text_index.TextIndex:
         """The shard's full-text index; for a shard without one (unsealed, or sealed before attribdb
         indexed text), one built in memory from its committed rows' text."""
         if not self.has_text_index:
             return self.fresh_text_index()
-        index = text_index.TextIndex.open(self._sealed_file(layout.TEXT_FILE, self._text_crc))
+        index = text_index.TextIndex.open(self._sealed_file(layout.TEXT_FILE, self.text_crc))
         if index.rows != self.rows:
             index.close()
             raise StoreError(f"{self.path / layout.TEXT_FILE} holds {index.rows} rows for {self.rows} committed "
@@ -354,4 +386,5 @@ class ShardReader:
         return projection.index_vectors(self.read(layout.ROWS, rows), self.whole(layout.SELF_INFLUENCE)[rows])
 
     def close(self) -> None:
-        metadb.close_env(self.env)
+        if self.owns_env:
+            metadb.close_env(self.env)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from attribdb import db_index, faults, layout
 from attribdb.errors import ConfigError
+from attribdb.indexer import checkpoints as checkpoint_specs
 from attribdb.indexer import sequences
 from attribdb.indexer.corpus import CorpusSpec
 from attribdb.indexer.distributed import World, join, leave
@@ -46,32 +47,44 @@ class BuildResult:
 
 def build_database(root: str | Path, spec: CorpusSpec, settings: DatabaseSettings | None = None, *,
                    overrides: dict | None = None, append: bool = False, model_path: str | None = None,
-                   device: str | None = None, quiet: bool = False) -> BuildResult:
+                   device: str | None = None, quiet: bool = False,
+                   checkpoints: checkpoint_specs.CheckpointSpec | None = None) -> BuildResult:
     """Build (or resume building) ``spec`` into ``root``; ``append`` adds it to a built database.
 
     ``settings`` are used when the database does not exist yet; ``overrides``
-    (options the user gave explicitly) must agree with a stored database.
+    (options the user gave explicitly) must agree with a stored database.  ``checkpoints``: the
+    other checkpoints of a trajectory database (indexer/checkpoints.py); a stored database must
+    have been built with the same ones.
     """
     root = Path(root)
     world = join()
     try:
         with writing(root) if world.is_leader else nullcontext():
             return _build(root, spec, settings, overrides or {}, append, model_path, world.device(device), quiet,
-                          world)
+                          world, checkpoints or checkpoint_specs.CheckpointSpec())
     finally:
         leave(world)
 
 
-def _build(root, spec, settings, overrides, append, model_path, device, quiet, world: World) -> BuildResult:
+def _build(root, spec, settings, overrides, append, model_path, device, quiet, world: World,
+           checkpoints: checkpoint_specs.CheckpointSpec) -> BuildResult:
     started = time.time()
     if world.is_leader:
         manifest = open_or_create(root, settings, overrides)
         if append and manifest is None:
             raise ConfigError(f"{root} is not a database: build it before appending")
+        if manifest is None and settings is None:  # the stub of a killed first fit, and no --model
+            raise ConfigError(f"{root} holds only a fit that was interrupted: give --model (and any other options) "
+                              "to start it again")
         if manifest is None or not is_fitted(root, manifest):  # new, or the stub of a killed first fit
-            fit_database(root, spec, settings or manifest.settings, device=device, quiet=quiet)
+            settings = settings or manifest.settings
+            models = checkpoint_specs.resolve(settings.model_path, checkpoints)
+            fit_database(root, spec, settings, device=device, quiet=quiet, checkpoints=models)
+        elif checkpoints.given:
+            _require_checkpoints(root, manifest, checkpoint_specs.resolve(manifest.model_path, checkpoints))
     world.barrier()
-    runtime = Runtime.load(root, device=device, model_path=model_path)
+    runtimes = Runtime.load_all(root, device=device, model_path=model_path)
+    runtime = runtimes[0]
     settings = runtime.manifest.settings
     say(f"reading {spec.path} ...", quiet or not world.is_leader)
     plan = sequences.plan(spec, runtime.tokenizer, settings)
@@ -81,10 +94,10 @@ def _build(root, spec, settings, overrides, append, model_path, device, quiet, w
     world.barrier()
     spec_dict = sequences.corpus_spec_dict(spec)
     generation = _generation_of(Manifest.load(root), spec_dict)
-    computed = _write_shards(runtime, spec, generation, world, quiet)
+    computed = _write_shards(runtimes, spec, generation, world, quiet)
     world.barrier()
     if world.is_leader:
-        _update_database_index(root, runtime.projection, quiet)
+        _update_database_indexes(root, [r.projection for r in runtimes], quiet)
         if generation.state == "building":
             manifest = Manifest.load(root)
             _generation_of(manifest, spec_dict).state = "complete"
@@ -93,17 +106,29 @@ def _build(root, spec, settings, overrides, append, model_path, device, quiet, w
     return BuildResult(generation, time.time() - started, computed)
 
 
-def _update_database_index(root: Path, projection, quiet: bool) -> None:
-    """Add the sealed shards to the database-wide FAISS index when the index kind's rule wants one
-    (attribdb/db_index.py); before the generation is marked complete, so a complete generation is
-    always covered, and a killed run finishes the index when it is run again.  Index files retired
-    long enough ago that no reader can still be opening them are deleted."""
+def _require_checkpoints(root: Path, manifest: Manifest, given: list) -> None:
+    """A built database's checkpoints cannot change: the checkpoints given must be those it holds."""
+    held = [(c.name, c.step) for c in manifest.checkpoints]
+    if [(c.name, c.step) for c in given] != held:
+        names = ", ".join(name for name, _ in held) or "none but its model"
+        raise ConfigError(f"{root} holds the checkpoints {names}; a built database's checkpoints cannot change "
+                          "(leave out the checkpoint options to resume or append, or build a new database)")
+
+
+def _update_database_indexes(root: Path, projections: list, quiet: bool) -> None:
+    """Add the sealed shards to each checkpoint's database-wide FAISS index when the index kind's
+    rule wants one (attribdb/db_index.py); before the generation is marked complete, so a complete
+    generation is always covered, and a killed run finishes the index when it is run again.  Index
+    files retired long enough ago that no reader can still be opening them are deleted."""
     manifest = Manifest.load(root)
     readers = {shard_id: ShardReader(path, manifest.row_layout()) for shard_id, path in existing_shards(root, manifest)}
     try:
-        if db_index.update(root, manifest, readers, projection):
-            say(f"database index {manifest.database_index['kind']}: {db_index.describe(manifest.database_index)}",
-                quiet)
+        for checkpoint, projection in enumerate(projections):
+            views = {s: r.view(checkpoint, projection.layout) for s, r in readers.items()} if checkpoint else readers
+            if db_index.update(root, manifest, views, projection, checkpoint):
+                recorded = manifest.holder(checkpoint).database_index
+                label = f" ({manifest.checkpoints[checkpoint].name})" if manifest.checkpoints else ""
+                say(f"database index {recorded['kind']}{label}: {db_index.describe(recorded)}", quiet)
     finally:
         for reader in readers.values():
             reader.close()
@@ -144,9 +169,12 @@ def _register_generation(root: Path, spec: CorpusSpec, plan: sequences.CorpusPla
     faults.point("generation-registered")
 
 
-def _write_shards(runtime: Runtime, spec: CorpusSpec, generation: Generation, world: World, quiet: bool) -> int:
+def _write_shards(runtimes: list[Runtime], spec: CorpusSpec, generation: Generation, world: World, quiet: bool) -> int:
+    """Every shard of ``generation`` this process owns; each commit unit gets a row from every
+    checkpoint's model (``runtimes``) before it is committed."""
+    runtime = runtimes[0]
     settings = runtime.manifest.settings
-    encoder = runtime.encoder()
+    encoders = [r.encoder() for r in runtimes]
     mine = [k for k in range(generation.shards) if world.owns(k)]
     total = sum(min(settings.shard_size, generation.sequences - k * settings.shard_size) for k in mine)
     computed = 0
@@ -156,7 +184,8 @@ def _write_shards(runtime: Runtime, spec: CorpusSpec, generation: Generation, wo
             if not world.owns(k):
                 continue
             writer = ShardWriter(layout.shard_dir(runtime.root, generation.first_shard + k), runtime.row_layout,
-                                 capacity=len(shard_sequences), commit_rows=settings.commit_rows)
+                                 capacity=len(shard_sequences), commit_rows=settings.commit_rows,
+                                 checkpoint_layouts=tuple(r.row_layout for r in runtimes[1:]))
             try:
                 if writer.sealed:
                     advance(len(shard_sequences))
@@ -165,9 +194,12 @@ def _write_shards(runtime: Runtime, spec: CorpusSpec, generation: Generation, wo
                 for start in range(writer.committed, len(shard_sequences), settings.commit_rows):
                     unit = shard_sequences[start:start + settings.commit_rows]
                     first = k * settings.shard_size + start
-                    block = encoder.encode([s.token_ids for s in unit],
-                                           [sequences.row_record(s, first + i) for i, s in enumerate(unit)],
-                                           settings.batch_size)
+                    token_ids = [s.token_ids for s in unit]
+                    block = encoders[0].encode(token_ids, [sequences.row_record(s, first + i)
+                                                           for i, s in enumerate(unit)], settings.batch_size)
+                    for encoder in encoders[1:]:
+                        other = encoder.encode(token_ids, block.metadata, settings.batch_size)
+                        block.checkpoints.append((other.rows, other.self_influence))
                     writer.append(block, start)
                     computed += len(unit)
                     advance(len(unit))

@@ -29,35 +29,45 @@ def _scored(columns: list[np.ndarray], self_q: float) -> ScoredRows:
 
 def exhaustive_pass(pipeline: ScoringPipeline, queries: list[Query], options: QueryOptions,
                     quiet: bool) -> dict[str, list[QueryResult]]:
-    """One pass over every row for a chunk of queries: per ranking of ``options.rankings``, their results."""
+    """One pass over every row for a chunk of queries: per ranking of ``options.rankings``, their
+    results.  Over a trajectory each row is recomputed at every checkpoint, and what a query keeps
+    is decided by the summed scores (ScoringPipeline.combined)."""
     clock = Clock()
-    store, recomputer = pipeline.store, pipeline.recomputer
-    solved = pipeline.gradients.solve(queries)
-    self_q = solved.exact_self_influence
+    store = pipeline.store
+    solved = pipeline.solve(queries)
+    self_q = [s.exact_self_influence for s in solved]  # [checkpoint] (Q,)
     rankings = options.rankings
-    kept = [[np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, len(store.modules))), np.zeros(0)]
-            for _ in queries]
+    kept = [[[np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, len(store.modules))), np.zeros(0)]
+             for _ in solved] for _ in queries]  # [query][checkpoint] columns
+
+    def scored(i: int) -> ScoredRows:
+        """Query ``i``'s kept rows, scored over the checkpoints."""
+        return pipeline.combined([_scored(columns, self_q[c][i]) for c, columns in enumerate(kept[i])])
+    batch_size = pipeline.recomputer.batch_size
     with progress_bar("exhaustive", store.rows, quiet) as advance:
         for shard_id, reader in store.shards.items():
-            for start in range(0, reader.rows, recomputer.batch_size):
-                rows = np.arange(start, min(start + recomputer.batch_size, reader.rows))
+            for start in range(0, reader.rows, batch_size):
+                rows = np.arange(start, min(start + batch_size, reader.rows))
                 token_ids = [record.token_ids for record in reader.metadata(rows)]
-                per_module, self_m = recomputer.row_scores(token_ids, solved.inverse_hvp)  # (Q, B, modules), (B,)
-                for i, columns in enumerate(kept):
-                    new = (np.full(len(rows), shard_id), rows, per_module[i], self_m)
-                    columns[:] = [np.concatenate([old, more]) for old, more in zip(columns, new)]
-                    reachable = _scored(columns, self_q[i]).reachable(options.k, rankings)
-                    columns[:] = [column[reachable] for column in columns]
+                computed = [recomputer.row_scores(token_ids, s.inverse_hvp)  # (Q, B, modules), (B,)
+                            for recomputer, s in zip(pipeline.recomputers, solved)]
+                for i, per_checkpoint in enumerate(kept):
+                    for columns, (per_module, self_m) in zip(per_checkpoint, computed):
+                        new = (np.full(len(rows), shard_id), rows, per_module[i], self_m)
+                        columns[:] = [np.concatenate([old, more]) for old, more in zip(columns, new)]
+                    reachable = scored(i).reachable(options.k, rankings)
+                    for columns in per_checkpoint:
+                        columns[:] = [column[reachable] for column in columns]
                 advance(len(rows))
     clock.lap("score")
     results = {ranking: [] for ranking in rankings}
     for i, query in enumerate(queries):
-        scored = _scored(kept[i], self_q[i])
+        final = scored(i)
         for ranking in rankings:
-            top, bottom = scored.ends(options.k, ranking, options.opponents)
+            top, bottom = final.ends(options.k, ranking, options.opponents)
             results[ranking].append(QueryResult(query.prompt, query.completion, "exhaustive",
-                                                pipeline.hits(scored, top), pipeline.hits(scored, bottom),
-                                                float(self_q[i]), store.rows, {}))
+                                                pipeline.hits(final, top), pipeline.hits(final, bottom),
+                                                final.query_self, store.rows, {}))
     clock.lap("metadata")
     for ranked in results.values():
         for result in ranked:

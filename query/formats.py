@@ -33,7 +33,15 @@ def _hit_lines(hits: list[Hit]) -> list[str]:
         mark = "=" if exact else "~" if norm is not None else " "
         lines.append(f"  {h.rank:>4}  {mark}{score:>11.4g}  {_normalized(norm):>6}  {_snippet(h.doc_id, 18):<18}  "
                      f"{_snippet(h.text)}")
+        if h.checkpoint_scores:
+            lines.append(f"  {'':>4}  {'':>12}  per checkpoint: {_checkpoints_text(h)}")
     return lines
+
+
+def _checkpoints_text(hit: Hit) -> str:
+    """A trajectory hit's score and normalized score at each checkpoint (unweighted)."""
+    return " · ".join(f"{name} {values['score']:.4g} ({_normalized(values['normalized_score'])})"
+                      for name, values in hit.checkpoint_scores.items())
 
 
 def _summary(r: QueryResult) -> str:
@@ -110,6 +118,8 @@ def _hits_html(title: str, hits: list[Hit]) -> str:
             f" · {html.escape(h.source)}"
             f" · tokens {html.escape(str(h.token_span[0]))}–{html.escape(str(h.token_span[1]))}"
             "</span></div>"
+            + (f"<div class='meta'>per checkpoint: {html.escape(_checkpoints_text(h))}</div>"
+               if h.checkpoint_scores else "") +
             f"<div class='text'>{_token_html(h)}</div>{_modules_html(h)}</div>")
     return f"<h3>{title}</h3>" + "".join(cards) if hits else ""
 

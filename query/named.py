@@ -32,35 +32,36 @@ from attribdb.query.clock import Clock
 from attribdb.query.engine import QueryEngine
 from attribdb.query.gradients import SolvedQueries
 from attribdb.query.options import DEFAULT_CANDIDATES, Query, QueryOptions
+from attribdb.query.pipeline import ScoringPipeline
 from attribdb.query.results import QueryResult
 
 SCAN_ROWS = 1024  # rows read at once when ranking: 1024 rows of 32 KiB, 32 MiB (64 MiB as float32)
 
 
-def _compressed_keys(engine: QueryEngine, solved: SolvedQueries, rank_by: str) -> tuple[np.ndarray, dict]:
+def _compressed_keys(pipeline: ScoringPipeline, solved: list[SolvedQueries], rank_by: str) -> tuple[np.ndarray, dict]:
     """The compressed ranking key of every row, in (shard, row) order, and where each shard's
     rows start in it."""
     keys, offsets = [], {}
-    for shard_id, reader in sorted(engine.store.shards.items()):
+    for shard_id, reader in sorted(pipeline.store.shards.items()):
         offsets[shard_id] = sum(len(k) for k in keys)
         for start in range(0, reader.rows, SCAN_ROWS):
             rows = range(start, min(start + SCAN_ROWS, reader.rows))
-            scored = engine.store.scores(solved.blocks.one(0), [(shard_id, row) for row in rows],
-                                        float(solved.row_self[0]))
-            keys.append(scored.key(rank_by))
+            keys.append(pipeline.stored_scores(solved, 0, [(shard_id, row) for row in rows]).key(rank_by))
     return np.concatenate(keys) if keys else np.zeros(0), offsets
 
 
-def index_ranks(engine: QueryEngine, query: Query, solved: SolvedQueries, pairs: list[tuple[int, int]],
-                rank_by: str) -> list[int]:
-    """The rank of each (shard, row) in the default index answer extended past its candidates
-    (the module docstring says how)."""
-    [default] = engine.query([query], QueryOptions(k=DEFAULT_CANDIDATES, rank_by=rank_by))
+def index_ranks(engine: QueryEngine, query: Query, solved: list[SolvedQueries], pairs: list[tuple[int, int]],
+                options: QueryOptions) -> list[int]:
+    """The rank of each (shard, row) in the default index answer (at the checkpoints of
+    ``options``) extended past its candidates (the module docstring says how)."""
+    rank_by = options.rank_by
+    [default] = engine.query([query], QueryOptions(k=DEFAULT_CANDIDATES, rank_by=rank_by,
+                                                   checkpoints=options.checkpoints))
     answer = default.hits
     ranks = {(h.shard, h.row): h.rank for h in answer}
     if all(pair in ranks for pair in pairs):
         return [ranks[pair] for pair in pairs]
-    keys, offsets = _compressed_keys(engine, solved, rank_by)
+    keys, offsets = _compressed_keys(engine.pipeline_for(options.checkpoints), solved, rank_by)
     outside = np.ones(len(keys), dtype=bool)
     outside[[offsets[h.shard] + h.row for h in answer]] = False
     for shard_id, row in pairs:
@@ -77,15 +78,16 @@ def score_documents(engine: QueryEngine, query: Query, doc_ids: list[str], optio
     with its compressed and exact scores, per-token contributions, and as ``rank`` its place in
     the default index answer ranked by ``options.rank_by`` (extended past its candidates)."""
     clock = Clock()
+    pipeline = engine.pipeline_for(options.checkpoints)
     pairs = engine.store.document_rows(doc_ids)
     every = dataclasses.replace(options, rescore=len(pairs), opponents=False)  # every named row recomputed
-    solved, [scored] = engine.pipeline.score([query], every, lambda solved: [pairs], clock)
-    ranks = dict(zip(pairs, index_ranks(engine, query, solved, pairs, options.rank_by)))
+    solved, [scored] = pipeline.score([query], every, lambda solved: [pairs], clock)
+    ranks = dict(zip(pairs, index_ranks(engine, query, solved, pairs, options)))
     order = sorted(range(len(scored.rows)), key=lambda i: ranks[(int(scored.shards[i]), int(scored.rows[i]))])
-    hits = engine.pipeline.hits(scored, np.array(order, dtype=np.int64))
+    hits = pipeline.hits(scored, np.array(order, dtype=np.int64))
     for hit in hits:
         hit.rank = ranks[(hit.shard, hit.row)]
-    engine.pipeline.recomputer.contributions(hits, solved.one(0))
+    pipeline.contributions(hits, solved, 0)
     clock.lap("metadata")
     return QueryResult(query.prompt, query.completion, "score", hits, [], scored.reported_query_self, engine.rows,
                        clock.total(), rescored=len(hits))

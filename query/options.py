@@ -82,6 +82,8 @@ class QueryOptions:
     opponents: bool = option(True, "also return the k most negative rows")
     contributions: bool = option(False, "split the returned rows' exact scores over their tokens (costs their "
                                         "recomputation once more)")
+    checkpoints: tuple[str, ...] | None = option(None, "a trajectory database's checkpoints, by name, whose "
+                                                       "influence is summed (None: all of them)")
 
     def __post_init__(self):
         if self.rank_by is None:  # the API's keyword for "the default"
@@ -95,6 +97,11 @@ class QueryOptions:
         for name in ("opponents", "contributions"):
             if not isinstance(getattr(self, name), bool):
                 raise QueryError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        if self.checkpoints is not None:
+            if not isinstance(self.checkpoints, (list, tuple)) or not self.checkpoints \
+                    or not all(isinstance(c, str) for c in self.checkpoints):
+                raise QueryError(f"checkpoints is a non-empty list of checkpoint names, not {self.checkpoints!r}")
+            object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
 
     @classmethod
     def of(cls, mode: str, options: QueryOptions | None = None, **fields) -> QueryOptions:

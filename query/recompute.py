@@ -74,10 +74,10 @@ class Recomputer:
         """What one exhaustive pass costs, for any number of queries: every row recomputed once."""
         return self.store.rows * self.row_flops
 
-    def choose(self, scored: ScoredRows, options: QueryOptions) -> dict[str, np.ndarray]:
+    def choose(self, scored: ScoredRows, options: QueryOptions, checkpoints: int = 1) -> dict[str, np.ndarray]:
         """Per end, a mask of the rows to recompute: its best ``options.rescore`` by the compressed
         key, or by default, alternating between the ends best first, as many as the device's
-        :data:`RESCORE_FLOPS` pays for."""
+        :data:`RESCORE_FLOPS` pays for (a row costs a recomputation at each of ``checkpoints``)."""
         key = scored.key(options.rank_by)
         orders = {"top": np.argsort(-key, kind="stable")}
         if options.opponents:
@@ -92,7 +92,7 @@ class Recomputer:
             for end, i in zip(orders, picks):
                 if not any(mask[i] for mask in chosen.values()):  # each row's record read once, when reached
                     [record] = self.store.records([(scored.shards[i], scored.rows[i])])
-                    budget -= self.flops_per_token * (record.token_span[1] - record.token_span[0])
+                    budget -= checkpoints * self.flops_per_token * (record.token_span[1] - record.token_span[0])
                 if budget < 0:
                     return chosen
                 chosen[end][i] = True

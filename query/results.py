@@ -30,6 +30,9 @@ class Hit:
     token_contributions: list[float] | None = None  # per-token split of exact_score
     bm25: float | None = None  # the row's BM25 score for the query's text (text mode and the BM25 prefilter)
     fused: float | None = None  # the hybrid prefilter's reciprocal-rank fusion score, which ranked the hit
+    checkpoint_scores: dict[str, dict[str, float]] | None = None  # a trajectory database's: per checkpoint, its
+    #   unweighted score and normalized score (exact where the row was recomputed); score, normalized_score and
+    #   module_scores are then their weighted sums over the checkpoints
 
     @property
     def final_score(self) -> float:

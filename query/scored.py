@@ -29,7 +29,13 @@ def normalized(scores, self_q: float, self_m):
 class ScoredRows:
     """Scores of rows for one query: parallel arrays, and the query's own self-influence (its
     row's, and once recomputation computed it, its exact one).  Rows recomputed in full have
-    ``exact`` set, and come first in both ends."""
+    ``exact`` set, and come first in both ends.
+
+    Over a trajectory (:meth:`combine`) the rows are scored at each checkpoint (``parts``) and
+    their scores, per-module scores and self-influences are the weighted sums of the parts'; the
+    normalized key is the weighted sum of the checkpoints' cosines, as the evaluations that found
+    the trajectory's gain summed them (docs/evidence.md): each checkpoint's scale (gradient norms,
+    damping) would otherwise weigh the sum."""
 
     shards: np.ndarray
     rows: np.ndarray
@@ -43,6 +49,9 @@ class ScoredRows:
     exact_module_scores: np.ndarray = field(default=None)  # (N, modules)
     exact_self_influence: np.ndarray = field(default=None)  # (N,)
     chosen: dict = field(default_factory=dict)  # end ("top" | "bottom") -> (N,) bool: to recompute for it
+    parts: list | None = None  # over a trajectory: the same rows scored at each checkpoint
+    weights: tuple[float, ...] = ()  # of the parts in the sum
+    names: tuple[str, ...] = ()  # of the parts' checkpoints
 
     def __post_init__(self):
         n = len(self.rows)
@@ -50,6 +59,20 @@ class ScoredRows:
             self.exact = np.zeros(n, dtype=bool)
             self.exact_scores, self.exact_self_influence = np.zeros(n), np.zeros(n)
             self.exact_module_scores = np.zeros_like(self.module_scores)
+
+    @classmethod
+    def combine(cls, parts: list["ScoredRows"], weights: tuple[float, ...], names: tuple[str, ...]) -> "ScoredRows":
+        """The same rows, in the same order, scored at each checkpoint (``parts``), scored over the
+        trajectory: weighted sums, and the parts kept for the cosine key and each hit's breakdown."""
+        def total(name: str):
+            return sum(w * getattr(p, name) for w, p in zip(weights, parts))
+
+        first = parts[0]
+        assert all(np.array_equal(p.rows, first.rows) and np.array_equal(p.exact, first.exact) for p in parts), \
+            "a trajectory's parts score the same rows and recompute the same ones"
+        return cls(first.shards, first.rows, total("scores"), total("module_scores"), total("self_influence"),
+                   float(total("query_self")), float(total("exact_query_self")), first.exact, total("exact_scores"),
+                   total("exact_module_scores"), total("exact_self_influence"), first.chosen, parts, weights, names)
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
@@ -62,13 +85,30 @@ class ScoredRows:
 
     def key(self, rank_by: str) -> np.ndarray:
         """The compressed ranking key of every row."""
-        return self.scores if rank_by == "score" else normalized(self.scores, self.query_self, self.self_influence)
+        if rank_by == "score":
+            return self.scores
+        if self.parts:
+            return sum(w * p.key(rank_by) for w, p in zip(self.weights, self.parts))
+        return normalized(self.scores, self.query_self, self.self_influence)
 
     def exact_key(self, rank_by: str) -> np.ndarray:
         """The exact ranking key (meaningful where ``exact``)."""
         if rank_by == "score":
             return self.exact_scores
+        if self.parts:
+            return sum(w * p.exact_key(rank_by) for w, p in zip(self.weights, self.parts))
         return normalized(self.exact_scores, self.exact_query_self, self.exact_self_influence)
+
+    def _breakdowns(self, order: np.ndarray) -> list[dict[str, dict[str, float]] | None]:
+        """For the rows at ``order``, each one's score and normalized score at each checkpoint of a
+        trajectory (exact where recomputed), unweighted; None for a single model's rows."""
+        if not self.parts:
+            return [None] * len(order)
+        columns = [(name, np.where(self.exact, p.exact_scores, p.scores),
+                    np.where(self.exact, p.exact_key("normalized"), p.key("normalized")))
+                   for name, p in zip(self.names, self.parts)]
+        return [{name: {"score": float(scores[i]), "normalized_score": float(normal[i])}
+                 for name, scores, normal in columns} for i in order]
 
     def ends(self, k: int, rank_by: str, opponents: bool) -> tuple[np.ndarray, np.ndarray]:
         """Indices of the top ``k`` rows and, with ``opponents``, of the ``k`` most negative ones.
@@ -109,16 +149,15 @@ class ScoredRows:
     def hits(self, order: np.ndarray, records: list[RowRecord], modules: list[str]) -> list[Hit]:
         """Hits of the rows at ``order``, ranked 1, 2, ... in that order; ``records`` are theirs."""
         hits = []
-        for rank, (i, record) in enumerate(zip(order, records), start=1):
-            self_m = float(self.self_influence[i])
+        compressed, exact_keys = self.key("normalized"), self.exact_key("normalized")
+        for rank, (i, record, breakdown) in enumerate(zip(order, records, self._breakdowns(order)), start=1):
             exact = bool(self.exact[i])
             module_values = self.exact_module_scores[i] if exact else self.module_scores[i]
             hits.append(Hit.from_record(
                 record, int(self.shards[i]), int(self.rows[i]), rank=rank, score=float(self.scores[i]),
-                normalized_score=float(normalized(self.scores[i], self.query_self, self_m)),
-                self_influence=self_m,
+                normalized_score=float(compressed[i]), self_influence=float(self.self_influence[i]),
                 module_scores={name: float(s) for name, s in zip(modules, module_values)},
                 exact_score=float(self.exact_scores[i]) if exact else None,
-                exact_normalized_score=float(normalized(self.exact_scores[i], self.exact_query_self,
-                                                        self.exact_self_influence[i])) if exact else None))
+                exact_normalized_score=float(exact_keys[i]) if exact else None,
+                checkpoint_scores=breakdown))
         return hits

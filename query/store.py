@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from attribdb import layout
-from attribdb.db_index import open_searchable
+from attribdb.db_index import open_checkpoint, open_searchable
 from attribdb.errors import QueryError
 from attribdb.query.scored import ScoredRows
 from attribdb.records import RowRecord
@@ -19,11 +19,19 @@ from attribdb.runtime import Runtime
 
 
 class RowStore:
-    def __init__(self, runtime: Runtime, shard_ids: list[int] | None = None):
-        """``shard_ids`` restricts the store to some shards (default: all)."""
+    """One checkpoint's rows (``runtime.checkpoint``; 0: the database's model) and the indexes over them."""
+
+    def __init__(self, runtime: Runtime, shard_ids: list[int] | None = None, base: "RowStore | None" = None):
+        """``shard_ids`` restricts the store to some shards (default: all); ``base``: the store of
+        checkpoint 0, whose shards (and LMDB environments) another checkpoint's store reads through."""
         self.row_layout = runtime.row_layout
         self.modules = [m.name for m in runtime.manifest.modules]
-        self.shards, self.indexes = open_searchable(runtime.root, runtime.manifest, runtime.projection, shard_ids)
+        if base is None:
+            self.shards, self.indexes = open_searchable(runtime.root, runtime.manifest, runtime.projection, shard_ids)
+        else:
+            self.shards = {s: reader.view(runtime.checkpoint, runtime.row_layout) for s, reader in base.shards.items()}
+            self.indexes = open_checkpoint(runtime.root, runtime.manifest, self.shards, runtime.projection,
+                                           runtime.checkpoint)
 
     @property
     def rows(self) -> int:

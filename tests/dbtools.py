@@ -70,32 +70,39 @@ def committed_rows(shard: Path) -> int:
 
 def assert_same_database(a: Path, b: Path) -> None:
     """Same shards, bit-identical arrays (read through zarr itself), row files, metadata, factors,
-    text indexes and database index."""
+    text indexes and database index, at every checkpoint of a trajectory database."""
     manifest_a, manifest_b = Manifest.load(a), Manifest.load(b)
     assert manifest_a.shard_ids == manifest_b.shard_ids
     assert [g.sequences for g in manifest_a.generations] == [g.sequences for g in manifest_b.generations]
     assert all(g.state == "complete" for g in manifest_a.generations + manifest_b.generations)
-    for name in (layout.FACTORS_FILE, layout.PROJECTION_FILE):
-        assert (a / layout.FACTORS_DIR / name).read_bytes() == (b / layout.FACTORS_DIR / name).read_bytes()
+    assert manifest_a.checkpoint_count == manifest_b.checkpoint_count
+    checkpoints = range(manifest_a.checkpoint_count)
+    for c in checkpoints:
+        for path_a, path_b in zip(layout.factor_files(a, c), layout.factor_files(b, c)):
+            assert path_a.read_bytes() == path_b.read_bytes()
     for shard_id in manifest_a.shard_ids:
         shard_a, shard_b = layout.shard_dir(a, shard_id), layout.shard_dir(b, shard_id)
-        group_a = zarr.open_group(str(shard_a / layout.GRADS_ZARR), mode="r")
-        group_b = zarr.open_group(str(shard_b / layout.GRADS_ZARR), mode="r")
-        assert sorted(group_a.array_keys()) == sorted(group_b.array_keys())
-        for name in group_a.array_keys():
-            np.testing.assert_array_equal(group_a[name][:], group_b[name][:], err_msg=f"shard {shard_id} {name}")
+        for grads in (layout.grads_zarr(c) for c in checkpoints):
+            group_a = zarr.open_group(str(shard_a / grads), mode="r")
+            group_b = zarr.open_group(str(shard_b / grads), mode="r")
+            assert sorted(group_a.array_keys()) == sorted(group_b.array_keys())
+            for name in group_a.array_keys():
+                np.testing.assert_array_equal(group_a[name][:], group_b[name][:],
+                                              err_msg=f"shard {shard_id} {grads} {name}")
+            files_a, files_b = (sorted(p.relative_to(shard) for p in (shard / grads).rglob("*") if p.is_file())
+                                for shard in (shard_a, shard_b))
+            assert files_a == files_b
+            for name in files_a:
+                assert (shard_a / name).read_bytes() == (shard_b / name).read_bytes(), f"shard {shard_id} {name}"
         assert lmdb_rows(shard_a) == lmdb_rows(shard_b)
         text_a, text_b = (shard / layout.TEXT_FILE for shard in (shard_a, shard_b))
         assert text_a.read_bytes() == text_b.read_bytes(), f"shard {shard_id} {layout.TEXT_FILE}"
-        files_a, files_b = (sorted(p.relative_to(shard) for p in (shard / layout.GRADS_ZARR).rglob("*") if p.is_file())
-                            for shard in (shard_a, shard_b))
-        assert files_a == files_b
-        for name in files_a:
-            assert (shard_a / name).read_bytes() == (shard_b / name).read_bytes(), f"shard {shard_id} {name}"
-    assert manifest_a.database_index == manifest_b.database_index
-    if manifest_a.database_index:
-        name = manifest_a.database_index["file"]
-        assert (a / layout.INDEX_DIR / name).read_bytes() == (b / layout.INDEX_DIR / name).read_bytes()
+    for c in checkpoints:
+        recorded = manifest_a.holder(c).database_index
+        assert recorded == manifest_b.holder(c).database_index
+        if recorded:
+            name = recorded["file"]
+            assert (a / layout.INDEX_DIR / name).read_bytes() == (b / layout.INDEX_DIR / name).read_bytes()
 
 
 def journal(shard: Path) -> list[dict]:

@@ -264,7 +264,7 @@ def test_retired_index_files_are_deleted_after_the_grace_period(tmp_path):
     for name in (names[0], names[2], names[3]):
         os.utime(folder / name, (old, old))
     manifest = M.__new__(M)
-    manifest.database_index = {"file": names[2]}
+    manifest.database_index, manifest.checkpoints = {"file": names[2]}, []
     assert db_index.collect_retired(tmp_path, manifest) == [names[0], names[3]]
     assert sorted(p.name for p in folder.iterdir()) == [names[1], names[2]]
 

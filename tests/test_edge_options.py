@@ -56,6 +56,7 @@ def test_a_first_fit_killed_between_its_files_is_started_again(tmp_path, corpus,
     killed = cli(*args, env_extra={"ATTRIBDB_KILL_AT": "factors-saved:1"}, check=False)
     assert killed.returncode == -9 and layout.factors_path(db).is_file() and not layout.projection_path(db).exists()
     assert Manifest.load(db).rows is None
+    one_line_error(cli_here("build", db, "--corpus", corpus), "interrupted", "give --model")  # was a traceback
     cli_here(*args, "--row-bytes", "2048")  # other options: nothing of the stub is kept
     manifest = Manifest.load(db)
     assert manifest.settings.row_bytes == 2048 and manifest.rows is not None

@@ -82,6 +82,6 @@ def test_a_block_is_written_only_at_its_own_start(tmp_path):
         assert writer.committed == 4
         writer.append(_block(4, 4, row_layout), start=4)
         assert writer.committed == 8
-        np.testing.assert_array_equal(writer.group[layout.ROWS][4:8], _block(4, 4, row_layout).rows)
+        np.testing.assert_array_equal(writer.stores[0][0][layout.ROWS][4:8], _block(4, 4, row_layout).rows)
     finally:
         writer.close()

@@ -109,6 +109,9 @@ def hybrid(bm25: list[list[str]], influence: list[list[str]]) -> list[list[str]]
 
 CHECKPOINTS = "checkpoint influence"
 CHECKPOINT_HYBRID = f"hybrid: RRF of BM25 and checkpoint influence, top {BM25_FILTER}"
+TRAJECTORY = "attribdb trajectory (one database, index)"
+TRAJECTORY_EXHAUSTIVE = "attribdb trajectory (one database, exhaustive)"
+TRAJECTORY_HYBRID = f"hybrid: RRF of BM25 and attribdb trajectory, top {BM25_FILTER}"
 
 
 def row_cosines(results) -> list[dict[tuple[str, tuple[int, ...]], float]]:
@@ -165,7 +168,7 @@ def gradient_cosine_rows(engine, facts) -> list[list[tuple[str, float]]]:
 
 
 def method_rankings(db, docs: list[dict], facts, index_k: int = 200, timings: dict[str, float] | None = None,
-                    checkpoint_dbs: list[Path] = ()) -> dict[str, list[list[str]]]:
+                    checkpoint_dbs: list[Path] = (), trajectory_db: Path | None = None) -> dict[str, list[list[str]]]:
     """Per method, per fact, document ids best first.
 
     attribdb through its index (the default cosine ranking and ``--rank-by score``, ``index_k``
@@ -181,6 +184,10 @@ def method_rankings(db, docs: list[dict], facts, index_k: int = 200, timings: di
     has memorised documents repeated many times, which leaves them almost no gradient; earlier it had
     not, so their gradients can still align with the query's.  Cosines, not scores: each
     checkpoint's scale (gradient norms, damping) would otherwise weigh the sum.
+
+    With ``trajectory_db`` (one attribdb database of the same checkpoints and the final model), the
+    same sum as attribdb answers it: its default index query (``index_k`` deep), its exhaustive pass
+    (which ranks as checkpoint influence does, from one database), and the index answer's hybrid with BM25.
     """
     timings = {} if timings is None else timings
     doc_ids = [d["id"] for d in docs]
@@ -221,6 +228,14 @@ def method_rankings(db, docs: list[dict], facts, index_k: int = 200, timings: di
                                       for i, final in enumerate(per_step[-1])])
         out[CHECKPOINT_HYBRID] = hybrid(out["BM25"], out[CHECKPOINTS])
         timings[CHECKPOINT_HYBRID] = timings[CHECKPOINTS] + timings["BM25"]
+    if trajectory_db is not None:
+        from attribdb import api
+
+        with api.open(trajectory_db) as trajectory:
+            timed(TRAJECTORY, lambda: attribdb_rankings(trajectory, facts, index_k, "normalized"))
+            timed(TRAJECTORY_EXHAUSTIVE, lambda: rank_rows(checkpoint_cosines(trajectory_db, queries)))
+        out[TRAJECTORY_HYBRID] = hybrid(out["BM25"], out[TRAJECTORY])
+        timings[TRAJECTORY_HYBRID] = timings[TRAJECTORY] + timings["BM25"]
 
     def representation() -> list[list[str]]:
         runtime = db.engine.runtime

@@ -29,6 +29,7 @@ from tools.evaluations.worlds import (
     commit,
     mean_spread,
     prepare_world,
+    trajectory_database,
 )
 
 
@@ -57,6 +58,7 @@ def evaluate_seed(world: str, workdir: Path, seed: int, dump: Path | None = None
     facts = prepared.facts
     docs = [json.loads(line) for line in prepared.corpus.read_text().splitlines()]
     checkpoint_dbs = checkpoint_databases(world, seed, prepared, checkpoints) if checkpoints else []
+    trajectory_db = trajectory_database(world, seed, prepared, checkpoints) if checkpoints else None
     timings: dict[str, float] = {}
     with api.open(prepared.db_path) as db:
         # the default query path (k=10, default candidates) first; the others rank deeper, for MRR past rank 10
@@ -74,7 +76,8 @@ def evaluate_seed(world: str, workdir: Path, seed: int, dump: Path | None = None
             started = time.time()
             rankings[method] = attribdb_rankings(db, facts, 100, rank_by, mode=mode)
             timings[method] = time.time() - started
-        rankings.update(method_rankings(db, docs, facts, timings=timings, checkpoint_dbs=checkpoint_dbs))
+        rankings.update(method_rankings(db, docs, facts, timings=timings, checkpoint_dbs=checkpoint_dbs,
+                                       trajectory_db=trajectory_db))
         fidelity = index_recall(db, facts)
     known = known_facts(prepared.model_dir, facts)
     if dump:  # every ranking, for analyses that need no model (e.g. other fusions of the same lists)

@@ -58,30 +58,48 @@ def prepare_world(name: str, workdir: Path, seed: int) -> Prepared:
 
 def checkpoint_databases(name: str, seed: int, prepared: Prepared, steps: tuple[int, ...]) -> list[Path]:
     """Databases of the world's model (``prepared``) as it was after each of ``steps`` (cached), for
-    influence summed over training: the world's training is run again, saving those checkpoints, in
-    ``model-checkpoints`` beside the world's model, and each checkpoint gets a database at the
-    world's settings.  The final model is not among them: it is the world's own, whose database
-    prepare_world made (checked, since the sum relies on it)."""
+    influence summed over training by the evaluation itself: the world's training is run again,
+    saving those checkpoints, in ``model-checkpoints`` beside the world's model, and each checkpoint
+    gets a database at the world's settings.  The final model is not among them: it is the world's
+    own, whose database prepare_world made (checked, since the sum relies on it)."""
     from attribdb import api
 
+    run, key = checkpoint_run(name, seed, prepared, steps)
+    paths = []
+    for step in steps:
+        paths.append(prepared.db_path.parent / f"db-{key}-checkpoint-{step}")
+        api.build(paths[-1], str(prepared.corpus), str(run / f"checkpoint-{step}"), quiet=True,
+                  **seeded(name, seed).build)
+    return paths
+
+
+def trajectory_database(name: str, seed: int, prepared: Prepared, steps: tuple[int, ...]) -> Path:
+    """One trajectory database (cached) of the world's model and its checkpoints after ``steps``, at
+    the world's settings: what attribdb itself offers for influence summed over training."""
+    from attribdb import api
+
+    run, key = checkpoint_run(name, seed, prepared, steps)
+    path = prepared.db_path.parent / f"db-{key}-trajectory-{'-'.join(map(str, steps))}"
+    api.build(path, str(prepared.corpus), str(prepared.model_dir), quiet=True,
+              checkpoints=[str(run / f"checkpoint-{step}") for step in steps], **seeded(name, seed).build)
+    return path
+
+
+def checkpoint_run(name: str, seed: int, prepared: Prepared, steps: tuple[int, ...]) -> tuple[Path, str]:
+    """The world's training run again (cached), saving ``steps``; checked to end on the world's model."""
     config = seeded(name, seed)
-    folder = prepared.db_path.parent
-    run = train_model(prepared.corpus, folder / "model-checkpoints", config.model, progress=False,
+    run = train_model(prepared.corpus, prepared.db_path.parent / "model-checkpoints", config.model, progress=False,
                       tokenizer_from=prepared.model_dir, checkpoints=steps)
     if (run / "model.safetensors").read_bytes() != (prepared.model_dir / "model.safetensors").read_bytes():
         raise RuntimeError(f"{run} ended on another model than {prepared.model_dir}: training is not reproducible here")
-    key = hashlib.sha256((run / CACHE_FILE).read_bytes()).hexdigest()[:12]
-    paths = []
-    for step in steps:
-        paths.append(folder / f"db-{key}-checkpoint-{step}")
-        api.build(paths[-1], str(prepared.corpus), str(run / f"checkpoint-{step}"), quiet=True, **config.build)
-    return paths
+    return run, hashlib.sha256((run / CACHE_FILE).read_bytes()).hexdigest()[:12]
 
 
 def add_checkpoints_option(parser) -> None:
     parser.add_argument("--checkpoints", type=int, nargs="+", default=[], help="also checkpoint influence, summed "
-                        "over the model after these training steps and the final model (one more training per "
-                        "seed and one database per checkpoint, cached)")
+                        "over the model after these training steps and the final model: by the evaluation over one "
+                        "database per checkpoint, and by attribdb over one trajectory database (one more training "
+                        "per seed, cached)")
 
 
 def commit() -> str:
