@@ -112,11 +112,16 @@ class QueryEngine:
     def _indexed(self, queries: list[Query], options: QueryOptions, mode: str, quiet: bool) -> Iterator[QueryResult]:
         pipeline = self.pipeline_for(options.checkpoints)
         description = "query" if mode == "index" else mode
-        for chunk in batches.in_chunks(queries, self._chunk_size(batches.QUERY_BUDGET, pipeline), description, quiet):
+        size = self._chunk_size(batches.QUERY_BUDGET, pipeline)
+        # index chunks as large as an exhaustive pass takes, so a chunk that takes one takes one pass
+        outer = max(size, self._chunk_size(batches.EXHAUSTIVE_BUDGET, pipeline)) if mode == "index" else size
+        for chunk in batches.in_chunks(queries, outer, description, quiet):
             if mode == "index" and self._exhaustive_is_cheaper(pipeline, len(chunk), options):
                 yield from exhaustive_pass(pipeline, chunk, options, quiet=True)[options.rank_by]
-            else:
-                yield from pipeline.answer(chunk, options, mode, lambda solved: pipeline.search(solved, options))
+                continue
+            for start in range(0, len(chunk), size):
+                yield from pipeline.answer(chunk[start:start + size], options, mode,
+                                           lambda solved: pipeline.search(solved, options))
 
     @staticmethod
     def _exhaustive_is_cheaper(pipeline: ScoringPipeline, queries: int, options: QueryOptions) -> bool:
