@@ -233,6 +233,7 @@ def main() -> None:
 
 def wide(source: Path, copies: int, work: Path) -> None:
     """Index latency on a wide model: ``source``'s shards copied ``copies`` times."""
+    import dataclasses
     import json
     import shutil
 
@@ -254,6 +255,10 @@ def wide(source: Path, copies: int, work: Path) -> None:
                 shutil.copytree(layout.shard_dir(source, shard_id), target)
         template.shards *= copies
         template.sequences *= copies
+        if template.sequences // copies < manifest.settings.shard_size:  # one part-filled shard, copied:
+            # the copy says its shards are that size (read only: commit units matter to writers alone)
+            manifest.settings = dataclasses.replace(manifest.settings, shard_size=template.sequences // copies,
+                                                    commit_rows=1)
         manifest.save(db)
     rss_start = current_rss_mib()
     runtime = Runtime.load(db)
