@@ -99,9 +99,14 @@ def _sealed(readers: dict) -> dict:
     return {s: reader for s, reader in sorted(readers.items()) if reader.sealed and reader.rows}
 
 
+def _block_rows(width: int) -> int:
+    """Rows of float32 index vectors ``width`` wide in :data:`SCAN_BLOCK_BYTES`."""
+    return max(1, SCAN_BLOCK_BYTES // (4 * width))
+
+
 def _blocks(reader: ShardReader, projection):
     """A shard's rows in blocks of about :data:`SCAN_BLOCK_BYTES` as float32 index vectors."""
-    size = max(1, SCAN_BLOCK_BYTES // (4 * reader.layout.index_dim))
+    size = _block_rows(reader.layout.index_dim)
     for start in range(0, reader.rows, size):
         rows = np.arange(start, min(start + size, reader.rows))
         yield rows, reader.faiss_vectors(projection, rows)
@@ -251,9 +256,9 @@ class IndexSet:
         queries = np.ascontiguousarray(np.pad(queries, ((0, 0), (0, width - queries.shape[1]))))
         found = [[] for _ in range(len(queries))]
         for shard_id in self.scanned:
-            vectors = self._vectors_of(shard_id)
-            for start in range(0, len(vectors), SCAN_BLOCK_BYTES // (4 * width)):
-                block = vectors[start:start + SCAN_BLOCK_BYTES // (4 * width)]
+            vectors, size = self._vectors_of(shard_id), _block_rows(width)
+            for start in range(0, len(vectors), size):
+                block = vectors[start:start + size]
                 _keep_best(found, queries @ block.T, shard_id, np.arange(start, start + len(block)), k)
         if self.database is not None and len(queries):
             scores, ids = self.database.search(queries, min(k, self.database.ntotal))

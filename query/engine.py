@@ -129,9 +129,11 @@ class QueryEngine:
         one exhaustive pass, which recomputes every row once (at each checkpoint) for all of them
         and is exact: a batch then never costs more per query than the exhaustive pass.  A single
         query, or one whose ``rescore`` the caller chose, always takes the index path it asked for."""
-        index = sum(recomputer.index_flops(options) for recomputer in pipeline.recomputers)
-        exhaustive = sum(recomputer.exhaustive_flops() for recomputer in pipeline.recomputers)
-        return queries > 1 and options.rescore is None and queries * index >= exhaustive
+        if queries < 2 or options.rescore is not None:  # priced only when it could switch: pricing reads rows
+            return False
+        checkpoints = len(pipeline.recomputers)
+        index = sum(recomputer.index_flops(options, checkpoints) for recomputer in pipeline.recomputers)
+        return queries * index >= sum(recomputer.exhaustive_flops() for recomputer in pipeline.recomputers)
 
     def exact_on(self, query: Query, rows: list[tuple[int, int]], options: QueryOptions) -> QueryResult:
         """Exact mode on rows chosen elsewhere (the BM25 prefilter, query/text.py): every (shard,

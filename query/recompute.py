@@ -60,15 +60,21 @@ class Recomputer:
         tokens = np.mean([r.token_span[1] - r.token_span[0] for r in records]) if records else 0.0
         return self.flops_per_token * float(tokens)
 
-    def index_flops(self, options: QueryOptions) -> float:
-        """What one query in index mode costs: its candidates scored from their stored rows, then
-        recomputed as ``options.rescore`` (or the default budget) asks."""
+    @property
+    def default_budget(self) -> float:
+        """Floating-point operations default recomputation may spend per query on this device."""
+        return RESCORE_FLOPS.get(self.runtime.device.type, RESCORE_FLOPS["cpu"])
+
+    def index_flops(self, options: QueryOptions, checkpoints: int = 1) -> float:
+        """What one query in index mode costs at this checkpoint: its candidates scored from their
+        stored rows, then recomputed as ``options.rescore`` asks, or as this checkpoint's share of
+        the default budget, which :meth:`choose` spends once over all ``checkpoints``."""
         ends = 2 if options.opponents else 1
         stored = ends * options.pool * scoring_flops(self.runtime.row_layout)
         everything = ends * options.pool * self.row_flops
         if options.rescore is not None:
             return stored + min(everything, ends * options.rescore * self.row_flops)
-        return stored + min(everything, RESCORE_FLOPS.get(self.runtime.device.type, RESCORE_FLOPS["cpu"]))
+        return stored + min(everything, self.default_budget / checkpoints)
 
     def exhaustive_flops(self) -> float:
         """What one exhaustive pass costs, for any number of queries: every row recomputed once."""
@@ -87,7 +93,7 @@ class Recomputer:
             for end, order in orders.items():
                 chosen[end][order[:options.rescore]] = True
             return chosen
-        budget = RESCORE_FLOPS.get(self.runtime.device.type, RESCORE_FLOPS["cpu"])
+        budget = self.default_budget
         for picks in zip(*orders.values()):
             for end, i in zip(orders, picks):
                 if not any(mask[i] for mask in chosen.values()):  # each row's record read once, when reached
