@@ -351,12 +351,16 @@ def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
     return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
 
 
-_NIBBLE_VALUES = np.stack([(np.arange(256) & 15) - 8, (np.arange(256) >> 4) - 8], axis=1).astype(np.float32)
-
-
-def _unpack_nibbles(packed: np.ndarray, length: int) -> np.ndarray:
-    """(n, ⌈k/2⌉) bytes → (n, k) signed values in -7..7 (float32), by table lookup."""
-    return _NIBBLE_VALUES[packed].reshape(packed.shape[0], 2 * packed.shape[1])[:, :length]
+def _unpack_nibbles(packed: np.ndarray, length: int, scales: np.ndarray) -> np.ndarray:
+    """(n, ⌈k/2⌉) bytes → (n, k) float32 codes in -7..7 times each row's scale (n, 1): split by
+    bit masks, not a table lookup, which cost seven times as long."""
+    codes = np.empty((packed.shape[0], 2 * packed.shape[1]), np.uint8)
+    np.bitwise_and(packed, 15, out=codes[:, 0::2])
+    np.right_shift(packed, 4, out=codes[:, 1::2])
+    values = codes[:, :length].astype(np.float32)
+    values -= 8
+    values *= scales
+    return values
 
 
 @dataclass
@@ -400,7 +404,8 @@ def pack(layout: RowLayout, ranks: np.ndarray, left: list[torch.Tensor], right: 
 def unpack(layout: RowLayout, payloads: np.ndarray) -> list[Components]:
     """Every module's components of (N, payload_bytes) payloads, dequantized, gathered in one
     indexing per module (a loop over rows cost half a millisecond a row)."""
-    payloads = np.asarray(payloads)
+    payloads = np.ascontiguousarray(payloads)
+    flat = payloads.reshape(-1)  # one flat gather per module is three times as fast as a 2-d one
     ranks = payloads[:, :layout.header_bytes].astype(np.int64)
     offsets = _offsets(layout, ranks)
     out = []
@@ -409,11 +414,11 @@ def unpack(layout: RowLayout, payloads: np.ndarray) -> list[Components]:
         owners = np.repeat(np.arange(len(payloads)), ranks[:, m])
         within = np.arange(len(owners)) - np.repeat(np.cumsum(ranks[:, m]) - ranks[:, m], ranks[:, m])
         starts = offsets[owners, m] + within * size
-        record = payloads[owners[:, None], starts[:, None] + np.arange(size)]
+        record = flat[(owners * payloads.shape[1] + starts)[:, None] + np.arange(size)]
         scales = np.ascontiguousarray(record[:, :SCALE_BYTES]).view(np.float32)
         u_bytes = SCALE_BYTES + (k_out + 1) // 2
-        left = _unpack_nibbles(record[:, SCALE_BYTES:u_bytes], k_out) * scales[:, :1]
-        right = _unpack_nibbles(record[:, u_bytes:], k_in) * scales[:, 1:2]
+        left = _unpack_nibbles(record[:, SCALE_BYTES:u_bytes], k_out, scales[:, :1])
+        right = _unpack_nibbles(record[:, u_bytes:], k_in, scales[:, 1:2])
         out.append(Components(owners, left, right))
     return out
 
