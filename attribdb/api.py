@@ -180,7 +180,8 @@ def build(path: str | Path, corpus: str, model: str | None = None, *, append: bo
     ``checkpoints`` (model folders) and ``checkpoints_from`` (a Trainer output folder: every
     ``checkpoint-N/`` in it) make a trajectory database: a row per sequence from each checkpoint
     beside ``model``'s, one copy of the sequences, and queries that sum the influence over them;
-    ``checkpoint_weights``: ``"uniform"`` (1 each) or ``"lr"`` (each checkpoint's learning rate)."""
+    ``checkpoint_weights``: ``"uniform"`` (1 each), ``"lr"`` (each checkpoint's learning rate) or
+    comma-separated numbers, one per checkpoint, the model's first."""
     from attribdb.indexer.build import build_database
     from attribdb.indexer.corpus import CorpusSpec
 

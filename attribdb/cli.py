@@ -73,10 +73,10 @@ def corpus_options(func):
 
 def checkpoint_options(func):
     """A trajectory database's other checkpoints (indexer/checkpoints.py)."""
-    func = click.option("--checkpoint-weights", type=click.Choice(["uniform", "lr"]), default="uniform",
-                        show_default=True,
-                        help="each checkpoint's weight in the summed influence: 1, or the learning rate at its "
-                             "step (from its trainer_state.json or attribdb's Trainer callback)")(func)
+    func = click.option("--checkpoint-weights", default="uniform", show_default=True,
+                        help="each checkpoint's weight in the summed influence: uniform (1 each), lr (the learning "
+                             "rate at its step, from its trainer_state.json or attribdb's Trainer callback), or "
+                             "numbers such as 0,1,0.5: one per checkpoint, --model's first")(func)
     func = click.option("--checkpoints-from", type=click.Path(exists=True, file_okay=False),
                         help="a Trainer output folder: each of its checkpoint-N/ folders is a checkpoint")(func)
     func = click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(exists=True, file_okay=False),

@@ -19,7 +19,6 @@ leaves no half-written checkpoint; a step already saved (a resumed run) is not s
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Iterable
@@ -28,7 +27,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from attribdb.errors import ConfigError
-from attribdb.indexer.checkpoints import RECORD
+from attribdb.indexer.checkpoints import record
 
 
 class TrajectoryCallback(TrainerCallback):
@@ -77,7 +76,7 @@ class TrajectoryCallback(TrainerCallback):
         shutil.rmtree(made, ignore_errors=True)
         model.save_pretrained(made)
         tokenizer.save_pretrained(made)
-        (made / RECORD).write_text(json.dumps({"step": step, "learning_rate": learning_rate}))
+        record(made, step, learning_rate)
         os.replace(made, final)
         return final
 

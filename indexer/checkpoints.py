@@ -7,7 +7,9 @@ every ``checkpoint-N/`` folder of a Hugging Face ``Trainer`` output folder (``--
 
 Each checkpoint's weight in the sum is 1 (``uniform``), or, as TracIn and SOURCE weigh them, the
 learning rate the run trained with at its step (``lr``), read from what the Trainer saved beside it
-(``trainer_state.json``) or what :class:`attribdb.trajectory.TrajectoryCallback` recorded.
+(``trainer_state.json``) or what :func:`record` wrote there (attribdb's Trainer callback and demo
+trainer do), or numbers the user gives, one per checkpoint in the order the build takes them
+(``--model`` first, then each ``--checkpoint``, then ``--checkpoints-from``'s by step).
 """
 
 from __future__ import annotations
@@ -33,11 +35,24 @@ class CheckpointSpec:
 
     paths: tuple[str, ...] = ()  # --checkpoint, in the order given
     trainer_output: str | None = None  # --checkpoints-from: every checkpoint-N/ in it, by step
-    weights: str = "uniform"  # uniform | lr
+    weights: str = "uniform"  # uniform | lr | comma-separated numbers, one per checkpoint
 
     def __post_init__(self):
         if self.weights not in WEIGHTINGS:
-            raise ConfigError(f"checkpoint weights must be one of {', '.join(WEIGHTINGS)}, not {self.weights!r}")
+            self.given_weights()  # refused here, before any work, when they are not numbers
+
+    def given_weights(self) -> list[float] | None:
+        """The numbers given as weights, or None for a named weighting."""
+        if self.weights in WEIGHTINGS:
+            return None
+        try:
+            numbers = [float(w) for w in self.weights.split(",")]
+        except ValueError:
+            numbers = []
+        if not numbers or not all(_usable(n) for n in numbers):
+            raise ConfigError(f"checkpoint weights are {' or '.join(WEIGHTINGS)} or comma-separated numbers of at "
+                              f"least 0, one per checkpoint, not {self.weights!r}")
+        return numbers
 
     @property
     def given(self) -> bool:
@@ -68,14 +83,26 @@ def resolve(model: str, spec: CheckpointSpec) -> list[Checkpoint]:
     others = [p for p in dict.fromkeys(paths) if p != model_path]  # the model may be one of the run's checkpoints
     if not others:
         raise ConfigError("the checkpoints given are all the model itself: give other checkpoints, or none")
-    checkpoints = [Checkpoint(name=p.name, step=_step(p), weight=_weight(p, spec.weights),
-                              model_path=str(p) if i else None) for i, p in enumerate([model_path, *others])]
+    folders = [model_path, *others]
+    given = spec.given_weights()
+    if given is not None and len(given) != len(folders):
+        raise ConfigError(f"{len(given)} checkpoint weights for {len(folders)} checkpoints (the model and "
+                          f"{len(others)} others): give one weight per checkpoint, the model's first")
+    weights = given or [_weight(p, spec.weights) for p in folders]
+    checkpoints = [Checkpoint(name=p.name, step=_step(p), weight=weight, model_path=str(p) if i else None)
+                   for i, (p, weight) in enumerate(zip(folders, weights))]
     names = [c.name for c in checkpoints]
     repeated = next((n for n in names if names.count(n) > 1), None)
     if repeated:
         raise ConfigError(f"two checkpoints are folders named {repeated!r}; a checkpoint is named by its folder, "
                           "so give folders of different names")
     return checkpoints
+
+
+def record(folder: str | Path, step: int, learning_rate: float | None) -> None:
+    """Write beside a saved model what a trajectory build reads of it: its step and the learning rate
+    that step trained with (``--checkpoint-weights lr``)."""
+    (Path(folder) / RECORD).write_text(json.dumps({"step": step, "learning_rate": learning_rate}))
 
 
 def _json(path: Path) -> dict | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from types import SimpleNamespace
 
@@ -94,3 +95,11 @@ def test_checkpoints_leave_the_final_model_and_its_cache_key_alone(tmp_path):
         weights = (saved / f"checkpoint-{step}" / "model.safetensors").read_bytes()
         assert weights != (plain / "model.safetensors").read_bytes()
         assert (saved / f"checkpoint-{step}" / "tokenizer.json").is_file()
+    # each records its step and the learning rate it trained with (cosine decay, no warm-up at 6 steps)
+    from attribdb.indexer.checkpoints import CheckpointSpec, resolve
+
+    held = resolve(str(saved), CheckpointSpec(paths=(str(saved / "checkpoint-2"), str(saved / "checkpoint-4")),
+                                              weights="lr"))
+    assert [(c.step, c.weight) for c in held] == [
+        (step, pytest.approx(config.learning_rate * 0.5 * (1 + math.cos(math.pi * (step - 1) / 6))))
+        for step in (6, 2, 4)]

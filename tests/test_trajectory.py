@@ -157,7 +157,25 @@ def test_bad_checkpoint_options_are_one_line_errors(databases, small_corpus, mod
     one_line_error(cli_here("build", tmp_path / "lr", "--corpus", small_corpus, "--model", model_dir,
                             "--checkpoint", other_model_dir, "--checkpoint-weights", "lr", *SMALL_SETTINGS),
                    "records no learning rate")
+    for weights, message in (("1,2,3", "3 checkpoint weights for 2 checkpoints"), ("1,x", "comma-separated numbers"),
+                             ("1,-2", "of at least 0")):
+        one_line_error(cli_here("build", tmp_path / "lr", "--corpus", small_corpus, "--model", model_dir,
+                                "--checkpoint", other_model_dir, "--checkpoint-weights", weights, *SMALL_SETTINGS),
+                       message)
     assert not (tmp_path / "db").exists() and not (tmp_path / "lr").exists()  # nothing half-made left behind
+
+
+def test_weights_given_at_build_weigh_each_checkpoints_scores_and_cosines(databases, tmp_path, small_corpus,
+                                                                          model_dir, other_model_dir):
+    cli("build", tmp_path / "weighted", "--corpus", small_corpus, "--model", model_dir, "--checkpoint",
+        other_model_dir, "--checkpoint-weights", "0.5,2", "--quiet", *SMALL_SETTINGS)
+    assert [c.weight for c in Manifest.load(tmp_path / "weighted").checkpoints] == [0.5, 2.0]
+    weighted = _every_row(tmp_path / "weighted")
+    for summed, one, other in zip(weighted, _every_row(databases["first"]), _every_row(databases["second"])):
+        assert summed.keys() == one.keys()
+        for row, (score, normalized, _) in summed.items():
+            assert score == pytest.approx(0.5 * one[row][0] + 2 * other[row][0], rel=1e-6, abs=1e-9)
+            assert normalized == pytest.approx(0.5 * one[row][1] + 2 * other[row][1], rel=1e-6, abs=1e-9)
 
 
 def test_fit_makes_a_trajectory_database_that_build_then_fills(tmp_path, small_corpus, model_dir, other_model_dir):

@@ -89,7 +89,11 @@ def train_model(corpus_jsonl: Path, out_dir: Path, config: DemoModelConfig = Dem
     tokenizer, as ``out_dir/checkpoint-STEP``: influence summed over training
     sees the fact documents before the model has memorised them.  Saving
     consumes no randomness, so the final model is the one trained without them.
+    Each checkpoint and the final model record their step and learning rate as
+    attribdb's Trainer callback does (``--checkpoint-weights lr`` reads them).
     """
+    from attribdb.indexer.checkpoints import record
+
     from tqdm import tqdm
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -99,6 +103,7 @@ def train_model(corpus_jsonl: Path, out_dir: Path, config: DemoModelConfig = Dem
         fingerprint["tokenizer_from"] = str(tokenizer_from)
     if checkpoints:  # only when asked for: models trained before checkpoints existed stay valid
         fingerprint["checkpoints"] = sorted(checkpoints)
+        fingerprint["recorded"] = "step and learning rate"  # runs saved before the records are made again
     cache = out_dir / CACHE_FILE
     if cache.is_file() and json.loads(cache.read_text()) == fingerprint:
         return out_dir
@@ -138,13 +143,16 @@ def train_model(corpus_jsonl: Path, out_dir: Path, config: DemoModelConfig = Dem
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        learning_rate = optimizer.param_groups[0]["lr"]  # the one this step trained with
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step + 1 in checkpoints:
             model.eval().save_pretrained(work / f"checkpoint-{step + 1}")
             tokenizer.save_pretrained(work / f"checkpoint-{step + 1}")
+            record(work / f"checkpoint-{step + 1}", step + 1, learning_rate)
             model.train()
     model.eval().save_pretrained(work)
+    record(work, config.train_steps, learning_rate)
     (work / CACHE_FILE).write_text(json.dumps(fingerprint))
     shutil.rmtree(out_dir, ignore_errors=True)
     work.rename(out_dir)  # a killed run leaves only the .partial folder, never a model that looks complete

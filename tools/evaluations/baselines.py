@@ -112,6 +112,8 @@ CHECKPOINT_HYBRID = f"hybrid: RRF of BM25 and checkpoint influence, top {BM25_FI
 TRAJECTORY = "attribdb trajectory (one database, index)"
 TRAJECTORY_EXHAUSTIVE = "attribdb trajectory (one database, exhaustive)"
 TRAJECTORY_HYBRID = f"hybrid: RRF of BM25 and attribdb trajectory, top {BM25_FILTER}"
+TRAJECTORY_LR = "attribdb trajectory, lr-weighted (one database, index)"
+TRAJECTORY_LR_HYBRID = f"hybrid: RRF of BM25 and lr-weighted attribdb trajectory, top {BM25_FILTER}"
 
 
 def row_cosines(results) -> list[dict[tuple[str, tuple[int, ...]], float]]:
@@ -168,7 +170,8 @@ def gradient_cosine_rows(engine, facts) -> list[list[tuple[str, float]]]:
 
 
 def method_rankings(db, docs: list[dict], facts, index_k: int = 200, timings: dict[str, float] | None = None,
-                    checkpoint_dbs: list[Path] = (), trajectory_db: Path | None = None) -> dict[str, list[list[str]]]:
+                    checkpoint_dbs: list[Path] = (), trajectory_dbs: dict[str, Path] | None = None,
+                    ) -> dict[str, list[list[str]]]:
     """Per method, per fact, document ids best first.
 
     attribdb through its index (the default cosine ranking and ``--rank-by score``, ``index_k``
@@ -185,9 +188,10 @@ def method_rankings(db, docs: list[dict], facts, index_k: int = 200, timings: di
     not, so their gradients can still align with the query's.  Cosines, not scores: each
     checkpoint's scale (gradient norms, damping) would otherwise weigh the sum.
 
-    With ``trajectory_db`` (one attribdb database of the same checkpoints and the final model), the
-    same sum as attribdb answers it: its default index query (``index_k`` deep), its exhaustive pass
-    (which ranks as checkpoint influence does, from one database), and the index answer's hybrid with BM25.
+    With ``trajectory_dbs`` (one attribdb database of the same checkpoints and the final model per
+    weighting, ``uniform`` and ``lr``), the same sum as attribdb answers it: its default index query
+    (``index_k`` deep), the uniform one's exhaustive pass (which ranks as checkpoint influence does,
+    from one database), and each index answer's hybrid with BM25.
     """
     timings = {} if timings is None else timings
     doc_ids = [d["id"] for d in docs]
@@ -228,14 +232,16 @@ def method_rankings(db, docs: list[dict], facts, index_k: int = 200, timings: di
                                       for i, final in enumerate(per_step[-1])])
         out[CHECKPOINT_HYBRID] = hybrid(out["BM25"], out[CHECKPOINTS])
         timings[CHECKPOINT_HYBRID] = timings[CHECKPOINTS] + timings["BM25"]
-    if trajectory_db is not None:
+    if trajectory_dbs:
         from attribdb import api
 
-        with api.open(trajectory_db) as trajectory:
-            timed(TRAJECTORY, lambda: attribdb_rankings(trajectory, facts, index_k, "normalized"))
-            timed(TRAJECTORY_EXHAUSTIVE, lambda: rank_rows(checkpoint_cosines(trajectory_db, queries)))
-        out[TRAJECTORY_HYBRID] = hybrid(out["BM25"], out[TRAJECTORY])
-        timings[TRAJECTORY_HYBRID] = timings[TRAJECTORY] + timings["BM25"]
+        timed(TRAJECTORY_EXHAUSTIVE, lambda: rank_rows(checkpoint_cosines(trajectory_dbs["uniform"], queries)))
+        for weights, method, fused in (("uniform", TRAJECTORY, TRAJECTORY_HYBRID),
+                                       ("lr", TRAJECTORY_LR, TRAJECTORY_LR_HYBRID)):
+            with api.open(trajectory_dbs[weights]) as trajectory:
+                timed(method, lambda: attribdb_rankings(trajectory, facts, index_k, "normalized"))
+            out[fused] = hybrid(out["BM25"], out[method])
+            timings[fused] = timings[method] + timings["BM25"]
 
     def representation() -> list[list[str]]:
         runtime = db.engine.runtime

@@ -35,7 +35,7 @@ from tools.evaluations.worlds import (
     mean_spread,
     prepare_world,
     seeded,
-    trajectory_database,
+    trajectory_databases,
 )
 
 SKIPPED = ("BM25, prompt only",)  # a fact-tracing reference, not one of the methods judged here
@@ -69,10 +69,10 @@ def evaluate_seed(world: str, workdir: Path, seed: int, ks: list[int], methods: 
     facts = prepared.facts
     docs = [json.loads(line) for line in prepared.corpus.read_text().splitlines()]
     checkpoint_dbs = checkpoint_databases(world, seed, prepared, checkpoints) if checkpoints else []
-    trajectory_db = trajectory_database(world, seed, prepared, checkpoints) if checkpoints else None
+    trajectory_dbs = trajectory_databases(world, seed, prepared, checkpoints) if checkpoints else None
     with api.open(prepared.db_path) as db:
         all_rankings = method_rankings(db, docs, facts, index_k=100, checkpoint_dbs=checkpoint_dbs,
-                                       trajectory_db=trajectory_db)
+                                       trajectory_dbs=trajectory_dbs)
         rankings = {m: r for m, r in all_rankings.items() if m not in SKIPPED}
     rng = random.Random(seed)
     rankings["random"] = [rng.sample([d["id"] for d in docs], max(ks)) for _ in facts]

@@ -29,7 +29,7 @@ from tools.evaluations.worlds import (
     commit,
     mean_spread,
     prepare_world,
-    trajectory_database,
+    trajectory_databases,
 )
 
 
@@ -58,7 +58,7 @@ def evaluate_seed(world: str, workdir: Path, seed: int, dump: Path | None = None
     facts = prepared.facts
     docs = [json.loads(line) for line in prepared.corpus.read_text().splitlines()]
     checkpoint_dbs = checkpoint_databases(world, seed, prepared, checkpoints) if checkpoints else []
-    trajectory_db = trajectory_database(world, seed, prepared, checkpoints) if checkpoints else None
+    trajectory_dbs = trajectory_databases(world, seed, prepared, checkpoints) if checkpoints else None
     timings: dict[str, float] = {}
     with api.open(prepared.db_path) as db:
         # the default query path (k=10, default candidates) first; the others rank deeper, for MRR past rank 10
@@ -77,7 +77,7 @@ def evaluate_seed(world: str, workdir: Path, seed: int, dump: Path | None = None
             rankings[method] = attribdb_rankings(db, facts, 100, rank_by, mode=mode)
             timings[method] = time.time() - started
         rankings.update(method_rankings(db, docs, facts, timings=timings, checkpoint_dbs=checkpoint_dbs,
-                                       trajectory_db=trajectory_db))
+                                       trajectory_dbs=trajectory_dbs))
         fidelity = index_recall(db, facts)
     known = known_facts(prepared.model_dir, facts)
     if dump:  # every ranking, for analyses that need no model (e.g. other fusions of the same lists)

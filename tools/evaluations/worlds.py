@@ -73,16 +73,21 @@ def checkpoint_databases(name: str, seed: int, prepared: Prepared, steps: tuple[
     return paths
 
 
-def trajectory_database(name: str, seed: int, prepared: Prepared, steps: tuple[int, ...]) -> Path:
-    """One trajectory database (cached) of the world's model and its checkpoints after ``steps``, at
-    the world's settings: what attribdb itself offers for influence summed over training."""
+def trajectory_databases(name: str, seed: int, prepared: Prepared, steps: tuple[int, ...]) -> dict[str, Path]:
+    """Per checkpoint weighting (``uniform`` and ``lr``, both chosen before any run: TracIn's two),
+    one trajectory database (cached) of the world's model and its checkpoints after ``steps``, at the
+    world's settings: what attribdb itself offers for influence summed over training.  Its model is the
+    checkpoint run's final one (byte-identical to the world's), which records its learning rate."""
     from attribdb import api
 
     run, key = checkpoint_run(name, seed, prepared, steps)
-    path = prepared.db_path.parent / f"db-{key}-trajectory-{'-'.join(map(str, steps))}"
-    api.build(path, str(prepared.corpus), str(prepared.model_dir), quiet=True,
-              checkpoints=[str(run / f"checkpoint-{step}") for step in steps], **seeded(name, seed).build)
-    return path
+    out = {}
+    for weights in ("uniform", "lr"):
+        out[weights] = prepared.db_path.parent / (f"db-{key}-trajectory-{'-'.join(map(str, steps))}"
+                                                  + ("" if weights == "uniform" else f"-{weights}"))
+        api.build(out[weights], str(prepared.corpus), str(run), quiet=True, checkpoint_weights=weights,
+                  checkpoints=[str(run / f"checkpoint-{step}") for step in steps], **seeded(name, seed).build)
+    return out
 
 
 def checkpoint_run(name: str, seed: int, prepared: Prepared, steps: tuple[int, ...]) -> tuple[Path, str]:
