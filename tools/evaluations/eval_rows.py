@@ -22,6 +22,12 @@ with the ground truth, ``exhaustive`` (every row recomputed, uncompressed):
 - ``p50``: of single default queries and single ``rescore=0`` queries, on one thread: wall clock
   and the process's CPU time (on a shared machine the wall clock also counts other people's work).
 
+``--models realtext-trajectory``: the real-text model's training run again, with the model saved
+after a quarter, half and three quarters of its steps, as two trajectory databases of those
+checkpoints and the final model (``--checkpoint-weights uniform`` and ``lr``), each judged like a
+model of its own against its own exhaustive pass, on the same retrained halves: does influence
+summed over training predict retraining better than the final model's?
+
 The exhaustive scores depend on the model, the corpus and the fit settings, which every
 representation of a model shares, not on the rows: they are computed once per model (on its first
 database) and cached beside its databases, as are the databases themselves, so a rerun with a new
@@ -50,7 +56,7 @@ import torch
 
 from tools.evaluations.lds import LDSConfig, Retrainings, add_lds_options, spearman
 from tools.evaluations.measures import pearson
-from tools.evaluations.realtext import RealTextConfig, real_text_world
+from tools.evaluations.realtext import RealTextConfig, corpus_tokens, real_text_world, recipe
 
 DEFAULT_ROWS = ("32768",)
 BUILD = {"max_length": 128, "fit_sample_size": 512, "batch_size": 8}  # the demo's; every model here is 128 wide
@@ -84,10 +90,13 @@ class Subject:
 
     @property
     def key(self) -> str:
-        """Folder of this model's databases: a new model or corpus never reuses old ones."""
+        """Folder of this model's databases: a new model or corpus never reuses old ones, nor a
+        trajectory database one of other checkpoints or weights."""
         digest = hashlib.sha256()
         for path in (self.corpus, *sorted(self.model_dir.glob("*.json"))):
             digest.update(path.read_bytes())
+        if "checkpoints" in self.build:  # not in single-model keys, which name databases built before trajectories
+            digest.update(json.dumps(self.build, sort_keys=True).encode())
         return f"{self.model_dir.name}-{digest.hexdigest()[:10]}"
 
 
@@ -116,13 +125,34 @@ def realtext_subject(workdir: Path, world_config: RealTextConfig, lds_config: LD
     return Subject(world.name, world.corpus, world.model_dir, retrainings.queries, retrainings)
 
 
+def realtext_trajectory_subjects(workdir: Path, world_config: RealTextConfig, lds_config: LDSConfig) -> list[Subject]:
+    """The real-text model's training run again, saving the model after a quarter, half and three
+    quarters of its steps (the evaluation worlds' steps 200, 400 and 600 of 800, chosen before any
+    run), as two trajectory databases of those checkpoints and the final model: weighted uniformly
+    and by the learning rate at each checkpoint (TracIn's two weightings)."""
+    from tools.evaluations.worlds import rerun_with_checkpoints
+
+    world = real_text_world(workdir, world_config, progress=False)
+    retrainings = Retrainings(world, lds_config)
+    config = recipe(world_config, corpus_tokens(world.corpus, world.tokenizer_dir))
+    steps = tuple(config.train_steps * quarter // 4 for quarter in (1, 2, 3))
+    run = rerun_with_checkpoints(world.corpus, world.model_dir.parent / "model-checkpoints", config,
+                                 world.model_dir, steps)
+    checkpoints = [str(run / f"checkpoint-{step}") for step in steps]
+    return [Subject(f"{world.name}, trajectory of steps {', '.join(map(str, steps))} and "
+                    f"{config.train_steps}, {weights}", world.corpus, run, retrainings.queries, retrainings,
+                    build={**BUILD, "checkpoints": checkpoints, "checkpoint_weights": weights})
+            for weights in ("uniform", "lr")]
+
+
 def subjects(args) -> list[Subject]:
     from tools.evaluations.trained_models import demo_model, second_model
 
-    made = {"demo": lambda: fact_subject(demo_model, args.workdir, args.queries),
-            "second": lambda: fact_subject(second_model, args.workdir, args.queries),
-            "realtext": lambda: realtext_subject(args.lds_workdir, args.world, args.lds)}
-    return [made[name]() for name in args.models]
+    made = {"demo": lambda: [fact_subject(demo_model, args.workdir, args.queries)],
+            "second": lambda: [fact_subject(second_model, args.workdir, args.queries)],
+            "realtext": lambda: [realtext_subject(args.lds_workdir, args.world, args.lds)],
+            "realtext-trajectory": lambda: realtext_trajectory_subjects(args.lds_workdir, args.world, args.lds)}
+    return [subject for name in args.models for subject in made[name]()]
 
 
 # ---- through the product ----------------------------------------------------------------
@@ -380,8 +410,10 @@ QUICK_BUILD = {"max_length": 128, "fit_sample_size": 64, "batch_size": 8}
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=("demo", "second", "realtext"),
-                        default=["demo", "second", "realtext"])
+    parser.add_argument("--models", nargs="+", choices=("demo", "second", "realtext", "realtext-trajectory"),
+                        default=["demo", "second", "realtext"],
+                        help="realtext-trajectory: the real-text model's run as trajectory databases of four "
+                             "checkpoints, weighted uniformly and by learning rate")
     parser.add_argument("--rows", nargs="+", metavar="BYTES",
                         help=f"row budgets, all-in "
                              f"(default: {' '.join(DEFAULT_ROWS)}; --quick: {' '.join(QUICK_ROWS)})")
@@ -400,7 +432,8 @@ def parse_args(argv=None):
     args.world = RealTextConfig()
     args.lds = LDSConfig(halves=args.halves, noise_halves=args.noise_halves, seeds=args.seeds)
     if args.quick:
-        args.models, args.world, args.lds = ["realtext"], QUICK_WORLD, replace(QUICK_LDS, seeds=args.seeds)
+        args.models = [m for m in args.models if m.startswith("realtext")] or ["realtext"]
+        args.world, args.lds = QUICK_WORLD, replace(QUICK_LDS, seeds=args.seeds)
     args.rows = args.rows or list(QUICK_ROWS if args.quick else DEFAULT_ROWS)
     return args
 
@@ -413,7 +446,7 @@ def run(args) -> list[dict]:
     tables = []
     for subject in subjects(args):
         if args.quick:
-            subject = replace(subject, build=dict(QUICK_BUILD))
+            subject = replace(subject, build={**subject.build, **QUICK_BUILD})
         log(f"{subject.name}: {len(subject.queries)} queries")
         tables.append(evaluate(subject, config))
         print_table(tables[-1:], config.k)

@@ -92,12 +92,19 @@ def trajectory_databases(name: str, seed: int, prepared: Prepared, steps: tuple[
 
 def checkpoint_run(name: str, seed: int, prepared: Prepared, steps: tuple[int, ...]) -> tuple[Path, str]:
     """The world's training run again (cached), saving ``steps``; checked to end on the world's model."""
-    config = seeded(name, seed)
-    run = train_model(prepared.corpus, prepared.db_path.parent / "model-checkpoints", config.model, progress=False,
-                      tokenizer_from=prepared.model_dir, checkpoints=steps)
-    if (run / "model.safetensors").read_bytes() != (prepared.model_dir / "model.safetensors").read_bytes():
-        raise RuntimeError(f"{run} ended on another model than {prepared.model_dir}: training is not reproducible here")
+    run = rerun_with_checkpoints(prepared.corpus, prepared.db_path.parent / "model-checkpoints",
+                                 seeded(name, seed).model, prepared.model_dir, steps)
     return run, hashlib.sha256((run / CACHE_FILE).read_bytes()).hexdigest()[:12]
+
+
+def rerun_with_checkpoints(corpus: Path, folder: Path, config: DemoModelConfig, model_dir: Path,
+                           steps: tuple[int, ...]) -> Path:
+    """``model_dir``'s training run again in ``folder`` (cached), its tokenizer reused, saving the
+    model after ``steps``; refused unless it ends on ``model_dir``'s very weights."""
+    run = train_model(corpus, folder, config, progress=False, tokenizer_from=model_dir, checkpoints=steps)
+    if (run / "model.safetensors").read_bytes() != (model_dir / "model.safetensors").read_bytes():
+        raise RuntimeError(f"{run} ended on another model than {model_dir}: training is not reproducible here")
+    return run
 
 
 def add_checkpoints_option(parser) -> None:
