@@ -42,7 +42,8 @@ class _Checker:
         prefix = f"{key}." if key else ""
         unknown = sorted(set(data) - required - set(optional))
         if unknown:
-            self.fail(prefix + unknown[0], "is not a manifest key (edited by hand?)")
+            self.fail(prefix + unknown[0], "is not a manifest key this attribdb knows (written by a newer attribdb, "
+                                           "or edited by hand?): upgrade attribdb, or build the database again")
         missing = sorted(required - set(data))
         if missing:
             self.fail(prefix + missing[0], "is missing")

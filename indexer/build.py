@@ -108,11 +108,11 @@ def _build(root, spec, settings, overrides, append, model_path, device, quiet, w
 
 def _require_checkpoints(root: Path, manifest: Manifest, given: list) -> None:
     """A built database's checkpoints cannot change: the checkpoints given must be those it holds."""
-    held = [(c.name, c.step) for c in manifest.checkpoints]
-    if [(c.name, c.step) for c in given] != held:
-        names = ", ".join(name for name, _ in held) or "none but its model"
-        raise ConfigError(f"{root} holds the checkpoints {names}; a built database's checkpoints cannot change "
-                          "(leave out the checkpoint options to resume or append, or build a new database)")
+    held = [(c.name, c.step, c.weight) for c in manifest.checkpoints]
+    if [(c.name, c.step, c.weight) for c in given] != held:
+        names = ", ".join(f"{name} (weight {weight:g})" for name, _, weight in held) or "none but its model"
+        raise ConfigError(f"{root} holds the checkpoints {names}; a built database's checkpoints and weights cannot "
+                          "change (leave out the checkpoint options to resume or append, or build a new database)")
 
 
 def _update_database_indexes(root: Path, projections: list, quiet: bool) -> None:

@@ -151,12 +151,15 @@ def test_bad_checkpoint_options_are_one_line_errors(databases, small_corpus, mod
     one_line_error(cli_here("build", tmp_path / "db", "--corpus", small_corpus, "--model", model_dir,
                             "--checkpoint", model_dir, *SMALL_SETTINGS), "all the model itself")
     one_line_error(cli_here("build", databases["first"], "--corpus", small_corpus, "--checkpoint", other_model_dir),
-                   "checkpoints cannot change")
+                   "checkpoints and weights cannot change")
     one_line_error(cli_here("query", databases["trajectory"], "--prompt", "the", "--completion", " cat",
                             "--checkpoints", "nope"), "unknown checkpoint 'nope'", model_dir.name)
     one_line_error(cli_here("build", tmp_path / "lr", "--corpus", small_corpus, "--model", model_dir,
                             "--checkpoint", other_model_dir, "--checkpoint-weights", "lr", *SMALL_SETTINGS),
                    "records no learning rate")
+    one_line_error(cli_here("build", databases["trajectory"], "--corpus", small_corpus, "--model", model_dir,
+                            "--checkpoint", other_model_dir, "--checkpoint-weights", "1,2", *SMALL_SETTINGS),
+                   "checkpoints and weights cannot change", f"{other_model_dir.name} (weight 1)")
     for weights, message in (("1,2,3", "3 checkpoint weights for 2 checkpoints"), ("1,x", "comma-separated numbers"),
                              ("1,-2", "of at least 0")):
         one_line_error(cli_here("build", tmp_path / "lr", "--corpus", small_corpus, "--model", model_dir,
