@@ -217,18 +217,23 @@ def choose_subspaces(factors: Factors, sample: Iterable[dict[str, Capture]], pay
     if not options:
         options.append((_subspaces_for(modules, SIDE_CAPS[-1]), 0.0))
     kept = {subspaces: [] for subspaces, _ in options}
+    layouts = {subspaces: RowLayout(tuple(modules), subspaces, payload_bytes, tuple(1 for _ in modules))
+               for subspaces in kept}
     for captures in sample:
-        whitened = {m.name: factors[m.name].half_precondition(factors[m.name].rotated_gradients(captures[m.name]))
-                    for m in modules}
-        total = sum(w.flatten(1).double().pow(2).sum(1) for w in whitened.values())
-        for subspaces in kept:
-            layout = RowLayout(tuple(modules), subspaces, payload_bytes, tuple(1 for _ in modules))
-            values = [top_components(_restricted(whitened[m.name], orders[m.name], k_out, k_in),
-                                     layout.most_components(i))[1]
-                      for i, (m, (k_out, k_in)) in enumerate(zip(modules, subspaces))]
-            ranks = allocate(values, [layout.component_bytes(i) for i in range(len(modules))],
+        # one module's dense Ĝ at a time: at GPT-2-small shape all of them are 340 MB a sequence
+        total, values = 0.0, {subspaces: [] for subspaces in kept}
+        for i, m in enumerate(modules):
+            whitened = factors[m.name].half_precondition(factors[m.name].rotated_gradients(captures[m.name]))
+            total = total + whitened.flatten(1).double().pow(2).sum(1)
+            for subspaces, layout in layouts.items():
+                k_out, k_in = subspaces[i]
+                values[subspaces].append(top_components(_restricted(whitened, orders[m.name], k_out, k_in),
+                                                        layout.most_components(i))[1])
+            del whitened
+        for subspaces, layout in layouts.items():
+            ranks = allocate(values[subspaces], [layout.component_bytes(i) for i in range(len(modules))],
                              payload_bytes - layout.header_bytes)
-            held = sum(_kept_energy(v, ranks[:, i]) for i, v in enumerate(values))
+            held = sum(_kept_energy(v, ranks[:, i]) for i, v in enumerate(values[subspaces]))
             kept[subspaces].extend((held / total.clamp_min(1e-300)).tolist())
     best = max(kept, key=lambda s: (float(np.mean(kept[s])) if kept[s] else 0.0))
     return best, float(np.mean(kept[best])) if kept[best] else 0.0
