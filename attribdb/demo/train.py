@@ -92,10 +92,10 @@ def train_model(corpus_jsonl: Path, out_dir: Path, config: DemoModelConfig = Dem
     Each checkpoint and the final model record their step and learning rate as
     attribdb's Trainer callback does (``--checkpoint-weights lr`` reads them).
     """
-    from attribdb.indexer.checkpoints import record
-
     from tqdm import tqdm
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from attribdb.indexer.checkpoints import record
 
     quiet_transformers()  # its config notices and 'Writing model shards' bar: our own progress says enough
     fingerprint = _fingerprint(corpus_jsonl, config)
