@@ -173,15 +173,16 @@ def open(path: str | Path, device: str | None = None) -> Database:  # noqa: A001
 
 def build(path: str | Path, corpus: str, model: str | None = None, *, append: bool = False,
           device: str | None = None, quiet: bool = False, corpus_options: dict | None = None,
-          checkpoints: Iterable[str] = (), checkpoints_from: str | None = None, checkpoint_weights: str = "uniform",
+          checkpoints: Iterable[str] = (), checkpoints_from: str | None = None, checkpoint_weights: str = "auto",
           **settings):
     """Build (or resume, or with ``append`` extend) a database from a corpus and a local model folder.
 
     ``checkpoints`` (model folders) and ``checkpoints_from`` (a Trainer output folder: every
     ``checkpoint-N/`` in it) make a trajectory database: a row per sequence from each checkpoint
     beside ``model``'s, one copy of the sequences, and queries that sum the influence over them;
-    ``checkpoint_weights``: ``"uniform"`` (1 each), ``"lr"`` (each checkpoint's learning rate) or
-    comma-separated numbers, one per checkpoint, the model's first."""
+    ``checkpoint_weights``: ``"uniform"`` (1 each), ``"lr"`` (each checkpoint's learning rate),
+    ``"auto"`` (``"lr"`` when every checkpoint records one, else ``"uniform"``) or comma-separated
+    numbers, one per checkpoint, the model's first."""
     from attribdb.indexer.build import build_database
     from attribdb.indexer.corpus import CorpusSpec
 
@@ -224,7 +225,7 @@ def plan(model: str | Path | None = None, *, shape: str | None = None, row_bytes
 
 def fit(path: str | Path, corpus: str, model: str, *, device: str | None = None, quiet: bool = False,
         refit: bool = False, corpus_options: dict | None = None, checkpoints: Iterable[str] = (),
-        checkpoints_from: str | None = None, checkpoint_weights: str = "uniform", **settings):
+        checkpoints_from: str | None = None, checkpoint_weights: str = "auto", **settings):
     """Create a database and fit its factors (``build`` does this itself when needed); the
     checkpoint arguments as for :func:`build`."""
     from attribdb.indexer.checkpoints import resolve

@@ -73,10 +73,11 @@ def corpus_options(func):
 
 def checkpoint_options(func):
     """A trajectory database's other checkpoints (indexer/checkpoints.py)."""
-    func = click.option("--checkpoint-weights", default="uniform", show_default=True,
+    func = click.option("--checkpoint-weights", default="auto", show_default=True,
                         help="each checkpoint's weight in the summed influence: uniform (1 each), lr (the learning "
-                             "rate at its step, from its trainer_state.json or attribdb's Trainer callback), or "
-                             "numbers such as 0,1,0.5: one per checkpoint, --model's first")(func)
+                             "rate at its step, from its trainer_state.json or attribdb's Trainer callback), auto "
+                             "(lr when every checkpoint records one, else uniform), or numbers such as 0,1,0.5: one "
+                             "per checkpoint, --model's first")(func)
     func = click.option("--checkpoints-from", type=click.Path(exists=True, file_okay=False),
                         help="a Trainer output folder: each of its checkpoint-N/ folders is a checkpoint")(func)
     func = click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(exists=True, file_okay=False),

@@ -9,7 +9,10 @@ Each checkpoint's weight in the sum is 1 (``uniform``), or, as TracIn and SOURCE
 learning rate the run trained with at its step (``lr``), read from what the Trainer saved beside it
 (``trainer_state.json``) or what :func:`record` wrote there (attribdb's Trainer callback and demo
 trainer do), or numbers the user gives, one per checkpoint in the order the build takes them
-(``--model`` first, then each ``--checkpoint``, then ``--checkpoints-from``'s by step).
+(``--model`` first, then each ``--checkpoint``, then ``--checkpoints-from``'s by step).  The default,
+``auto``, is ``lr`` where every checkpoint records a learning rate and ``uniform`` where one does not:
+on both evaluation worlds the learning-rate sum traced facts and predicted retraining better than
+the uniform one (docs/evidence.md), and a run's own record is needed to weigh it so.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 from attribdb.errors import ConfigError
 from attribdb.manifest import Checkpoint
 
-WEIGHTINGS = ("uniform", "lr")
+WEIGHTINGS = ("auto", "uniform", "lr")
 TRAINER_STATE = "trainer_state.json"  # what transformers.Trainer saves in every checkpoint folder
 RECORD = "attribdb_checkpoint.json"  # what attribdb.trajectory.TrajectoryCallback saves beside a model
 FOLDER = re.compile(r"checkpoint-(\d+)")
@@ -35,7 +38,7 @@ class CheckpointSpec:
 
     paths: tuple[str, ...] = ()  # --checkpoint, in the order given
     trainer_output: str | None = None  # --checkpoints-from: every checkpoint-N/ in it, by step
-    weights: str = "uniform"  # uniform | lr | comma-separated numbers, one per checkpoint
+    weights: str = "auto"  # auto | uniform | lr | comma-separated numbers, one per checkpoint
 
     def __post_init__(self):
         if self.weights not in WEIGHTINGS:
@@ -88,7 +91,7 @@ def resolve(model: str, spec: CheckpointSpec) -> list[Checkpoint]:
     if given is not None and len(given) != len(folders):
         raise ConfigError(f"{len(given)} checkpoint weights for {len(folders)} checkpoints (the model and "
                           f"{len(others)} others): give one weight per checkpoint, the model's first")
-    weights = given or [_weight(p, spec.weights) for p in folders]
+    weights = given or _weights(folders, spec.weights)
     checkpoints = [Checkpoint(name=p.name, step=_step(p), weight=weight, model_path=str(p) if i else None)
                    for i, (p, weight) in enumerate(zip(folders, weights))]
     names = [c.name for c in checkpoints]
@@ -97,6 +100,12 @@ def resolve(model: str, spec: CheckpointSpec) -> list[Checkpoint]:
         raise ConfigError(f"two checkpoints are folders named {repeated!r}; a checkpoint is named by its folder, "
                           "so give folders of different names")
     return checkpoints
+
+
+def describe(checkpoints: list[Checkpoint]) -> str:
+    """One line for a build's log: each checkpoint's name, step and weight."""
+    return "checkpoints (weight in the sum): " + ", ".join(
+        f"{c.name}{'' if c.step is None else f' at step {c.step}'} ({c.weight:.3g})" for c in checkpoints)
 
 
 def record(folder: str | Path, step: int, learning_rate: float | None) -> None:
@@ -124,9 +133,24 @@ def _step(folder: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _weight(folder: Path, weights: str) -> float:
-    if weights == "uniform":
-        return 1.0
+def _weights(folders: list[Path], weighting: str) -> list[float]:
+    """Each checkpoint's weight by a named weighting; ``auto`` takes the learning rates when every
+    checkpoint records one and they are not all 0 (a schedule that decays to 0 gives the final model
+    almost no weight, as it does in TracIn's sum)."""
+    if weighting == "uniform":
+        return [1.0] * len(folders)
+    rates = [_learning_rate(p) for p in folders]
+    if weighting == "auto":
+        return rates if None not in rates and any(rates) else [1.0] * len(folders)
+    missing = next((p for p, rate in zip(folders, rates) if rate is None), None)
+    if missing is not None:
+        raise ConfigError(f"{missing} records no learning rate (no {RECORD}, and no learning_rate logged in its "
+                          f"{TRAINER_STATE}); use --checkpoint-weights uniform")
+    return rates
+
+
+def _learning_rate(folder: Path) -> float | None:
+    """The learning rate the checkpoint's step trained with, as recorded beside it, or None."""
     recorded = _json(folder / RECORD)
     if recorded and _usable(recorded.get("learning_rate")):
         return float(recorded["learning_rate"])
@@ -134,10 +158,7 @@ def _weight(folder: Path, weights: str) -> float:
     step = state.get("global_step")
     logged = [e for e in state.get("log_history", []) if _usable(e.get("learning_rate"))
               and (step is None or e.get("step", 0) <= step)]
-    if not logged:
-        raise ConfigError(f"{folder} records no learning rate (no {RECORD}, and no learning_rate logged in its "
-                          f"{TRAINER_STATE}); use --checkpoint-weights uniform")
-    return float(logged[-1]["learning_rate"])
+    return float(logged[-1]["learning_rate"]) if logged else None
 
 
 def _usable(value) -> bool:

@@ -11,6 +11,7 @@ from attribdb.factors import Factors
 from attribdb.fitting import fit_factors
 from attribdb.gradients import GradientRunner
 from attribdb.indexer import sequences
+from attribdb.indexer.checkpoints import describe
 from attribdb.indexer.corpus import CorpusSpec
 from attribdb.indexer.writing import writing
 from attribdb.manifest import Checkpoint, Manifest, exists
@@ -80,6 +81,8 @@ def _fit(root: Path, spec: CorpusSpec, settings: DatabaseSettings, device: str |
     else:
         manifest = Manifest(settings, model_fingerprint, settings.model_path, modules, block_coverage=coverage.share,
                             checkpoints=checkpoints)
+        if checkpoints:
+            say(describe(checkpoints), quiet)
         (root / layout.FACTORS_DIR).mkdir(parents=True, exist_ok=True)
     for c in range(manifest.checkpoint_count):  # until every file is written: a kill in between leaves a stub
         manifest.holder(c).factor_digests, manifest.holder(c).rows = {}, None

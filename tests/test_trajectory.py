@@ -181,6 +181,26 @@ def test_weights_given_at_build_weigh_each_checkpoints_scores_and_cosines(databa
             assert normalized == pytest.approx(0.5 * one[row][1] + 2 * other[row][1], rel=1e-6, abs=1e-9)
 
 
+def test_default_weights_are_the_learning_rates_when_every_checkpoint_records_one(tmp_path):
+    from attribdb.errors import ConfigError
+    from attribdb.indexer.checkpoints import RECORD, CheckpointSpec, record, resolve
+
+    run = tmp_path / "run"
+    final, early = run / "checkpoint-4", run / "checkpoint-2"
+    for folder, step, rate in ((final, 4, 0.0), (early, 2, 7.5e-4)):  # a schedule that decays to 0
+        folder.mkdir(parents=True)
+        record(folder, step, rate)
+    default = resolve(str(final), CheckpointSpec(trainer_output=str(run)))
+    assert [(c.name, c.step, c.weight) for c in default] == [("checkpoint-4", 4, 0.0), ("checkpoint-2", 2, 7.5e-4)]
+    assert default == resolve(str(final), CheckpointSpec(trainer_output=str(run), weights="lr"))
+    record(early, 2, 0.0)  # no learning rate above 0: every checkpoint would weigh nothing
+    assert [c.weight for c in resolve(str(final), CheckpointSpec(trainer_output=str(run)))] == [1.0, 1.0]
+    (early / RECORD).unlink()
+    assert [c.weight for c in resolve(str(final), CheckpointSpec(trainer_output=str(run)))] == [1.0, 1.0]
+    with pytest.raises(ConfigError, match="checkpoint-2 records no learning rate"):
+        resolve(str(final), CheckpointSpec(trainer_output=str(run), weights="lr"))
+
+
 def test_fit_makes_a_trajectory_database_that_build_then_fills(tmp_path, small_corpus, model_dir, other_model_dir):
     db = tmp_path / "db"
     cli_here("fit", db, "--corpus", small_corpus, "--model", model_dir, "--checkpoint", other_model_dir, "--quiet",
@@ -247,11 +267,11 @@ def test_trainer_callback_database_answers_as_the_trainers_own_checkpoints(tmp_p
     trainer.train()
     assert sorted(p.name for p in saved.iterdir()) == ["checkpoint-2", "checkpoint-4"]  # the chosen step, the end
 
-    common = ("--corpus", small_corpus, "--checkpoint-weights", "lr", "--quiet", *SMALL_SETTINGS)
+    common = ("--corpus", small_corpus, "--quiet", *SMALL_SETTINGS)
     cli("build", tmp_path / "from-callback", "--model", saved / "checkpoint-4", "--checkpoints-from", saved, *common)
-    own = tmp_path / "out"
+    own = tmp_path / "out"  # weighed by the learning rates its trainer_state.json logs, as the default does too
     cli("build", tmp_path / "from-trainer", "--model", own / "checkpoint-4", "--checkpoint", own / "checkpoint-2",
-        *common)
+        "--checkpoint-weights", "lr", *common)
     callback, own = (Manifest.load(tmp_path / name).checkpoints for name in ("from-callback", "from-trainer"))
     assert [(c.name, c.step, c.weight) for c in callback] == [(c.name, c.step, c.weight) for c in own]
     assert [(c.step, c.weight) for c in callback] == [(4, pytest.approx(2.5e-4)), (2, pytest.approx(7.5e-4))]
