@@ -92,6 +92,9 @@ def resolve(model: str, spec: CheckpointSpec) -> list[Checkpoint]:
         raise ConfigError(f"{len(given)} checkpoint weights for {len(folders)} checkpoints (the model and "
                           f"{len(others)} others): give one weight per checkpoint, the model's first")
     weights = given or _weights(folders, spec.weights)
+    if not any(weights):
+        raise ConfigError("every checkpoint's weight is 0, so every score would be 0: give weights above 0 "
+                          "(or --checkpoint-weights uniform)")
     checkpoints = [Checkpoint(name=p.name, step=_step(p), weight=weight, model_path=str(p) if i else None)
                    for i, (p, weight) in enumerate(zip(folders, weights))]
     names = [c.name for c in checkpoints]

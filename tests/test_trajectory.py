@@ -161,7 +161,7 @@ def test_bad_checkpoint_options_are_one_line_errors(databases, small_corpus, mod
                             "--checkpoint", other_model_dir, "--checkpoint-weights", "1,2", *SMALL_SETTINGS),
                    "checkpoints and weights cannot change", f"{other_model_dir.name} (weight 1)")
     for weights, message in (("1,2,3", "3 checkpoint weights for 2 checkpoints"), ("1,x", "comma-separated numbers"),
-                             ("1,-2", "of at least 0")):
+                             ("1,-2", "of at least 0"), ("0,0", "every score would be 0")):
         one_line_error(cli_here("build", tmp_path / "lr", "--corpus", small_corpus, "--model", model_dir,
                                 "--checkpoint", other_model_dir, "--checkpoint-weights", weights, *SMALL_SETTINGS),
                        message)

@@ -157,15 +157,12 @@ def main() -> None:
     parser.add_argument("--synthetic", action="store_true",
                         help="with --rows: synthetic rows of the default size through the real store and indexes "
                              "(tools/benchmarks/synthetic_rows.py)")
-    parser.add_argument("--truth-queries", type=int,
-                        help="with --rows --synthetic: queries whose recall is checked by brute force over every row "
-                             "(default 40; about 5 s a thousand rows for 40 on one core)")
     args = parser.parse_args()
     if args.rows and args.synthetic:
         from tools.benchmarks.synthetic_rows import synthetic_scale
 
         return synthetic_scale(args.rows, args.workdir if args.workdir != parser.get_default("workdir") else None,
-                               args.row_bytes, args.truth_queries)
+                               args.row_bytes)
     if args.rows:
         from tools.benchmarks.bench_scale import scale
 

@@ -157,10 +157,16 @@ def stored_keys(engine, solved, reader, rows: np.ndarray) -> np.ndarray:
     """(Q, len(rows)) the default ranking's key (the cosine form of the stored-row score) of these
     rows of one shard for every solved query, scored from their payloads."""
     from attribdb import layout
+
+    return payload_keys(engine, solved, reader.read(layout.ROWS, rows), reader.whole(layout.SELF_INFLUENCE)[rows])
+
+
+def payload_keys(engine, solved, payloads: np.ndarray, self_influence: np.ndarray) -> np.ndarray:
+    """(Q, len(payloads)) the default ranking's key of rows given as payloads and self-influences."""
     from attribdb.rows import module_scores
 
-    scores = module_scores(engine.runtime.row_layout, solved.blocks, reader.read(layout.ROWS, rows)).sum(-1)
-    norms = np.sqrt(np.outer(solved.row_self, reader.whole(layout.SELF_INFLUENCE)[rows]))
+    scores = module_scores(engine.runtime.row_layout, solved.blocks, payloads).sum(-1)
+    norms = np.sqrt(np.outer(solved.row_self, self_influence))
     return scores.double().cpu().numpy() / np.maximum(norms, 1e-300)
 
 
