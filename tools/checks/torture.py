@@ -589,7 +589,8 @@ def concurrency_scenarios(quick: bool) -> list[Scenario]:
                          readers_during_appends(2, 8, 2, grace=0.0))]
     out = [Scenario("concurrency", f"two builds {d}s apart", concurrent_builds(d, "build"))
            for d in (0.0, 0.05, 0.2, 0.5, 1.0)]
-    out += [Scenario("concurrency", f"build and append {d}s apart", concurrent_builds(d, "append")) for d in (0.2, 1.0, 5.0)]
+    out += [Scenario("concurrency", f"build and append {d}s apart", concurrent_builds(d, "append"))
+            for d in (0.2, 1.0, 5.0)]
     out += [Scenario("concurrency", f"two appends {d}s apart", concurrent_appends(d)) for d in (0.0, 1.0)]
     out += [Scenario("concurrency", f"verify, info, query {d}s into a build", read_while_writing(d))
             for d in (0.3, 1.0)]
