@@ -15,8 +15,9 @@ RAM_DISK = Path("/dev/shm")
 
 def pytest_configure(config):
     """Temporary databases in memory where the system has a RAM file system and TMPDIR does not
-    say otherwise.  A database keeps a file per row: a full run writes some 250,000 files, and on
-    an ext4 disk mounted with discard, creating and deleting them took longer than the tests."""
+    say otherwise.  A full run writes and deletes hundreds of databases of many small files each
+    (when rows were a file each, some 250,000 files), which on an ext4 disk mounted with discard
+    took longer than the tests."""
     if "TMPDIR" not in os.environ and RAM_DISK.is_dir() and os.access(RAM_DISK, os.W_OK | os.X_OK):
         tempfile.tempdir = str(RAM_DISK)
 

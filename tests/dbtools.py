@@ -29,10 +29,11 @@ def cli(*args, env_extra: dict | None = None, check: bool = True) -> subprocess.
     return result
 
 
-def cli_here(*args) -> subprocess.CompletedProcess:
+def cli_here(*args, check: bool = False) -> subprocess.CompletedProcess:
     """`attribdb ARGS` in this process through click's runner: what the console script does, without
-    the seconds of importing torch again.  For commands that cannot kill the process; a traceback
-    (an exception the CLI did not turn into one line) is raised, failing the test with it."""
+    the seconds of importing torch again.  For commands that cannot kill the process, and whose
+    result does not depend on the thread count (`cli` runs single-threaded); a traceback (an
+    exception the CLI did not turn into one line) is raised, failing the test with it."""
     from click.testing import CliRunner
 
     from attribdb.cli import main
@@ -40,6 +41,8 @@ def cli_here(*args) -> subprocess.CompletedProcess:
     result = CliRunner().invoke(main, [str(a) for a in args])
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
+    if check and result.exit_code != 0:
+        raise AssertionError(f"attribdb {' '.join(map(str, args))} failed:\n{result.stderr}")
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 

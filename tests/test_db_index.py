@@ -18,7 +18,7 @@ from attribdb.manifest import Manifest
 from attribdb.shard import ShardReader
 
 from conftest import write_corpus
-from dbtools import cli, copy_db
+from dbtools import cli, cli_here, copy_db
 
 SETTINGS = ["--max-length", "16", "--shard-size", "512", "--commit-rows", "64", "--batch-size", "64",
             "--fit-sample-size", "48", "--row-bytes", "2048"]
@@ -33,8 +33,9 @@ def test_the_auto_rule_picks_the_kinds_as_documented():
 
 @pytest.fixture(scope="module")
 def pq4_db(tmp_path_factory, model_dir) -> Path:
-    """A database whose every query goes through a database index (pq4) at 2,400 documents."""
-    corpus = write_corpus(tmp_path_factory.mktemp("pq4") / "corpus.jsonl", 2400, seed=5)
+    """A database whose every query goes through a database index (pq4) at 600 documents (about
+    4,900 windows of 16 tokens: a fast-scan index of 4-bit codes over thousands of rows)."""
+    corpus = write_corpus(tmp_path_factory.mktemp("pq4") / "corpus.jsonl", 600, seed=5)
     db = tmp_path_factory.mktemp("pq4") / "db"
     built = cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SETTINGS, "--index-kind", "pq4")
     assert built.stderr == "", f"--quiet leaves stderr empty (FAISS's training warnings included):\n{built.stderr}"
@@ -114,7 +115,7 @@ def _assert_brute_force(db: Path, n: int, recall: float) -> None:
 
 
 def test_a_database_index_added_to_a_small_database_finds_what_brute_force_finds(tmp_path, built_db):
-    """The quick check (the tests below build 2,400 documents): a pq4 index over a copy of the shared
+    """The quick check (the tests below build 600 documents): a pq4 index over a copy of the shared
     test database serves every query as brute force over the stored rows would."""
     db = copy_db(built_db, tmp_path / "db")
     manifest = Manifest.load(db)
@@ -149,13 +150,13 @@ def test_the_database_index_holds_codes_not_rows(pq4_db):
 
 @pytest.mark.slow
 def test_verify_checks_the_database_index(tmp_path, pq4_db):
-    assert "ok:" in cli("verify", pq4_db).stdout
+    assert "ok:" in cli_here("verify", pq4_db, check=True).stdout
     db = shutil.copytree(pq4_db, tmp_path / "db")
     index_file = db / layout.INDEX_DIR / Manifest.load(db).database_index["file"]
     data = bytearray(index_file.read_bytes())
     data[len(data) // 2] ^= 0x01
     index_file.write_bytes(bytes(data))
-    result = cli("verify", db, check=False)
+    result = cli_here("verify", db)
     assert result.returncode == 1 and "fails its checksum" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -185,7 +186,7 @@ def test_verify_finds_database_index_codes_that_differ_from_the_rows(tmp_path, p
     write_index(index, path)
     manifest.database_index = recorded | {"crc32c": db_index._file_crc32c(path)}
     manifest.save(db)
-    result = cli("verify", db, check=False)
+    result = cli_here("verify", db)
     assert result.returncode == 1 and "differ from its row" in result.stderr
     assert f"shard {recorded['shards'][-1]:05d}" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
@@ -230,14 +231,14 @@ def test_append_adds_its_shards_to_the_database_index_and_keeps_the_file_it_repl
 
     trained = codebook(before.database_index)
     more = write_corpus(tmp_path / "more.jsonl", 300, seed=6, start=5000)
-    cli("append", db, "--corpus", more, "--quiet")
+    cli_here("append", db, "--corpus", more, "--quiet", check=True)
     manifest = Manifest.load(db)
     after = manifest.database_index
     assert after["shards"] == manifest.shard_ids and np.array_equal(codebook(after), trained)
     assert after["trained_on"] == before.database_index["trained_on"]
-    info = json.loads(cli("info", db, "--json").stdout)
+    info = json.loads(cli_here("info", db, "--json", check=True).stdout)
     assert after["rows"] == info["sequences"] > before.database_index["rows"]
-    assert "ok:" in cli("verify", db).stdout
+    assert "ok:" in cli_here("verify", db, check=True).stdout
     assert (db / layout.INDEX_DIR / before.database_index["file"]).is_file()
     for gone in (False, True):
         if gone:
@@ -274,11 +275,12 @@ def test_a_small_index_is_trained_again_once_the_database_outgrows_it(tmp_path, 
     """An index trained on a few hundred rows would serve a database of thousands with codes fitted
     to few; once the sample grows RETRAIN_GROWTH times, the next build or append trains it anew."""
     db = tmp_path / "db"
-    cli("build", db, "--corpus", write_corpus(tmp_path / "a.jsonl", 40, seed=1), "--model", model_dir, "--quiet",
-        *SETTINGS, "--index-kind", "pq4")
+    cli_here("build", db, "--corpus", write_corpus(tmp_path / "a.jsonl", 40, seed=1), "--model", model_dir, "--quiet",
+             *SETTINGS, "--index-kind", "pq4", check=True)
     first = Manifest.load(db).database_index
-    cli("append", db, "--corpus", write_corpus(tmp_path / "b.jsonl", 400, seed=2, start=100), "--quiet")
+    cli_here("append", db, "--corpus", write_corpus(tmp_path / "b.jsonl", 400, seed=2, start=100), "--quiet",
+             check=True)
     manifest = Manifest.load(db)
     second = manifest.database_index
     assert second["trained_on"] >= db_index.RETRAIN_GROWTH * first["trained_on"]
-    assert second["shards"] == manifest.shard_ids and "ok:" in cli("verify", db).stdout
+    assert second["shards"] == manifest.shard_ids and "ok:" in cli_here("verify", db, check=True).stdout

@@ -22,7 +22,7 @@ from attribdb.shard import ShardReader
 from attribdb.tasks import collate_sequences
 
 from conftest import write_corpus
-from dbtools import SMALL_SETTINGS, assert_same_database, cli, committed_rows
+from dbtools import SMALL_SETTINGS, assert_same_database, cli, cli_here, committed_rows, copy_db
 
 
 @pytest.fixture(scope="module")
@@ -118,23 +118,22 @@ def test_verify_catches_a_missing_lmdb_row(tmp_path, reference_db):
 
 
 @pytest.mark.slow
-def test_append_adds_shards_and_refuses_another_model(tmp_path, corpus, model_dir, other_model_dir):
-    db = tmp_path / "db"
-    cli("build", db, "--corpus", corpus, "--model", model_dir, "--quiet", *SMALL_SETTINGS)
+def test_append_adds_shards_and_refuses_another_model(tmp_path, built_db, corpus, other_model_dir):
+    db = copy_db(built_db, tmp_path / "db")
     before = Manifest.load(db)
     extra = write_corpus(tmp_path / "extra.jsonl", 20, seed=9, start=1000)
-    refused = cli("append", db, "--corpus", extra, "--model", other_model_dir, "--quiet", check=False)
+    refused = cli_here("append", db, "--corpus", extra, "--model", other_model_dir, "--quiet")
     assert refused.returncode == 1 and "differ from the model this database was built with" in refused.stderr
     assert Manifest.load(db).shard_ids == before.shard_ids, "a refused append must change nothing"
-    cli("append", db, "--corpus", extra, "--quiet")
+    cli_here("append", db, "--corpus", extra, "--quiet", check=True)
     after = Manifest.load(db)
     assert len(after.generations) == 2 and after.generations[1].first_shard == before.next_shard_id()
     for spelling in (extra, os.path.relpath(extra)):  # the same file by another path is the same corpus
-        again = cli("append", db, "--corpus", spelling, "--quiet", check=False)
+        again = cli_here("append", db, "--corpus", spelling, "--quiet")
         assert again.returncode == 1 and "already in" in again.stderr
-    rebuilt = cli("build", db, "--corpus", os.path.relpath(corpus), "--quiet")  # finished: nothing to do
+    rebuilt = cli_here("build", db, "--corpus", os.path.relpath(corpus), "--quiet", check=True)  # nothing to do
     assert Manifest.load(db).generations == after.generations, rebuilt.stderr
-    report = cli("verify", db).stdout
+    report = cli_here("verify", db, check=True).stdout
     assert f"{before.generations[0].sequences + after.generations[1].sequences} rows" in report
 
 
@@ -148,7 +147,7 @@ def test_a_database_of_an_earlier_format_is_refused_in_one_line(tmp_path, refere
     manifest = json.loads((reference_db / "manifest.json").read_text())
     (db / "manifest.json").write_text(json.dumps(manifest | {"format_version": version}))
     for command in (["info", db], ["query", db, "--prompt", "the cat", "--completion", " sat"], ["verify", db]):
-        refused = cli(*command, check=False)
+        refused = cli_here(*command)
         assert refused.returncode == 1 and f"format version {version};" in refused.stderr, command
         assert f"reads version {layout.FORMAT_VERSION} only" in refused.stderr
         assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
@@ -160,14 +159,14 @@ def test_malformed_lines_are_counted_and_reported(tmp_path, model_dir):
     with open(corpus, "a") as handle:
         handle.write("{not json\n")
         handle.write(json.dumps({"id": "x", "body": "no text field"}) + "\n")
-    failed = cli("build", tmp_path / "db1", "--corpus", corpus, "--model", model_dir, "--quiet", *SMALL_SETTINGS,
-                 check=False)
+    failed = cli_here("build", tmp_path / "db1", "--corpus", corpus, "--model", model_dir, "--quiet",
+                      *SMALL_SETTINGS)
     assert failed.returncode == 1 and "bad.jsonl:31" in failed.stderr and "Traceback" not in failed.stderr
-    cli("build", tmp_path / "db2", "--corpus", corpus, "--model", model_dir, "--quiet", "--on-error", "skip",
-        *SMALL_SETTINGS)
+    cli_here("build", tmp_path / "db2", "--corpus", corpus, "--model", model_dir, "--quiet", "--on-error", "skip",
+             *SMALL_SETTINGS, check=True)
     generation = Manifest.load(tmp_path / "db2").generations[0]
     assert generation.malformed == 2 and generation.documents == 30
-    info = json.loads(cli("info", tmp_path / "db2", "--json").stdout)
+    info = json.loads(cli_here("info", tmp_path / "db2", "--json", check=True).stdout)
     assert info["generations"][0]["malformed"] == 2
 
 
@@ -246,12 +245,12 @@ def test_deep_verify_recomputes_rows_and_catches_a_shard_from_another_model(tmp_
     dbs = {}
     for name, model in (("db", model_dir), ("other", other_model_dir)):
         dbs[name] = tmp_path / name
-        cli("build", dbs[name], "--corpus", corpus, "--model", model, "--quiet", *SMALL_SETTINGS,
-            "--strategy", "identity")
-    deep = cli("verify", dbs["db"], "--deep", "12")
+        cli_here("build", dbs[name], "--corpus", corpus, "--model", model, "--quiet", *SMALL_SETTINGS,
+                 "--strategy", "identity", check=True)
+    deep = cli_here("verify", dbs["db"], "--deep", "12", check=True)
     assert "12 recomputed from their tokens and equal" in deep.stdout
     shutil.rmtree(layout.shard_dir(dbs["db"], 1))
     shutil.copytree(layout.shard_dir(dbs["other"], 1), layout.shard_dir(dbs["db"], 1))
-    assert cli("verify", dbs["db"], check=False).returncode == 0  # every byte is as it was written
-    caught = cli("verify", dbs["db"], "--deep", "40", check=False)
+    assert cli_here("verify", dbs["db"]).returncode == 0  # every byte is as it was written
+    caught = cli_here("verify", dbs["db"], "--deep", "40")
     assert caught.returncode == 1 and "shard 00001" in caught.stderr and "recomputation" in caught.stderr
