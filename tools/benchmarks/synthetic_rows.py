@@ -95,14 +95,21 @@ def _drawn(start: int, rows: int, real_rows: int) -> np.ndarray:
     return np.random.default_rng(start).integers(0, real_rows, rows)
 
 
+def _units(n: int, shard_id: int) -> list[tuple[int, int]]:
+    """(first row within the shard, rows) of each commit unit of shard ``shard_id`` of ``n`` rows: the
+    blocks the database is written in, whose first global row seeds which real rows they copy."""
+    capacity = min(SETTINGS["shard_size"], n - shard_id * SETTINGS["shard_size"])
+    return [(start, min(SETTINGS["commit_rows"], capacity - start))
+            for start in range(0, capacity, SETTINGS["commit_rows"])]
+
+
 def copies(n: int, real_rows: int) -> np.ndarray:
-    """How many of the ``n`` synthetic rows copy each real row (the blocks as the writer makes them)."""
-    size, unit = SETTINGS["shard_size"], SETTINGS["commit_rows"]
+    """How many of the ``n`` synthetic rows copy each real row, from the blocks they are written in."""
     counts = np.zeros(real_rows, dtype=np.int64)
-    for first in range(0, n, size):
-        capacity = min(size, n - first)
-        for start in range(0, capacity, unit):
-            counts += np.bincount(_drawn(first + start, min(unit, capacity - start), real_rows), minlength=real_rows)
+    for shard_id in range(math.ceil(n / SETTINGS["shard_size"])):
+        for start, rows in _units(n, shard_id):
+            first = shard_id * SETTINGS["shard_size"] + start
+            counts += np.bincount(_drawn(first, rows, real_rows), minlength=real_rows)
     return counts
 
 
@@ -132,12 +139,13 @@ def synthetic_database(work: Path, n: int, row_bytes: int) -> tuple[Path, tuple[
             manifest.save(db)
         started = time.perf_counter()
         for shard_id in manifest.generations[0].shard_ids:
-            first = shard_id * settings.shard_size
-            capacity = min(settings.shard_size, n - first)
-            writer = ShardWriter(layout.shard_dir(db, shard_id), row_layout, capacity, settings.commit_rows)
+            first, units = shard_id * settings.shard_size, _units(n, shard_id)
+            writer = ShardWriter(layout.shard_dir(db, shard_id), row_layout, sum(r for _, r in units),
+                                 settings.commit_rows)
             try:
-                for start in range(writer.committed, capacity if not writer.sealed else 0, settings.commit_rows):
-                    writer.append(_block(first + start, min(settings.commit_rows, capacity - start), real), start)
+                for start, rows in units:
+                    if not writer.sealed and start >= writer.committed:
+                        writer.append(_block(first + start, rows, real), start)
                 if not writer.sealed:
                     writer.seal()
             finally:
